@@ -1,0 +1,175 @@
+"""The one error hierarchy of the gateway.
+
+Every error a caller can see is a ``GatewayError``; the HTTP status, the OpenAI error ``type`` and the
+default ``code`` live on the class, so raising the right class is all a handler has to do. Library errors
+(sqlite3, cryptography, llama.cpp, sockets) are translated at the boundary with ``raise ... from exc``.
+Messages must never contain a token secret, a provider key or prompt text.
+
+    GatewayError (500 server_error)
+    ├── BadRequest (400 invalid_request_error)
+    │   └── MalformedHTTP (400, the connection is closed after the answer)
+    ├── Unauthorized (401 authentication_error)
+    ├── Forbidden (403 permission_error)
+    │   └── PolicyDenied (403, the role's policy refuses the request)
+    ├── NotFound (404 invalid_request_error)
+    ├── MethodNotAllowed (405 invalid_request_error)
+    ├── RequestTimeout (408 timeout_error)
+    ├── PayloadTooLarge (413 invalid_request_error)
+    ├── RateLimited (429 rate_limit_error, carries Retry-After)
+    ├── HeadersTooLarge (431 invalid_request_error)
+    ├── UpstreamError (502 upstream_error)
+    │   └── UpstreamTimeout (504 upstream_error)
+    └── Unavailable (503 service_unavailable)
+        ├── Overloaded (503, the concurrency cap is reached)
+        ├── NoPolicy (503, no valid policy is in force: fail closed)
+        └── StorageUnavailable (503, the vault database cannot be written)
+            └── LedgerUnavailable (503, the audit ledger cannot be written: fail closed)
+
+    OperatorError (not HTTP: a CLI command failed; the message is printed and the exit code is 1)
+    └── BundleRejected (a policy bundle failed one of the import checks; nothing was changed)
+"""
+
+from __future__ import annotations
+
+import json
+
+
+class GatewayError(Exception):
+    """Base of every error a caller can receive; rendered as an OpenAI-shaped JSON body."""
+
+    status: int = 500
+    type: str = "server_error"
+    code: str = "internal_error"
+
+    def __init__(self, message: str, *, code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.param = param
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """Extra response headers this error requires (e.g. Retry-After)."""
+        return []
+
+    def to_dict(self) -> dict[str, object]:
+        return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": self.param}}
+
+    def body(self) -> bytes:
+        return json.dumps(self.to_dict(), separators=(",", ":")).encode()
+
+
+class BadRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+    code = "bad_request"
+
+
+class MalformedHTTP(BadRequest):
+    code = "malformed_http"
+
+
+class Unauthorized(GatewayError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "forbidden"
+
+
+class PolicyDenied(Forbidden):
+    code = "policy_denied"
+
+
+class NotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class RequestTimeout(GatewayError):
+    status = 408
+    type = "timeout_error"
+    code = "request_timeout"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"Retry-After", str(max(1, round(self.retry_after))).encode())]
+
+
+class HeadersTooLarge(GatewayError):
+    status = 431
+    type = "invalid_request_error"
+    code = "request_header_fields_too_large"
+
+
+class UpstreamError(GatewayError):
+    status = 502
+    type = "upstream_error"
+    code = "upstream_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
+
+
+class Unavailable(GatewayError):
+    status = 503
+    type = "service_unavailable"
+    code = "service_unavailable"
+
+
+class Overloaded(Unavailable):
+    code = "overloaded"
+
+
+class NoPolicy(Unavailable):
+    code = "no_policy"
+
+
+class StorageUnavailable(Unavailable):
+    code = "storage_unavailable"
+
+
+class LedgerUnavailable(StorageUnavailable):
+    code = "ledger_unavailable"
+
+
+class OperatorError(Exception):
+    """A CLI command failed for a reason the operator can act on; the message is printed, exit code 1."""
+
+
+class BundleRejected(OperatorError):
+    """A policy bundle failed an import check; nothing was changed. ``check`` names the failed check."""
+
+    def __init__(self, check: str, message: str) -> None:
+        super().__init__(f"bundle rejected ({check}): {message}")
+        self.check = check

@@ -1,0 +1,1 @@
+"""Signed policy bundles: format, trust, import checks and the decision engine."""

@@ -1,0 +1,1 @@
+"""In-process local models on llama.cpp (llama-cpp-python)."""

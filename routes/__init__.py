@@ -1,0 +1,1 @@
+"""Routes: the route table, upstream adapters (OpenAI-compatible, Anthropic), usage and pricing."""

@@ -1,0 +1,1 @@
+"""The Textual operator console; it talks only to the admin API."""
