@@ -1,0 +1,125 @@
+"""The import checks a policy bundle must pass before it may be activated.
+
+Owns: ``verify_bundle`` and the order of its checks (size, format, untrusted, unknown_key, signature,
+threshold, schema, expired, not_yet_valid, scope, rollback), each failing with
+``BundleRejected(check, message)`` in words an operator can act on.
+
+Must never: parse or interpret the payload before the signature threshold is met, count one key twice,
+let a signature choose its own algorithm, or change any state (activation is ``store.PolicyStore``'s).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from appliance.errors import BundleRejected
+from appliance.policy.dsse import PAYLOAD_TYPE, Signature, parse_envelope, short_keyid
+from appliance.policy.schema import Policy, parse_policy
+from appliance.policy.trust import TrustStore
+
+MAX_BUNDLE_BYTES = 1024 * 1024
+CLOCK_SKEW = timedelta(minutes=5)
+"""How far in the future ``issued_at`` may lie (the signer's and the appliance's clocks differ)."""
+
+
+@dataclass(frozen=True)
+class VerifiedBundle:
+    policy: Policy
+    payload: bytes
+    envelope: bytes
+    sha256: str
+    """Hex SHA-256 of the envelope bytes as imported."""
+    keyids: list[str]
+    """The distinct trusted keys whose signatures verified, sorted."""
+
+
+def verify_bundle(
+    data: bytes,
+    trust: TrustStore,
+    *,
+    site: str,
+    current_version: int | None,
+    now: datetime | None = None,
+) -> VerifiedBundle:
+    """Run every import check on ``data``; return the verified bundle or raise ``BundleRejected``."""
+    if len(data) > MAX_BUNDLE_BYTES:
+        raise BundleRejected(
+            "size", f"the bundle is {len(data)} bytes; the limit is {MAX_BUNDLE_BYTES} bytes (1 MiB)"
+        )
+    envelope = parse_envelope(data)
+    if envelope.payload_type != PAYLOAD_TYPE:
+        raise BundleRejected(
+            "format", f"payloadType is {envelope.payload_type!r}; a policy bundle has {PAYLOAD_TYPE!r}"
+        )
+    keyids = _check_signatures(envelope.pae(), envelope.signatures, trust)
+    policy = parse_policy(envelope.payload)
+    _check_freshness(policy, now)
+    if site not in policy.scope.sites:
+        raise BundleRejected(
+            "scope",
+            f"policy v{policy.version} is for site(s) {', '.join(policy.scope.sites)}, "
+            f"not this site {site!r}",
+        )
+    if current_version is not None and policy.version <= current_version:
+        relation = "the same as" if policy.version == current_version else "older than"
+        raise BundleRejected(
+            "rollback",
+            f"policy v{policy.version} is {relation} v{current_version} in force; "
+            "a new bundle needs a higher version",
+        )
+    return VerifiedBundle(policy, envelope.payload, data, hashlib.sha256(data).hexdigest(), keyids)
+
+
+def _check_signatures(message: bytes, signatures: list[Signature], trust: TrustStore) -> list[str]:
+    if not trust.keys:
+        raise BundleRejected(
+            "untrusted", "no policy signing keys are trusted on this appliance; add one with 'trust add'"
+        )
+    known = [s for s in signatures if trust.key(s.keyid) is not None]
+    if not known:
+        seen = ", ".join(sorted({short_keyid(s.keyid) for s in signatures}))
+        raise BundleRejected(
+            "unknown_key", f"the bundle is signed only by keys this appliance does not trust ({seen})"
+        )
+    valid: set[str] = set()
+    for sig in known:
+        key = trust.key(sig.keyid)
+        if key is None or not key.verify(sig.sig, message):
+            raise BundleRejected(
+                "signature",
+                f"signature by key {short_keyid(sig.keyid)} does not verify: "
+                "the payload was altered or signed by another key",
+            )
+        valid.add(sig.keyid)
+    if len(valid) < trust.threshold:
+        raise BundleRejected(
+            "threshold",
+            f"the bundle has valid signatures from {len(valid)} trusted key(s); this appliance requires "
+            f"{trust.threshold}",
+        )
+    return sorted(valid)
+
+
+def _check_freshness(policy: Policy, now: datetime | None) -> None:
+    if now is None:
+        now = datetime.now(UTC)
+    elif now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    if policy.expires_at <= now:
+        raise BundleRejected(
+            "expired",
+            f"policy v{policy.version} expired at {iso_utc(policy.expires_at)} (now {iso_utc(now)})",
+        )
+    if policy.issued_at > now + CLOCK_SKEW:
+        raise BundleRejected(
+            "not_yet_valid",
+            f"policy v{policy.version} is issued at {iso_utc(policy.issued_at)}, more than 5 minutes "
+            f"after now ({iso_utc(now)}); check this appliance's clock",
+        )
+
+
+def iso_utc(moment: datetime) -> str:
+    """RFC 3339 UTC with a Z, to the second."""
+    return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")

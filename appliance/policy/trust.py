@@ -1,0 +1,166 @@
+"""The appliance's trust anchors for policy bundles: ``<home>/trust.json``.
+
+Owns: which public keys may sign policy bundles, the signature threshold, the scheme pinned to each key,
+and the atomic rewrite of the file. Trust lives only here, never inside a bundle (TUF §5.3, §6.1).
+
+Must never: verify a signature with any scheme but the one pinned to its key, trust a keyid that is not
+the SHA-256 of its key, load an entry whose scheme it does not know, or leave a half-written file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import MappingProxyType
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from appliance.errors import OperatorError
+from appliance.policy.dsse import keyid_of, short_keyid
+from appliance.policy.keys import load_public_key, public_from_entry, public_json
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TrustedKey:
+    keyid: str
+    scheme: str
+    public: Ed25519PublicKey
+    added_at: str
+
+    def verify(self, sig: bytes, message: bytes) -> bool:
+        """Check ``sig`` with this key's pinned scheme only; the bundle cannot choose the algorithm."""
+        if self.scheme != "ed25519" or len(sig) != 64:
+            return False
+        try:
+            self.public.verify(sig, message)
+        except InvalidSignature:
+            return False
+        return True
+
+
+class TrustStore:
+    """Trusted policy keys and threshold. Mutations stay in memory until ``save()``."""
+
+    def __init__(self, path: Path, keys: Mapping[str, TrustedKey] | None = None, threshold: int = 1) -> None:
+        self.path = path
+        self._keys: dict[str, TrustedKey] = dict(keys or {})
+        self._threshold = threshold
+
+    @classmethod
+    def load(cls, path: Path) -> TrustStore:
+        """Read ``trust.json``; a missing file means no trusted keys (every bundle is then refused)."""
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return cls(path)
+        except OSError as exc:
+            raise OperatorError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        try:
+            doc = json.loads(raw)
+        except ValueError as exc:
+            raise OperatorError(f"{path} is not valid JSON: {exc}") from exc
+        if not isinstance(doc, dict) or doc.get("version") != FORMAT_VERSION:
+            raise OperatorError(f"{path}: expected a trust file with version {FORMAT_VERSION}")
+        threshold = doc.get("threshold")
+        entries = doc.get("keys")
+        if type(threshold) is not int or threshold < 1:
+            raise OperatorError(f"{path}: threshold must be an integer >= 1")
+        if not isinstance(entries, dict):
+            raise OperatorError(f"{path}: keys must be an object keyed by keyid")
+        keys: dict[str, TrustedKey] = {}
+        for keyid, entry in entries.items():
+            where = f"{path}: key {short_keyid(keyid)}"
+            if not isinstance(entry, dict):
+                raise OperatorError(f"{where} must be an object")
+            public = public_from_entry(entry, where)
+            if keyid_of(public) != keyid:
+                raise OperatorError(f"{where}: the keyid is not the SHA-256 of the key")
+            keys[keyid] = TrustedKey(keyid, str(entry["scheme"]), public, str(entry.get("added_at", "")))
+        return cls(path, keys, threshold)
+
+    @property
+    def threshold(self) -> int:
+        return self._threshold
+
+    @property
+    def keys(self) -> Mapping[str, Ed25519PublicKey]:
+        return MappingProxyType({k: v.public for k, v in self._keys.items()})
+
+    def key(self, keyid: str) -> TrustedKey | None:
+        return self._keys.get(keyid)
+
+    def entries(self) -> list[TrustedKey]:
+        return sorted(self._keys.values(), key=lambda k: (k.added_at, k.keyid))
+
+    def add(self, pubfile: Path) -> str:
+        """Trust the key in ``pubfile`` (``.pub`` JSON or PEM); adding a trusted key again changes nothing."""
+        keyid, public = load_public_key(pubfile)
+        if keyid not in self._keys:
+            now = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+            self._keys[keyid] = TrustedKey(keyid, "ed25519", public, now)
+        return keyid
+
+    def remove(self, keyid: str) -> None:
+        if keyid not in self._keys:
+            raise OperatorError(f"key {short_keyid(keyid)} is not trusted")
+        left = len(self._keys) - 1
+        if 0 < left < self._threshold:
+            raise OperatorError(
+                f"removing key {short_keyid(keyid)} would leave {left} key(s) for threshold "
+                f"{self._threshold}; lower the threshold first"
+            )
+        del self._keys[keyid]
+        if not self._keys:
+            self._threshold = 1
+
+    def set_threshold(self, n: int) -> None:
+        if not 1 <= n <= len(self._keys):
+            raise OperatorError(
+                f"threshold must be between 1 and the number of trusted keys ({len(self._keys)})"
+            )
+        self._threshold = n
+
+    def to_json(self) -> dict[str, object]:
+        keys: dict[str, object] = {}
+        for keyid, key in sorted(self._keys.items()):
+            entry: dict[str, object] = dict(public_json(key.public))
+            del entry["keyid"]
+            entry["scheme"] = key.scheme
+            entry["added_at"] = key.added_at
+            keys[keyid] = entry
+        return {"version": FORMAT_VERSION, "threshold": self._threshold, "keys": keys}
+
+    def save(self) -> None:
+        """Atomically replace the file: temp file in the same folder, fsync, rename, fsync the folder."""
+        data = (json.dumps(self.to_json(), indent=2) + "\n").encode()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".trust-", suffix=".tmp", dir=self.path.parent)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, self.path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            if os.name == "posix":  # make the rename itself durable
+                dir_fd = os.open(self.path.parent, os.O_RDONLY)
+                try:
+                    os.fsync(dir_fd)
+                finally:
+                    os.close(dir_fd)
+        except OSError as exc:
+            raise OperatorError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
