@@ -1,1 +1,22 @@
-"""The HTTP/1.1 server: an asyncio Protocol on httptools, under uvloop where it is available."""
+"""The HTTP/1.1 server: an asyncio Protocol on httptools, under uvloop where it is available.
+
+Public names: ``Request``, ``Responder``, ``Handler``, ``ClientDisconnected``, ``HttpLimits``,
+``HttpServer``, ``Rejection`` and ``serve``. It must never know about routes, callers or policy:
+a handler receives each request and answers it.
+"""
+
+from appliance.http.cycle import ClientDisconnected, Handler, Request, Responder
+from appliance.http.limits import HttpLimits
+from appliance.http.server import HttpServer, Rejection, install_event_loop_policy, serve
+
+__all__ = [
+    "ClientDisconnected",
+    "Handler",
+    "HttpLimits",
+    "HttpServer",
+    "Rejection",
+    "Request",
+    "Responder",
+    "install_event_loop_policy",
+    "serve",
+]

@@ -1,0 +1,179 @@
+"""The listening server: binds, accepts connections, and shuts down gracefully.
+
+Owns the listening sockets, the shared ``ServerState``, signal handling, the choice of event loop
+(uvloop where importable) and the shutdown order: stop listening, let connections finish their
+current response, wait for in-flight handlers up to ``drain_timeout_s``, then cancel and close.
+It must never parse HTTP or answer a request itself; connections do that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+
+from appliance.http.cycle import Handler
+from appliance.http.limits import HttpLimits
+from appliance.http.protocol import HttpProtocol, Rejection, ServerState
+
+__all__ = ["HttpServer", "Rejection", "install_event_loop_policy", "serve"]
+
+logger = logging.getLogger("phi.http")
+
+
+class HttpServer:
+    """An HTTP/1.1 server running one handler under the given limits."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        limits: HttpLimits | None = None,
+        *,
+        on_reject: Callable[[Rejection], None] | None = None,
+    ) -> None:
+        self.limits = limits if limits is not None else HttpLimits()
+        self._state = ServerState(handler, self.limits, on_reject)
+        self._server: asyncio.Server | None = None
+
+    @property
+    def in_flight(self) -> int:
+        """Requests whose handler is running now."""
+        return self._state.in_flight
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful after binding port 0)."""
+        if self._server is None or not self._server.sockets:
+            raise RuntimeError("server is not listening")
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(
+        self,
+        host: str = "0.0.0.0",  # noqa: S104
+        port: int = 8080,
+        *,
+        sock: socket.socket | None = None,
+    ) -> None:
+        """Start listening on ``host:port``, or on an already bound ``sock``."""
+        if self._server is not None:
+            raise RuntimeError("server already started")
+        loop = asyncio.get_running_loop()
+        state = self._state
+
+        def factory() -> HttpProtocol:
+            return HttpProtocol(state)
+
+        if sock is not None:
+            self._server = await loop.create_server(factory, sock=sock, backlog=2048)
+        else:
+            self._server = await loop.create_server(factory, host, port, reuse_address=True, backlog=2048)
+
+    async def shutdown(self) -> None:
+        """Stop listening, finish current responses, wait for handlers, then cancel the stragglers."""
+        server = self._server
+        state = self._state
+        if server is None or state.draining:
+            return
+        state.draining = True
+        server.close()
+        for conn in list(state.connections):
+            conn.shutdown()
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.limits.drain_timeout_s
+        while state.tasks:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            await asyncio.wait(list(state.tasks), timeout=remaining)
+        if state.tasks:
+            stuck = list(state.tasks)
+            logger.warning("drain timeout: cancelling %d in-flight request(s)", len(stuck))
+            for task in stuck:
+                task.cancel()
+            await asyncio.wait(stuck, timeout=5.0)
+
+        # Connections whose handler was cancelled will never finish their response: drop them. The
+        # rest are closing on their own after their last response; give them a moment to flush.
+        closing = []
+        for conn in list(state.connections):
+            if conn.active is not None:
+                conn.abort()
+            else:
+                closing.append(conn.closed())
+        if closing:
+            await asyncio.wait(closing, timeout=max(deadline - loop.time(), 1.0))
+        for conn in list(state.connections):
+            conn.abort()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5.0):
+                await server.wait_closed()
+
+    async def serve_until_signalled(self) -> None:
+        """Wait for SIGTERM or SIGINT, then shut down gracefully."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        installed: list[signal.Signals] = []
+        previous: dict[signal.Signals, object] = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+                installed.append(sig)
+            except (NotImplementedError, RuntimeError, ValueError):
+                # Windows event loops have no add_signal_handler: fall back to signal.signal.
+                with contextlib.suppress(ValueError, OSError):
+                    previous[sig] = signal.signal(sig, lambda *_: loop.call_soon_threadsafe(stop.set))
+        try:
+            await stop.wait()
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)  # type: ignore[arg-type]
+        logger.info("signal received: draining")
+        await self.shutdown()
+
+
+def _uvloop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def install_event_loop_policy() -> str:
+    """Make new event loops uvloop loops where uvloop is importable; returns ``"uvloop"`` or ``"asyncio"``."""
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"
+
+
+def serve(
+    handler: Handler,
+    host: str,
+    port: int,
+    limits: HttpLimits | None = None,
+    on_reject: Callable[[Rejection], None] | None = None,
+    on_started: Callable[[HttpServer], Awaitable[None]] | None = None,
+) -> None:
+    """Run the server until SIGTERM/SIGINT, then drain. Blocks; picks uvloop when available."""
+    loop_factory = _uvloop_factory()
+    loop_name = "uvloop" if loop_factory is not None else "asyncio"
+
+    async def main() -> None:
+        server = HttpServer(handler, limits, on_reject=on_reject)
+        await server.start(host, port)
+        logger.info("listening on %s:%d (%s)", host, server.port, loop_name)
+        if on_started is not None:
+            await on_started(server)
+        await server.serve_until_signalled()
+
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(main())
