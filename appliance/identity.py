@@ -1,0 +1,254 @@
+"""Caller identity: API tokens ``<caller-id>:<48 hex>``, issued, revoked, imported, and checked per request.
+
+Owns: the ``tokens`` table (SHA-256 of each token, never the token), token issue/revoke/list, import from a
+cllama context directory (``<agent-id>/metadata.json`` with a ``token`` field), and ``authenticate``: the
+IDENTIFY phase, which turns the request's ``Authorization: Bearer`` (or ``x-api-key``) header into a
+``Caller(id, org, role)``.
+
+Must never: store, log, list or echo a token in clear (``issue`` returns it once; that is the only time it
+exists outside the caller's hands); tell a client which part of a well-formed token was wrong (unknown,
+wrong secret, revoked and expired all give the one 403 message); compare secrets except in constant time;
+cache token rows: revocation by another process (the operator CLI) takes effect on the next request.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import hmac
+import json
+import re
+import secrets
+import sqlite3
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from appliance.errors import Forbidden, OperatorError, Unauthorized
+from appliance.vault.db import Database, Migration
+
+CALLER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_TOKEN = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]{0,63}):[0-9a-f]{48}")
+_BEARER = re.compile(r"[Bb][Ee][Aa][Rr][Ee][Rr][ \t]+(\S+)")
+_SECRET_BYTES = 24
+
+_REVOKE = "UPDATE tokens SET revoked_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE revoked_at IS NULL AND "
+
+MALFORMED = "missing or malformed API token; expected 'Authorization: Bearer <caller-id>:<48 hex>'"
+INVALID = "the API token is not valid"
+
+# Expired tokens are filtered in SQL: timestamps are all written as "YYYY-MM-DDTHH:MM:SS.mmmZ", which
+# sorts as time does, and strftime('%f') yields the same shape.
+_LOOKUP = (
+    "SELECT id, org, role, token_sha256 FROM tokens"
+    " WHERE caller = ? AND revoked_at IS NULL"
+    " AND (expires_at IS NULL OR expires_at > strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))"
+)
+
+
+def _create_table(db: sqlite_utils.Database) -> None:
+    db.execute(
+        "CREATE TABLE tokens ("
+        " id INTEGER PRIMARY KEY,"
+        " caller TEXT NOT NULL,"
+        " org TEXT NOT NULL,"
+        " role TEXT NOT NULL,"
+        " token_sha256 TEXT NOT NULL UNIQUE,"
+        " created_at TEXT NOT NULL,"
+        " expires_at TEXT,"
+        " revoked_at TEXT,"
+        " note TEXT)"
+    )
+    db.execute("CREATE INDEX tokens_caller ON tokens (caller)")
+
+
+MIGRATIONS = [Migration("tokens-0001-create", _create_table)]
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is calling: the token's caller id, and the organisation and role the policy knows them by."""
+
+    id: str
+    org: str
+    role: str
+    token_id: int
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def format_ts(moment: datetime) -> str:
+    """RFC 3339 UTC with milliseconds, the one timestamp shape stored in the vault."""
+    if moment.tzinfo is None:
+        raise OperatorError("an expiry time must carry a time zone (e.g. 2027-01-01T00:00:00Z)")
+    moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def _check_name(kind: str, value: str) -> None:
+    if not isinstance(value, str) or not CALLER_ID.fullmatch(value):
+        raise OperatorError(
+            f"invalid {kind} {value!r}: 1-64 characters, letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+
+
+class TokenStore:
+    """The token table and the per-request check. Writes go through the vault writer; reads are direct."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    # -- operator verbs -----------------------------------------------------------------------------------
+
+    def issue(
+        self,
+        caller: str,
+        org: str,
+        role: str,
+        *,
+        expires_at: datetime | None = None,
+        note: str | None = None,
+    ) -> str:
+        """Create a token for ``caller``; return it. It is never stored or shown again: hand it over now."""
+        _check_name("caller id", caller)
+        _check_name("organization", org)
+        _check_name("role", role)
+        expires = format_ts(expires_at) if expires_at is not None else None
+        token = f"{caller}:{secrets.token_hex(_SECRET_BYTES)}"
+        digest = _token_hash(token)
+        self._db.write(
+            lambda conn: conn.execute(
+                "INSERT INTO tokens (caller, org, role, token_sha256, created_at, expires_at, note)"
+                " VALUES (?, ?, ?, ?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), ?, ?)",
+                (caller, org, role, digest, expires, note),
+            )
+        )
+        return token
+
+    def list(self, include_revoked: bool = False) -> list[dict[str, Any]]:
+        """Tokens by id (expired ones included, revoked ones on request); never hashes or secrets."""
+        sql = "SELECT id, caller, org, role, created_at, expires_at, revoked_at, note FROM tokens"
+        if not include_revoked:
+            sql += " WHERE revoked_at IS NULL"
+        cur = self._db.reader().execute(sql + " ORDER BY id")
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+    def revoke(self, caller: str) -> int:
+        """Revoke every not-yet-revoked token of ``caller``; return how many."""
+        return self._revoke("caller = ?", caller)
+
+    def revoke_id(self, token_id: int) -> bool:
+        """Revoke one token by id; False when there is no such active token."""
+        return self._revoke("id = ?", token_id) > 0
+
+    def _revoke(self, where: str, key: str | int) -> int:
+        sql = _REVOKE + where  # where is one of two literals above, never caller input
+        count: int = self._db.write(lambda conn: conn.execute(sql, (key,)).rowcount)
+        return count
+
+    def import_cllama(self, directory: Path, *, org: str, role: str) -> builtins.list[tuple[str, str]]:
+        """Import the tokens of a cllama context directory (``<agent-id>/metadata.json`` ``token``).
+
+        Stores each token's hash only. ``org``/``role`` fields in a metadata file win over the defaults
+        given here (cllama itself defines ``token``, ``pod``, ``service``, ``type``; none of those is a
+        policy organisation or role). Returns ``(agent-id, outcome)`` for every agent directory; a
+        malformed entry is reported and skipped, never imported.
+        """
+        _check_name("organization", org)
+        _check_name("role", role)
+        if not directory.is_dir():
+            raise OperatorError(f"{directory} is not a directory (expected a cllama context root)")
+        results: builtins.list[tuple[str, str]] = []
+        rows: builtins.list[tuple[str, str, str, str]] = []
+        for entry in sorted(directory.iterdir()):
+            if not entry.is_dir():
+                continue
+            outcome, row = _read_cllama_agent(entry, org, role)
+            if row is None:
+                results.append((entry.name, outcome))
+            else:
+                results.append((entry.name, ""))
+                rows.append(row)
+
+        def write(conn: sqlite3.Connection) -> dict[str, str]:
+            done: dict[str, str] = {}
+            for caller, org_, role_, digest in rows:
+                cur = conn.execute(
+                    "INSERT INTO tokens (caller, org, role, token_sha256, created_at, note)"
+                    " VALUES (?, ?, ?, ?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), 'imported from cllama')"
+                    " ON CONFLICT (token_sha256) DO NOTHING",
+                    (caller, org_, role_, digest),
+                )
+                done[caller] = (
+                    "imported" if cur.rowcount else "skipped: token already present (kept as it was)"
+                )
+            return done
+
+        outcomes = self._db.write(write) if rows else {}
+        return [(name, outcome or outcomes[name]) for name, outcome in results]
+
+    # -- per request --------------------------------------------------------------------------------------
+
+    def authenticate(self, authorization: str | None, x_api_key: str | None) -> Caller:
+        """IDENTIFY: the Caller behind the request's token.
+
+        401 when the token is absent or malformed; 403, with one message, when it is not valid.
+        """
+        token: str | None = None
+        if authorization:
+            match = _BEARER.fullmatch(authorization.strip())
+            if match is not None:
+                token = match.group(1)
+        if token is None and x_api_key:
+            token = x_api_key.strip()
+        shape = _TOKEN.fullmatch(token) if token else None
+        if shape is None or token is None:
+            raise Unauthorized(MALFORMED)
+        digest = _token_hash(token)
+        found: Caller | None = None
+        for token_id, org, role, stored in self._db.reader().execute(_LOOKUP, (shape.group(1),)):
+            # Every row is compared, match or not, so timing does not depend on which one matches.
+            if hmac.compare_digest(stored, digest):
+                found = Caller(shape.group(1), org, role, token_id)
+        if found is None:
+            raise Forbidden(INVALID)
+        return found
+
+
+def _read_cllama_agent(entry: Path, org: str, role: str) -> tuple[str, tuple[str, str, str, str] | None]:
+    """One agent directory → (problem, None) or ("", (caller, org, role, token hash))."""
+    name = entry.name
+    if not CALLER_ID.fullmatch(name):
+        return "skipped: directory name is not a valid caller id", None
+    try:
+        meta = json.loads((entry / "metadata.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return "skipped: no metadata.json", None
+    except (OSError, UnicodeDecodeError, ValueError):
+        return "skipped: metadata.json is not readable JSON", None
+    if not isinstance(meta, dict):
+        return "skipped: metadata.json is not a JSON object", None
+    token = meta.get("token")
+    if not isinstance(token, str) or not token:
+        return "skipped: metadata.json has no token", None
+    shape = _TOKEN.fullmatch(token.strip())
+    if shape is None:
+        return "skipped: token is not <agent-id>:<48 lowercase hex>", None
+    if shape.group(1) != name:
+        return "skipped: token caller does not match the directory name", None
+    chosen = {"org": org, "role": role}
+    for field in chosen:
+        value = meta.get(field)
+        if value is None:
+            continue
+        if not isinstance(value, str) or not CALLER_ID.fullmatch(value):
+            return f"skipped: metadata.json {field} is not a valid name", None
+        chosen[field] = value
+    return "", (name, chosen["org"], chosen["role"], _token_hash(token.strip()))

@@ -1,0 +1,351 @@
+"""The audit ledger: append-only, hash-chained records in the vault, echoed as JSON lines on stdout.
+
+Owns: the ``ledger`` table, the record shape (``Ledger.FIELDS``: the cllama audit line first, then ours),
+the hash chain (``hash = sha256(prev_hash + "\\n" + canonical record JSON)``, genesis ``"0" * 64``), the
+stdout audit line, and ``verify``, which recomputes the chain (and checks the ts/type/request_id/claw_id
+columns kept beside each record for queries) and names the first bad record.
+
+Every append is a vault write: the write function reads the previous ``(seq, hash)`` inside the writer's
+transaction (an operator's CLI process may have appended in between; nothing is cached across batches),
+and the stdout line is printed only after the batch is durable. A record that cannot be written fails
+its future with ``LedgerUnavailable`` so the gateway answers 503 (fail closed).
+
+Must never: hold prompt or completion text, token secrets or provider keys (records are metadata and
+SHA-256 digests; long strings in an oversized record are clipped to length and digest); update or
+delete a record (nothing here does; ``verify`` catches whoever does it with the file); print a line for
+a record that is not on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import sqlite3
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final, TextIO
+
+import sqlite_utils
+
+from appliance.errors import LedgerUnavailable
+from appliance.vault.db import Database, Migration
+
+log = logging.getLogger("phi.ledger")
+
+GENESIS: Final = "0" * 64
+TYPES: Final = frozenset({"request", "response", "error", "intervention", "admin"})
+MAX_RECORD_CHARS: Final = 4096
+"""A record is a few hundred characters of metadata; anything this large is text that must not be here."""
+CLIP_CHARS: Final = 128
+"""In an oversized record, string values longer than this are replaced by their length and digest."""
+
+_CANONICAL = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False, check_circular=False
+).encode
+_LINE = json.JSONEncoder(separators=(",", ":"), allow_nan=False, check_circular=False).encode
+
+_LAST = "SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1"
+# The ts/type/request_id/claw_id columns copy the record for queries (pending_outcomes); the chain covers
+# only the record, so verify also checks the copies. CASE, unlike AND, never parses invalid JSON.
+_VERIFY = (
+    "SELECT seq, record, prev_hash, hash, CASE WHEN json_valid(record) THEN"
+    " ts IS json_extract(record, '$.ts') AND type IS json_extract(record, '$.type')"
+    " AND request_id IS json_extract(record, '$.request_id') AND claw_id IS json_extract(record, '$.claw_id')"
+    " ELSE 0 END FROM ledger ORDER BY seq"
+)
+_INSERT = (
+    "INSERT INTO ledger (seq, ts, type, request_id, claw_id, record, prev_hash, hash)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _create_table(db: sqlite_utils.Database) -> None:
+    db.execute(
+        "CREATE TABLE ledger ("
+        " seq INTEGER PRIMARY KEY,"
+        " ts TEXT NOT NULL,"
+        " type TEXT NOT NULL,"
+        " request_id TEXT,"
+        " claw_id TEXT,"
+        " record TEXT NOT NULL,"
+        " prev_hash TEXT NOT NULL,"
+        " hash TEXT NOT NULL)"
+    )
+    db.execute("CREATE INDEX ledger_request_id ON ledger (request_id)")
+
+
+MIGRATIONS = [Migration("ledger-0001-create", _create_table)]
+
+
+_second: tuple[int, str] = (-1, "")
+
+
+def utc_now_iso() -> str:
+    """Now as RFC 3339 UTC with milliseconds: ``2026-11-25T10:00:00.123Z``."""
+    global _second
+    secs, ms = divmod(int(time.time() * 1000), 1000)
+    cached = _second
+    if cached[0] != secs:
+        cached = (secs, time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(secs)))
+        _second = cached
+    return f"{cached[1]}{ms:03d}Z"
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def chain_hash(prev_hash: str, record_json: str) -> str:
+    """The link: SHA-256 over the previous hash (hex), a newline, and this record's canonical JSON."""
+    return hashlib.sha256(f"{prev_hash}\n{record_json}".encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    ok: bool
+    records: int
+    """Records checked and found good (all of them when ``ok``)."""
+    first_bad_seq: int | None
+    message: str
+
+
+class _Stdout:
+    """Default for ``Ledger(out=...)``: whatever ``sys.stdout`` is when the ledger is built."""
+
+
+STDOUT: Final = _Stdout()
+
+
+class Ledger:
+    """Appends audit records (hot path, from the event loop) and answers the operator's questions."""
+
+    FIELDS: Final = (
+        # the cllama audit line
+        "ts",
+        "claw_id",
+        "type",
+        "model",
+        "latency_ms",
+        "status_code",
+        "tokens_in",
+        "tokens_out",
+        "cost_usd",
+        "intervention",
+        # ours
+        "request_id",
+        "org",
+        "role",
+        "route",
+        "decision",
+        "policy_version",
+        "request_sha256",
+        "response_sha256",
+        "data_class",
+        "detail",
+    )
+    _FIELD_SET: Final = frozenset(FIELDS)
+
+    def __init__(self, db: Database, out: TextIO | _Stdout | None = STDOUT) -> None:
+        self._db = db
+        self._out: TextIO | None = sys.stdout if isinstance(out, _Stdout) else out
+        self._ok = True  # only the writer thread changes it, so it follows commit order
+        self._out_broken = False
+
+    @property
+    def healthy(self) -> bool:
+        """False after a ledger write failed, until a later one succeeds."""
+        return self._ok and self._db.healthy
+
+    # -- appending ----------------------------------------------------------------------------------------
+
+    def append(self, record: dict[str, Any]) -> asyncio.Future[int]:
+        """Queue ``record``; the future gives its seq once it is durable, or raises LedgerUnavailable.
+
+        A record with unknown fields or a bad type raises ValueError at once (a programming error); in an
+        oversized record, long strings are clipped to their length and digest (``CLIP_CHARS``).
+        """
+        ordered, canonical = self._prepare(record)
+        loop = asyncio.get_running_loop()
+        outer: asyncio.Future[int] = loop.create_future()
+        inner = self._db.awrite_nowait(self._write_fn(ordered, canonical), self._print_fn(ordered))
+        inner.add_done_callback(lambda done: _relay(done, outer))
+        return outer
+
+    def append_sync(self, record: dict[str, Any]) -> int:
+        """Blocking append (CLI commands); returns the record's seq."""
+        ordered, canonical = self._prepare(record)
+        try:
+            seq: int = self._db.write(self._write_fn(ordered, canonical), self._print_fn(ordered))
+        except Exception as exc:
+            raise _unavailable(exc) from exc
+        return seq
+
+    def _prepare(self, record: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        if not self._FIELD_SET.issuperset(record):
+            unknown = sorted(set(record) - self._FIELD_SET)
+            raise ValueError(f"unknown audit record fields: {unknown}")
+        if record.get("type") not in TYPES:
+            raise ValueError(f"audit record type must be one of {sorted(TYPES)}, got {record.get('type')!r}")
+        ordered = dict.fromkeys(self.FIELDS)
+        ordered.update(record)
+        if ordered["ts"] is None:
+            ordered["ts"] = utc_now_iso()
+        for column in ("ts", "request_id", "claw_id"):  # copied into TEXT columns: must stay strings
+            if not isinstance(ordered[column], str | None):
+                raise ValueError(f"audit record field {column} must be a string or null")
+        canonical = _CANONICAL(ordered)
+        if len(canonical) > MAX_RECORD_CHARS:
+            # Some values come from the client (a model name): clip them rather than lose the record.
+            for name, value in ordered.items():
+                if isinstance(value, str) and len(value) > CLIP_CHARS:
+                    ordered[name] = f"[clipped: {len(value)} chars, sha256:{sha256_hex(value.encode())[:16]}]"
+            canonical = _CANONICAL(ordered)
+            if len(canonical) > MAX_RECORD_CHARS:
+                raise ValueError(
+                    f"audit record is {len(canonical)} characters; metadata only, at most {MAX_RECORD_CHARS}"
+                )
+        return ordered, canonical
+
+    def _write_fn(self, ordered: dict[str, Any], canonical: str) -> Callable[[sqlite3.Connection], int]:
+        row_tail = (ordered["ts"], ordered["type"], ordered["request_id"], ordered["claw_id"], canonical)
+
+        def write(conn: sqlite3.Connection) -> int:
+            try:
+                last = conn.execute(_LAST).fetchone()
+                seq, prev = (1, GENESIS) if last is None else (last[0] + 1, last[1])
+                conn.execute(_INSERT, (seq, *row_tail, prev, chain_hash(prev, canonical)))
+            except sqlite3.Error as exc:
+                self._ok = False
+                raise LedgerUnavailable(f"the audit ledger cannot be written: {exc}") from exc
+            return seq
+
+        return write
+
+    def _print_fn(self, ordered: dict[str, Any]) -> Callable[[int], None]:
+        def after_commit(seq: int) -> None:
+            self._ok = True
+            out = self._out
+            if out is None:
+                return
+            try:
+                out.write(f'{_LINE(ordered)[:-1]},"seq":{seq}}}\n')
+                out.flush()
+            except (OSError, ValueError) as exc:  # the record is on disk; a closed stdout must not stop us
+                if not self._out_broken:
+                    self._out_broken = True
+                    log.warning("cannot print audit lines (records are still written): %s", exc)
+
+        return after_commit
+
+    # -- reading ------------------------------------------------------------------------------------------
+
+    def count(self) -> int:
+        """Number of records (the last seq: seqs are contiguous from 1, which ``verify`` checks)."""
+        row = self._db.reader().execute(_LAST).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def tail(self, n: int) -> list[dict[str, Any]]:
+        """The last ``n`` records, oldest first, each with its ``seq``."""
+        rows = (
+            self._db.reader()
+            .execute("SELECT seq, record FROM ledger ORDER BY seq DESC LIMIT ?", (max(0, n),))
+            .fetchall()
+        )
+        result = []
+        for seq, text in reversed(rows):
+            record = json.loads(text)
+            entry = {name: record.get(name) for name in self.FIELDS}
+            entry["seq"] = seq
+            result.append(entry)
+        return result
+
+    def pending_outcomes(self, limit: int = 100) -> list[str]:
+        """Request ids with a "request" record and no later "response"/"error" record, oldest first.
+
+        After a crash these are the requests that were let through with no recorded outcome.
+        """
+        rows = (
+            self._db.reader()
+            .execute(
+                "SELECT r.request_id FROM ledger AS r"
+                " WHERE r.type = 'request' AND r.request_id IS NOT NULL"
+                " AND NOT EXISTS (SELECT 1 FROM ledger AS o WHERE o.request_id = r.request_id"
+                "   AND o.seq > r.seq AND o.type IN ('response', 'error'))"
+                " ORDER BY r.seq LIMIT ?",
+                (limit,),
+            )
+            .fetchall()
+        )
+        return [row[0] for row in rows]
+
+    def verify(self, progress: Callable[[int], None] | None = None) -> VerifyReport:
+        """Recompute the chain from record 1 and report the first record that breaks it.
+
+        Streams rows (constant memory) on this thread's read connection, one snapshot. Blocking: call it
+        from a worker thread, not the event loop. ``progress(n)`` is called every 65,536 records.
+        """
+        cur = self._db.reader().execute(_VERIFY)
+        sha256 = hashlib.sha256
+        expected = 1
+        last = GENESIS
+        try:
+            for seq, record, prev, stored, columns_match in cur:
+                if seq != expected:
+                    return VerifyReport(
+                        False, expected - 1, expected, f"record {expected} is missing (deleted)"
+                    )
+                if prev != last:
+                    if seq == 1:
+                        message = (
+                            "record 1 does not start the chain (its previous hash is not the genesis value)"
+                        )
+                    else:
+                        message = f"record {seq} does not chain to record {seq - 1}"
+                    return VerifyReport(False, seq - 1, seq, message)
+                computed = sha256(f"{prev}\n{record}".encode()).hexdigest()
+                if computed != stored:
+                    following = cur.fetchone()
+                    if following is not None and following[2] == computed:
+                        message = f"record {seq}: its stored hash was altered"
+                    else:
+                        message = f"record {seq}: content does not match its hash (edited)"
+                    return VerifyReport(False, seq - 1, seq, message)
+                if not columns_match:
+                    message = f"record {seq}: its indexed columns do not match its content (edited)"
+                    return VerifyReport(False, seq - 1, seq, message)
+                last = stored
+                expected += 1
+                if progress is not None and not expected & 0xFFFF:
+                    progress(expected - 1)
+        finally:
+            cur.close()
+        records = expected - 1
+        if progress is not None:
+            progress(records)
+        message = f"{records} records, hash chain intact" if records else "the ledger is empty"
+        return VerifyReport(True, records, None, message)
+
+
+def _unavailable(exc: BaseException) -> LedgerUnavailable:
+    if isinstance(exc, LedgerUnavailable):
+        return exc
+    new = LedgerUnavailable(f"the audit ledger cannot be written: {exc}")
+    new.__cause__ = exc
+    return new
+
+
+def _relay(inner: asyncio.Future[Any], outer: asyncio.Future[int]) -> None:
+    if outer.done():
+        return
+    if inner.cancelled():
+        outer.cancel()
+        return
+    exc = inner.exception()
+    if exc is None:
+        outer.set_result(inner.result())
+    else:
+        outer.set_exception(_unavailable(exc))
