@@ -32,9 +32,15 @@ def test_failed_write_does_not_undo_its_batch_neighbours(tmp_path: Path) -> None
         raise ValueError("no")
 
     with Database(tmp_path / "v.db", MIGRATIONS) as db:
-        futs = [db.submit(lambda c: c.execute("INSERT INTO items (name) VALUES ('x')").lastrowid) for _ in range(50)]
+        futs = [
+            db.submit(lambda c: c.execute("INSERT INTO items (name) VALUES ('x')").lastrowid)
+            for _ in range(50)
+        ]
         bad = db.submit(boom)
-        futs += [db.submit(lambda c: c.execute("INSERT INTO items (name) VALUES ('y')").lastrowid) for _ in range(50)]
+        futs += [
+            db.submit(lambda c: c.execute("INSERT INTO items (name) VALUES ('y')").lastrowid)
+            for _ in range(50)
+        ]
         assert all(isinstance(f.result(), int) for f in futs)
         with pytest.raises(ValueError):
             bad.result()
@@ -48,8 +54,10 @@ def test_async_writes_settle_on_the_loop(tmp_path: Path) -> None:
 
     async def main(db: Database) -> list[int]:
         futs = [
-            db.awrite(lambda c, i=i: c.execute("INSERT INTO items (id, name) VALUES (?, 'z')", (i,)).lastrowid,
-                      after_commit=seen.append)
+            db.awrite(
+                lambda c, i=i: c.execute("INSERT INTO items (id, name) VALUES (?, 'z')", (i,)).lastrowid,
+                after_commit=seen.append,
+            )
             for i in range(1, 201)
         ]
         return list(await asyncio.gather(*futs))
@@ -72,8 +80,11 @@ def test_unwritable_database_reports_storage_unavailable(tmp_path: Path) -> None
         db.write(lambda c: c.execute("INSERT INTO items (name) VALUES ('a')"))
         # another connection holds the write lock longer than the busy timeout would wait: simulate with a
         # trigger that makes the commit itself fail instead (a full disk behaves the same for the writer)
-        db.write(lambda c: c.execute(
-            "CREATE TRIGGER stop BEFORE INSERT ON items BEGIN SELECT RAISE(ABORT, 'disk full'); END"))
+        db.write(
+            lambda c: c.execute(
+                "CREATE TRIGGER stop BEFORE INSERT ON items BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+            )
+        )
         with pytest.raises(sqlite3.IntegrityError):
             db.write(lambda c: c.execute("INSERT INTO items (name) VALUES ('b')"))
         assert db.healthy
@@ -81,6 +92,7 @@ def test_unwritable_database_reports_storage_unavailable(tmp_path: Path) -> None
 
 def test_commit_failure_marks_database_unhealthy(tmp_path: Path) -> None:
     with Database(tmp_path / "v.db", MIGRATIONS) as db:
+
         def broken_commit(c: sqlite3.Connection) -> None:
             c.execute("COMMIT")  # leaves the batch without a transaction: the writer's COMMIT fails
 

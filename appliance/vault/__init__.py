@@ -1,1 +1,1 @@
-"""The vault: one SQLite file holding sealed provider keys, hashed identity tokens, policies and the ledger."""
+"""The vault: one SQLite file with sealed provider keys, hashed tokens, policies and the ledger."""

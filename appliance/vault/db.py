@@ -124,7 +124,9 @@ class Database:
         self._queue.put(_Write(fn, after_commit, future=fut))
         return fut
 
-    def write(self, fn: Callable[[sqlite3.Connection], T], after_commit: Callable[[T], None] | None = None) -> T:
+    def write(
+        self, fn: Callable[[sqlite3.Connection], T], after_commit: Callable[[T], None] | None = None
+    ) -> T:
         """Blocking write (CLI commands, start-up)."""
         result: T = self.submit(fn, after_commit).result()
         return result
@@ -177,7 +179,9 @@ class Database:
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         db = sqlite_utils.Database(conn)
-        conn.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)"
+        )
         done = {row[0] for row in conn.execute("SELECT name FROM _migrations")}
         for migration in self._migrations:
             if migration.name in done:

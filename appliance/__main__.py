@@ -1,0 +1,5 @@
+"""``python -m appliance`` is ``phi-gateway``."""
+
+from appliance.cli import main
+
+main()

@@ -1,0 +1,112 @@
+"""Settings: one validated object built from ``<home>/gateway.toml`` and ``PHI_`` environment overrides.
+
+Owns: the settings schema (nested pydantic models, a docstring under each field), the TOML file, the
+override rules, and the masked rendering that ``phi-gateway config show`` prints.
+Never: holds a secret in clear (provider keys live sealed in the vault, tokens only as hashes); reads
+settings anywhere else (every other module receives the object).
+
+Environment overrides name the dotted path with ``__`` between levels, upper case, prefixed ``PHI_``:
+``PHI_SERVER__PORT=9090``, ``PHI_SERVER__LIMITS__MAX_BODY_BYTES=1048576``. ``PHI_HOME`` selects the home.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from appliance.errors import OperatorError
+from appliance.http.limits import HttpLimits
+
+ENV_PREFIX = "PHI_"
+SETTINGS_FILE = "gateway.toml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class ServerSettings(_Strict):
+    host: str = "0.0.0.0"  # noqa: S104 - an appliance listens on its ward-facing interface by design
+    """Address the API listens on."""
+    port: int = Field(8080, ge=0, le=65535)
+    """TCP port of the OpenAI-compatible API (8080 is the cllama contract)."""
+    limits: HttpLimits = Field(default_factory=HttpLimits)
+    """HTTP limits: header and body sizes, timeouts, concurrency cap."""
+
+
+class UpstreamSettings(_Strict):
+    max_connections_per_origin: int = Field(64, ge=1)
+    """Pooled keep-alive connections kept to each upstream provider."""
+    connect_timeout_s: float = Field(5.0, gt=0)
+    """Time allowed to open a connection to an upstream provider."""
+    ca_file: Path | None = None
+    """PEM bundle of the site's private CA, for upstreams behind an inspecting proxy."""
+
+
+class PolicySettings(_Strict):
+    reload_interval_s: float = Field(1.0, gt=0)
+    """How often the server looks for a newly imported policy or a changed trust file."""
+
+
+class Settings(_Strict):
+    site: str = Field("unset", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    """This appliance's site id; a policy bundle is accepted only if its scope names it."""
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    """The API listener."""
+    upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
+    """Connections to upstream providers."""
+    policy: PolicySettings = Field(default_factory=PolicySettings)
+    """Policy reloading."""
+
+    def masked(self) -> str:
+        """The settings as TOML-like text for operators; this model holds no secrets to mask."""
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True)
+
+
+def load_settings(home: Path, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read ``<home>/gateway.toml`` (absent: defaults), apply ``PHI_`` overrides, validate."""
+    env = os.environ if environ is None else environ
+    path = home / SETTINGS_FILE
+    data: dict[str, Any] = {}
+    if path.exists():
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise OperatorError(f"{path}: not valid TOML: {exc}") from exc
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or name == "PHI_HOME":
+            continue
+        _set_path(data, name[len(ENV_PREFIX) :].lower().split("__"), value)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors(include_url=False)
+        )
+        raise OperatorError(f"invalid settings ({path} and PHI_ variables): {problems}") from exc
+
+
+def write_settings(home: Path, settings: Settings) -> None:
+    """Write the settings file that ``init`` creates (only values that differ from the defaults)."""
+    lines = ["# Phi Gateway settings. Every key is optional; PHI_ variables override them.", ""]
+    lines.append(f'site = "{settings.site}"')
+    server = settings.server
+    if server.host != ServerSettings().host or server.port != ServerSettings().port:
+        lines += ["", "[server]", f'host = "{server.host}"', f"port = {server.port}"]
+    (home / SETTINGS_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _set_path(data: dict[str, Any], keys: list[str], value: str) -> None:
+    node = data
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise OperatorError(f"PHI_{'__'.join(keys).upper()}: {key} is not a section")
+        node = child
+    node[keys[-1]] = value

@@ -1,0 +1,111 @@
+"""A running gateway: the parts assembled around one HTTP server, and their start and orderly stop.
+
+Owns: the assembly (vault, policy keeper, upstream client, pipeline, API, server), the audit record of
+what the server itself refused (431/413/408/400/503 before any handler ran), and the shutdown order:
+stop listening, drain in-flight requests, stop watching policy, close upstream connections, and only then
+close the vault, whose writer finishes every queued record first.
+Never: serves before the vault is open; leaves the ledger writer with records it has not written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import sys
+from typing import TextIO
+
+from appliance.api import Api
+from appliance.config import Settings
+from appliance.home import Home, Vault
+from appliance.http import HttpServer
+from appliance.http.server import Rejection, install_event_loop_policy
+from appliance.pipeline import Pipeline
+from appliance.policy_state import PolicyKeeper
+from routes.client import UpstreamClient
+
+log = logging.getLogger("phi.gateway")
+
+
+class Gateway:
+    def __init__(
+        self, home: Home, settings: Settings | None = None, *, audit_out: TextIO | None = None
+    ) -> None:
+        home.require_initialized()
+        self.home = home
+        self.settings = settings or home.settings()
+        self._audit_out = audit_out
+        self.vault: Vault | None = None
+        self.server: HttpServer | None = None
+        self.keeper: PolicyKeeper | None = None
+        self._client: UpstreamClient | None = None
+
+    async def start(
+        self, host: str | None = None, port: int | None = None, *, sock: socket.socket | None = None
+    ) -> HttpServer:
+        settings = self.settings
+        self.vault = vault = self.home.open_vault(audit_out=self._audit_out)
+        self._client = UpstreamClient(
+            max_per_origin=settings.upstream.max_connections_per_origin,
+            connect_timeout_s=settings.upstream.connect_timeout_s,
+            ca_file=settings.upstream.ca_file,
+        )
+        self.keeper = keeper = PolicyKeeper(vault.policies, self.home.trust_path, settings.site, self._client)
+        keeper.start(settings.policy.reload_interval_s)
+        pipeline = Pipeline(vault.tokens, vault.keys, vault.ledger, keeper)
+        api = Api(pipeline, keeper, vault.ledger)
+        self.server = server = HttpServer(
+            api.handle, settings.server.limits, on_reject=self._record_rejection
+        )
+        await server.start(
+            host or settings.server.host, settings.server.port if port is None else port, sock=sock
+        )
+        state = keeper.current
+        log.info(
+            "phi-gateway listening on %s:%d; policy %s",
+            host or settings.server.host,
+            server.port,
+            f"v{state.version} in force" if state else f"NOT in force ({keeper.reason}): refusing requests",
+        )
+        return server
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.shutdown()
+        if self.keeper is not None:
+            await self.keeper.stop()
+        if self._client is not None:
+            await self._client.aclose()
+        if self.vault is not None:
+            self.vault.close()
+            self.vault = None
+
+    def _record_rejection(self, rejection: Rejection) -> None:
+        if self.vault is None:
+            return
+        record = {
+            "type": "error",
+            "request_id": rejection.request_id,
+            "status_code": rejection.status,
+            "decision": "denied",
+            "detail": rejection.code,
+        }
+        self.vault.ledger.append(record).add_done_callback(_ignore_result)
+
+    def run(self, host: str | None = None, port: int | None = None) -> None:
+        """Serve until SIGTERM or SIGINT, then drain and stop (blocking)."""
+        loop_name = install_event_loop_policy()
+        log.info("event loop: %s", loop_name)
+        asyncio.run(self._serve(host, port))
+
+    async def _serve(self, host: str | None, port: int | None) -> None:
+        server = await self.start(host, port)
+        try:
+            await server.serve_until_signalled()
+        finally:
+            await self.stop()
+
+
+def _ignore_result(fut: asyncio.Future[int]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        print(f"phi-gateway: a rejection record could not be written: {fut.exception()}", file=sys.stderr)

@@ -1,0 +1,134 @@
+"""The appliance home directory: where every file of one gateway lives, and how it is created and opened.
+
+Owns: the layout below, ``init`` (creating the home, the master key, the appliance signing key, the
+settings file and the vault schema), and opening the vault with every migration applied.
+Never: overwrites an existing key; loosens a file mode; keeps anything secret outside the files below.
+
+    <home>/                 0700
+      gateway.toml          settings (site id, listener, limits); optional PHI_ overrides
+      master.key            0600  AES-256 key that seals provider keys in the vault
+      appliance.key/.pub    0600  Ed25519 key of this appliance (signs ledger checkpoints)
+      trust.json            the policy-authoring keys this appliance trusts, and the threshold
+      vault.db              SQLite: hashed tokens, sealed provider keys, policies, the audit ledger
+      models/               local GGUF files, pinned by SHA-256 in the policy
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from appliance import identity, ledger
+from appliance.config import Settings, load_settings, write_settings
+from appliance.errors import OperatorError
+from appliance.identity import TokenStore
+from appliance.ledger import Ledger
+from appliance.policy import keys as policy_keys
+from appliance.policy import store as policy_store
+from appliance.policy.store import PolicyStore
+from appliance.policy.trust import TrustStore
+from appliance.vault import provider_keys
+from appliance.vault.db import Database, Migration
+from appliance.vault.provider_keys import ProviderKeys
+from appliance.vault.sealing import MasterKey
+
+DEFAULT_HOME = Path("/var/lib/phi-gateway")
+
+MIGRATIONS: list[Migration] = [
+    *identity.MIGRATIONS,
+    *provider_keys.MIGRATIONS,
+    *policy_store.MIGRATIONS,
+    *ledger.MIGRATIONS,
+]
+
+
+def resolve_home(option: str | Path | None) -> Path:
+    """``--home`` wins, then ``PHI_HOME``, then /var/lib/phi-gateway."""
+    if option:
+        return Path(option).expanduser().resolve()
+    env = os.environ.get("PHI_HOME")
+    return Path(env).expanduser().resolve() if env else DEFAULT_HOME
+
+
+@dataclass
+class Vault:
+    """The opened vault: one database, the stores that live in it. Close it when done."""
+
+    db: Database
+    tokens: TokenStore
+    keys: ProviderKeys
+    policies: PolicyStore
+    ledger: Ledger
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class Home:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.settings_path = root / "gateway.toml"
+        self.master_key_path = root / "master.key"
+        self.appliance_key_prefix = root / "appliance"
+        self.trust_path = root / "trust.json"
+        self.vault_path = root / "vault.db"
+        self.models_dir = root / "models"
+
+    @property
+    def initialized(self) -> bool:
+        return self.master_key_path.exists() and self.vault_path.exists()
+
+    def require_initialized(self) -> None:
+        if not self.initialized:
+            raise OperatorError(
+                f"{self.root} is not an initialized gateway home; "
+                f"run: phi-gateway init --home {self.root} --site ID"
+            )
+
+    def init(self, site: str) -> list[str]:
+        """Create a new home; refuses one that is already initialized. Returns what was created."""
+        if self.initialized:
+            raise OperatorError(f"{self.root} is already initialized; nothing was changed")
+        settings = Settings(site=site)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if sys.platform != "win32":
+            self.root.chmod(0o700)
+        self.models_dir.mkdir(exist_ok=True)
+        created = [str(self.root) + "/ (0700)"]
+        if not self.settings_path.exists():
+            write_settings(self.root, settings)
+            created.append(f"{self.settings_path} (site {site})")
+        MasterKey.create(self.master_key_path)
+        created.append(f"{self.master_key_path} (0600)")
+        if not Path(str(self.appliance_key_prefix) + ".key").exists():
+            keyid = policy_keys.generate(self.appliance_key_prefix)
+            created.append(f"{self.appliance_key_prefix}.key (0600), appliance key id {keyid[:16]}")
+        if not self.trust_path.exists():
+            TrustStore.load(self.trust_path).save()
+            created.append(f"{self.trust_path} (no trusted authoring keys yet)")
+        vault = self.open_vault()
+        vault.ledger.append_sync({"type": "admin", "detail": f"init site={site}"})
+        vault.close()
+        created.append(f"{self.vault_path}")
+        return created
+
+    def settings(self) -> Settings:
+        return load_settings(self.root)
+
+    def trust(self) -> TrustStore:
+        return TrustStore.load(self.trust_path)
+
+    def open_vault(self, *, audit_out: TextIO | None = None) -> Vault:
+        """Open the vault with every migration applied; ``audit_out`` receives each durable audit line."""
+        master = MasterKey.load(self.master_key_path)
+        db = Database(self.vault_path, MIGRATIONS).start()
+        return Vault(
+            db=db,
+            tokens=TokenStore(db),
+            keys=ProviderKeys(db, master),
+            policies=PolicyStore(db),
+            ledger=Ledger(db, out=audit_out),
+        )

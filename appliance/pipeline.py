@@ -1,0 +1,360 @@
+"""The four phases every model request passes, in order: Identify, Police, Route, Record.
+
+    Identify   the bearer token -> Caller(id, org, role)                          401 / 403
+    Police     the role's policy decides on the model                             403 (intervention)
+    Record     the request record is durable in the ledger BEFORE anything leaves  503 if it cannot be
+    Route      provider/model -> adapter; the caller's token is replaced by the sealed provider key
+    Record     the outcome record (response or error) follows the answer
+
+Each phase is a small object with one method; ``Pipeline.run`` is the only place that chains them, top to
+bottom, and nothing reaches around it. Refusals are recorded too, durably, before the caller hears of them,
+so every request that got an answer has its record; when the ledger cannot be written the answer is 503.
+Never: records prompt or completion text (only SHA-256 of the bodies); lets a token or provider key reach a
+record, a log line or an error message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from appliance.errors import (
+    BadRequest,
+    GatewayError,
+    LedgerUnavailable,
+    NoPolicy,
+    OperatorError,
+    PolicyDenied,
+    StorageUnavailable,
+)
+from appliance.http import ClientDisconnected, Request, Responder
+from appliance.identity import Caller, TokenStore
+from appliance.ledger import Ledger
+from appliance.policy.engine import Decision
+from appliance.policy_state import PolicyKeeper, PolicyState
+from appliance.vault.provider_keys import ProviderKeys
+from routes.pricing import cost_usd
+from routes.result import RouteResult
+
+log = logging.getLogger("phi.pipeline")
+
+Endpoint = Literal["chat", "messages"]
+ErrorRenderer = Callable[[GatewayError], bytes]
+
+_SSE_HEADERS = [(b"Content-Type", b"text/event-stream"), (b"Cache-Control", b"no-cache")]
+_JSON = b"application/json"
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What the phases learn about one request, in the order they learn it."""
+
+    request: Request
+    endpoint: Endpoint
+    caller: Caller | None = None
+    payload: dict[str, Any] | None = None
+    model: str | None = None
+    state: PolicyState | None = None
+    decision: Decision | None = None
+    request_sha256: str | None = None
+
+    def base_record(self, type_: str) -> dict[str, Any]:
+        caller, decision, state = self.caller, self.decision, self.state
+        return {
+            "type": type_,
+            "request_id": self.request.request_id,
+            "claw_id": caller.id if caller else None,
+            "org": caller.org if caller else None,
+            "role": caller.role if caller else None,
+            "model": self.model,
+            "route": decision.route_name if decision else None,
+            "policy_version": state.version if state else None,
+            "data_class": _role_data_class(state, caller),
+            "request_sha256": self.request_sha256,
+            "latency_ms": round((time.perf_counter() - self.request.received_at) * 1000, 3),
+        }
+
+
+# -- the phases ------------------------------------------------------------------------------------------
+
+
+class Identify:
+    def __init__(self, tokens: TokenStore) -> None:
+        self._tokens = tokens
+
+    def __call__(self, request: Request) -> Caller:
+        headers = request.headers
+        return self._tokens.authenticate(headers.get("authorization"), headers.get("x-api-key"))
+
+
+class Police:
+    def __call__(self, state: PolicyState | None, caller: Caller, model: str) -> Decision:
+        decision = self.require_state(state).engine.decide(caller.org, caller.role, model)
+        if not decision.allowed:
+            raise _Denied(decision)
+        return decision
+
+    @staticmethod
+    def require_state(state: PolicyState | None) -> PolicyState:
+        if state is None:
+            raise NoPolicy("no valid policy is in force on this gateway; every request is refused")
+        return state
+
+
+class Route:
+    def __init__(self, keys: ProviderKeys) -> None:
+        self._keys = keys
+
+    async def __call__(self, ex: Exchange) -> RouteResult:
+        assert ex.state is not None and ex.decision is not None and ex.payload is not None and ex.model
+        route, upstream_model = ex.state.routes.resolve(ex.model)
+        spec = ex.decision.route
+        key = None if spec is None or spec.auth == "none" else self._sealed_key(route.name)
+        if ex.endpoint == "messages":
+            return await route.messages(ex.payload, upstream_model=upstream_model, key=key)
+        return await route.chat_completions(ex.payload, upstream_model=upstream_model, key=key)
+
+    def _sealed_key(self, name: str) -> str | None:
+        try:
+            return self._keys.get(name)
+        except OperatorError as exc:  # wrong master key or an altered vault row: an operator must look
+            log.error("the sealed provider key for route %s cannot be opened", name)
+            message = f"the provider key for route {name} cannot be unsealed"
+            raise GatewayError(message, code="vault_error") from exc
+
+
+class Record:
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+
+    async def admitted(self, ex: Exchange) -> None:
+        """The request record; durable before the request is forwarded."""
+        record = ex.base_record("request")
+        record["decision"] = "allowed"
+        record["intervention"] = None
+        await self._durable(record)
+
+    async def refused(self, ex: Exchange, error: GatewayError) -> None:
+        """A refusal, durable before the caller is told."""
+        denied = isinstance(error, _Denied)
+        record = ex.base_record("intervention" if denied else "error")
+        record["decision"] = "denied"
+        record["status_code"] = error.status
+        record["intervention"] = "policy_denied" if denied else None
+        record["detail"] = error.decision.reason if isinstance(error, _Denied) else error.code
+        await self._durable(record)
+
+    async def listed(self, ex: Exchange, body: bytes) -> None:
+        """A models listing: one record, durable before the answer."""
+        record = ex.base_record("response")
+        record["decision"] = "allowed"
+        record["status_code"] = 200
+        record["intervention"] = None
+        record["response_sha256"] = hashlib.sha256(body).hexdigest()
+        record["detail"] = "models_list"
+        await self._durable(record)
+
+    def outcome(
+        self,
+        ex: Exchange,
+        *,
+        status: int,
+        result: RouteResult | None,
+        response_sha256: str | None,
+        error: GatewayError | None = None,
+        detail: str | None = None,
+    ) -> None:
+        """The outcome record; queued after the answer (a crash before it leaves the request visibly open)."""
+        record = ex.base_record("error" if error is not None else "response")
+        record["decision"] = "allowed"
+        record["status_code"] = status
+        record["response_sha256"] = response_sha256
+        record["intervention"] = None
+        if result is not None:
+            usage = result.usage
+            record["tokens_in"] = usage.tokens_in
+            record["tokens_out"] = usage.tokens_out
+            price = ex.state.engine.price(ex.model) if ex.state and ex.model else None
+            record["cost_usd"] = cost_usd(price, usage.tokens_in, usage.tokens_out)
+            if not usage.reported and detail is None:
+                detail = "usage_not_reported"
+            if price is None and detail is None:
+                detail = "unpriced_model"
+        record["detail"] = error.code if error is not None else detail
+        self._ledger.append(record).add_done_callback(_log_failed_outcome)
+
+    async def _durable(self, record: dict[str, Any]) -> None:
+        try:
+            await self._ledger.append(record)
+        except (StorageUnavailable, LedgerUnavailable) as exc:
+            raise LedgerUnavailable(
+                "the audit ledger cannot be written; the gateway refuses traffic until it can"
+            ) from exc
+
+
+class _Denied(PolicyDenied):
+    def __init__(self, decision: Decision) -> None:
+        super().__init__(decision.message, code=decision.reason)
+        self.decision = decision
+
+
+# -- the chain -------------------------------------------------------------------------------------------
+
+
+class Pipeline:
+    def __init__(self, tokens: TokenStore, keys: ProviderKeys, ledger: Ledger, keeper: PolicyKeeper) -> None:
+        self.identify = Identify(tokens)
+        self.police = Police()
+        self.route = Route(keys)
+        self.record = Record(ledger)
+        self._keeper = keeper
+
+    async def run(
+        self, request: Request, responder: Responder, endpoint: Endpoint, render: ErrorRenderer
+    ) -> None:
+        ex = Exchange(request, endpoint)
+        try:
+            ex.caller = self.identify(request)
+            ex.state = self._keeper.current
+            body = await request.body()
+            ex.request_sha256 = hashlib.sha256(body).hexdigest()
+            ex.payload, ex.model = _parse_request(body, endpoint)
+            ex.decision = self.police(ex.state, ex.caller, ex.model)
+        except GatewayError as error:
+            await self.refuse(ex, responder, error, render)
+            return
+        try:
+            await self.record.admitted(ex)
+        except LedgerUnavailable as error:
+            await _send_error(ex, responder, error, render)
+            return
+        try:
+            result = await self.route(ex)
+        except GatewayError as error:
+            self.record.outcome(ex, status=error.status, result=None, response_sha256=None, error=error)
+            await _send_error(ex, responder, error, render)
+            return
+        if result.stream is None:
+            await self._answer(ex, responder, result)
+        else:
+            await self._stream(ex, responder, result, render)
+
+    async def refuse(
+        self, ex: Exchange, responder: Responder, error: GatewayError, render: ErrorRenderer
+    ) -> None:
+        try:
+            await self.record.refused(ex, error)
+        except LedgerUnavailable as ledger_error:
+            error = ledger_error
+        await _send_error(ex, responder, error, render)
+
+    async def _answer(self, ex: Exchange, responder: Responder, result: RouteResult) -> None:
+        body = result.body or b""
+        headers = [(b"Content-Type", result.content_type or _JSON), _request_id(ex), *result.extra_headers]
+        try:
+            await responder.send(result.status, headers, body)
+        finally:
+            self.record.outcome(
+                ex, status=result.status, result=result, response_sha256=hashlib.sha256(body).hexdigest()
+            )
+
+    async def _stream(
+        self, ex: Exchange, responder: Responder, result: RouteResult, render: ErrorRenderer
+    ) -> None:
+        digest = hashlib.sha256()
+        error: GatewayError | None = None
+        detail: str | None = None
+        handler = asyncio.current_task()
+        watcher = asyncio.ensure_future(responder.wait_disconnected())
+        if handler is not None:
+            watcher.add_done_callback(lambda w: w.cancelled() or handler.cancel())
+        try:
+            await responder.start(result.status, [*_SSE_HEADERS, _request_id(ex), *result.extra_headers])
+            async for chunk in result.stream:  # type: ignore[union-attr]
+                digest.update(chunk)
+                await responder.write(chunk)
+            await responder.end()
+        except ClientDisconnected:
+            detail = "client_closed"
+        except asyncio.CancelledError:
+            if not responder.disconnected:
+                detail = "cancelled"
+                raise  # shutdown past its drain timeout: record below, then let it go
+            detail = "client_closed"
+            if handler is not None:
+                handler.uncancel()
+        except GatewayError as exc:  # the upstream failed mid-stream: tell the caller in-band, then end
+            error = exc
+            with contextlib.suppress(ClientDisconnected):
+                await responder.write(b"data: " + render(exc) + b"\n\n")
+                await responder.end()
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(Exception):
+                await result.aclose()
+            status = error.status if error else result.status
+            self.record.outcome(
+                ex,
+                status=status,
+                result=result,
+                response_sha256=digest.hexdigest(),
+                error=error,
+                detail=detail,
+            )
+
+
+# -- helpers ---------------------------------------------------------------------------------------------
+
+
+def _parse_request(body: bytes, endpoint: Endpoint) -> tuple[dict[str, Any], str]:
+    if not body:
+        raise BadRequest("the request body is empty; expected a JSON object", code="invalid_json")
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}", code="invalid_json") from exc
+    if not isinstance(payload, dict):
+        raise BadRequest("the request body must be a JSON object", code="invalid_json")
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest(
+            "'model' is required: a string 'provider/model'", param="model", code="missing_model"
+        )
+    messages = payload.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty array", param="messages", code="invalid_messages")
+    if not isinstance(payload.get("stream", False), bool):
+        raise BadRequest("'stream' must be true or false", param="stream")
+    return payload, model
+
+
+def _role_data_class(state: PolicyState | None, caller: Caller | None) -> str | None:
+    if state is None or caller is None:
+        return None
+    role = state.engine.role(caller.org, caller.role)
+    return role.default_data_class if role else None
+
+
+def _request_id(ex: Exchange) -> tuple[bytes, bytes]:
+    return (b"X-Request-Id", ex.request.request_id.encode())
+
+
+async def _send_error(ex: Exchange, responder: Responder, error: GatewayError, render: ErrorRenderer) -> None:
+    if responder.started or responder.disconnected:
+        return
+    headers = [(b"Content-Type", _JSON), _request_id(ex), *error.headers]
+    with contextlib.suppress(ClientDisconnected):
+        await responder.send(error.status, headers, render(error))
+
+
+def _log_failed_outcome(fut: Awaitable[Any]) -> None:
+    assert isinstance(fut, asyncio.Future)
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("an outcome record could not be written: %s", fut.exception())

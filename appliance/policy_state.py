@@ -1,0 +1,94 @@
+"""The policy in force inside a running gateway, and its atomic replacement.
+
+Owns: the immutable ``PolicyState`` snapshot (policy, decision engine, route table) and the
+``PolicyKeeper`` that notices a newly imported bundle or a changed trust file, re-verifies the stored
+envelope against the current trust, and swaps the snapshot in one assignment. A request takes the
+snapshot once, at its start, so requests in flight finish under the policy they began with.
+Never: serves with a policy that no longer verifies or has expired (the state becomes ``None``: every API
+request is refused, fail closed); builds anything per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from appliance.policy.engine import PolicyEngine
+from appliance.policy.schema import Policy
+from appliance.policy.store import PolicyStore, load_active
+from appliance.policy.trust import TrustStore
+from routes.client import UpstreamClient
+from routes.table import RouteTable
+
+log = logging.getLogger("phi.policy")
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyState:
+    policy: Policy
+    engine: PolicyEngine
+    routes: RouteTable
+
+    @property
+    def version(self) -> int:
+        return self.policy.version
+
+
+class PolicyKeeper:
+    def __init__(self, store: PolicyStore, trust_path: Path, site: str, client: UpstreamClient) -> None:
+        self._store = store
+        self._trust_path = trust_path
+        self._site = site
+        self._client = client
+        self.current: PolicyState | None = None
+        self.reason = "no policy imported"
+        self._seen: tuple[int | None, float] = (None, -1.0)
+        self._task: asyncio.Task[None] | None = None
+
+    def refresh(self) -> bool:
+        """Reload if the stored policy or the trust file changed, or the policy expired. True if swapped."""
+        version = self._store.current_version()
+        try:
+            trust_mtime = self._trust_path.stat().st_mtime
+        except FileNotFoundError:
+            trust_mtime = 0.0
+        expired = self.current is not None and self.current.policy.expires_at <= datetime.now(UTC)
+        if (version, trust_mtime) == self._seen and not expired:
+            return False
+        self._seen = (version, trust_mtime)
+        policy, reason = load_active(self._store, TrustStore.load(self._trust_path), self._site)
+        old = self.current
+        self.current = None if policy is None else self._build(policy)
+        self.reason = reason
+        if policy is None:
+            log.warning("no policy in force (%s): every API request is refused", reason)
+        elif old is None or old.version != policy.version:
+            log.info("policy v%d in force (expires %s)", policy.version, policy.expires_at.isoformat())
+        return True
+
+    def _build(self, policy: Policy) -> PolicyState:
+        return PolicyState(
+            policy=policy, engine=PolicyEngine(policy), routes=RouteTable(policy.routes, self._client)
+        )
+
+    def start(self, interval_s: float) -> None:
+        self.refresh()
+        self._task = asyncio.get_running_loop().create_task(self._watch(interval_s), name="policy-watch")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _watch(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                self.refresh()
+            except Exception:  # a broken refresh must not kill the watcher; the old state stays
+                log.exception("policy refresh failed; keeping the policy in force")
