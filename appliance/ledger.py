@@ -1,7 +1,7 @@
 """The audit ledger: append-only, hash-chained records in the vault, echoed as JSON lines on stdout.
 
 Owns: the ``ledger`` table, the record shape (``Ledger.FIELDS``: the cllama audit line first, then ours),
-the hash chain (``hash = sha256(prev_hash + "\\n" + canonical record JSON)``, genesis ``"0" * 64``), the
+the hash chain (``hash = sha256(prev_hash + "\\n" + its stored JSON text)``, genesis ``"0" * 64``), the
 stdout audit line, and ``verify``, which recomputes the chain (and checks the ts/type/request_id/claw_id
 columns kept beside each record for queries) and names the first bad record.
 
@@ -19,6 +19,7 @@ a record that is not on disk.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
@@ -31,7 +32,7 @@ from typing import Any, Final, TextIO
 
 import sqlite_utils
 
-from appliance.errors import LedgerUnavailable
+from appliance.errors import LedgerUnavailable, StorageUnavailable
 from appliance.vault.db import Database, Migration
 
 log = logging.getLogger("phi.ledger")
@@ -43,10 +44,11 @@ MAX_RECORD_CHARS: Final = 4096
 CLIP_CHARS: Final = 128
 """In an oversized record, string values longer than this are replaced by their length and digest."""
 
+# The stored text of a record is its audit line without ``seq``: fields in FIELDS order, compact. One
+# encoding serves the chain and the stdout line; verify hashes the stored text, so order need not be sorted.
 _CANONICAL = json.JSONEncoder(
-    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False, check_circular=False
+    separators=(",", ":"), ensure_ascii=False, allow_nan=False, check_circular=False
 ).encode
-_LINE = json.JSONEncoder(separators=(",", ":"), allow_nan=False, check_circular=False).encode
 
 _LAST = "SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1"
 # The ts/type/request_id/claw_id columns copy the record for queries (pending_outcomes); the chain covers
@@ -57,10 +59,14 @@ _VERIFY = (
     " AND request_id IS json_extract(record, '$.request_id') AND claw_id IS json_extract(record, '$.claw_id')"
     " ELSE 0 END FROM ledger ORDER BY seq"
 )
-_INSERT = (
-    "INSERT INTO ledger (seq, ts, type, request_id, claw_id, record, prev_hash, hash)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-)
+_INSERT_HEAD = "INSERT INTO ledger (seq, ts, type, request_id, claw_id, record, prev_hash, hash) VALUES "
+_ROWS_PER_INSERT = 256  # 8 parameters a row: well under SQLite's 32766 bound variables
+
+
+@functools.cache
+def _insert_sql(rows: int) -> str:
+    placeholders = ",".join(["(?,?,?,?,?,?,?,?)"] * rows)  # placeholders only: every value is bound
+    return _INSERT_HEAD + placeholders
 
 
 def _create_table(db: sqlite_utils.Database) -> None:
@@ -162,26 +168,20 @@ class Ledger:
 
     # -- appending ----------------------------------------------------------------------------------------
 
-    def append(self, record: dict[str, Any]) -> asyncio.Future[int]:
+    def append(self, record: dict[str, Any], *, lazy: bool = False) -> asyncio.Future[int]:
         """Queue ``record``; the future gives its seq once it is durable, or raises LedgerUnavailable.
+
+        ``lazy``: the record asks for no fsync of its own and joins the next commit (a few ms at most);
+        for records nobody waits on before answering (outcomes), so they share the next request's fsync.
 
         A record with unknown fields or a bad type raises ValueError at once (a programming error); in an
         oversized record, long strings are clipped to their length and digest (``CLIP_CHARS``).
         """
-        ordered, canonical = self._prepare(record)
-        loop = asyncio.get_running_loop()
-        outer: asyncio.Future[int] = loop.create_future()
-        inner = self._db.awrite_nowait(self._write_fn(ordered, canonical), self._print_fn(ordered))
-        inner.add_done_callback(lambda done: _relay(done, outer))
-        return outer
+        return self._db.awrite_batched(self, self._prepare(record), lazy=lazy)
 
     def append_sync(self, record: dict[str, Any]) -> int:
         """Blocking append (CLI commands); returns the record's seq."""
-        ordered, canonical = self._prepare(record)
-        try:
-            seq: int = self._db.write(self._write_fn(ordered, canonical), self._print_fn(ordered))
-        except Exception as exc:
-            raise _unavailable(exc) from exc
+        seq: int = self._db.write_batched(self, self._prepare(record))
         return seq
 
     def _prepare(self, record: dict[str, Any]) -> tuple[dict[str, Any], str]:
@@ -210,36 +210,60 @@ class Ledger:
                 )
         return ordered, canonical
 
-    def _write_fn(self, ordered: dict[str, Any], canonical: str) -> Callable[[sqlite3.Connection], int]:
-        row_tail = (ordered["ts"], ordered["type"], ordered["request_id"], ordered["claw_id"], canonical)
+    # -- the vault's BatchWriter: every record queued for one commit is written by one call ----------------
 
-        def write(conn: sqlite3.Connection) -> int:
-            try:
-                last = conn.execute(_LAST).fetchone()
-                seq, prev = (1, GENESIS) if last is None else (last[0] + 1, last[1])
-                conn.execute(_INSERT, (seq, *row_tail, prev, chain_hash(prev, canonical)))
-            except sqlite3.Error as exc:
-                self._ok = False
-                raise LedgerUnavailable(f"the audit ledger cannot be written: {exc}") from exc
-            return seq
+    def write_batch(self, conn: sqlite3.Connection, items: list[tuple[dict[str, Any], str]]) -> list[int]:
+        """Chain and insert ``items`` with one SELECT and one multi-row INSERT per chunk; their seqs."""
+        try:
+            last = conn.execute(_LAST).fetchone()
+            seq, prev = (0, GENESIS) if last is None else (last[0], last[1])
+            rows: list[Any] = []
+            seqs: list[int] = []
+            for ordered, canonical in items:
+                seq += 1
+                digest = chain_hash(prev, canonical)
+                rows += (
+                    seq,
+                    ordered["ts"],
+                    ordered["type"],
+                    ordered["request_id"],
+                    ordered["claw_id"],
+                    canonical,
+                    prev,
+                    digest,
+                )
+                seqs.append(seq)
+                prev = digest
+            for start in range(0, len(seqs), _ROWS_PER_INSERT):
+                count = min(_ROWS_PER_INSERT, len(seqs) - start)
+                conn.execute(_insert_sql(count), rows[start * 8 : (start + count) * 8])
+        except sqlite3.Error as exc:
+            self._ok = False
+            raise LedgerUnavailable(f"the audit ledger cannot be written: {exc}") from exc
+        return seqs
 
-        return write
+    def after_commit(self, items: list[tuple[dict[str, Any], str]], seqs: list[int]) -> None:
+        """Print one audit line per durable record, in one write."""
+        self._ok = True
+        out = self._out
+        if out is None:
+            return
+        try:
+            lines = [
+                f'{canonical[:-1]},"seq":{seq}}}\n' for (_, canonical), seq in zip(items, seqs, strict=True)
+            ]
+            out.write("".join(lines))
+            out.flush()
+        except (OSError, ValueError) as exc:  # the records are on disk; a closed stdout must not stop us
+            if not self._out_broken:
+                self._out_broken = True
+                log.warning("cannot print audit lines (records are still written): %s", exc)
 
-    def _print_fn(self, ordered: dict[str, Any]) -> Callable[[int], None]:
-        def after_commit(seq: int) -> None:
-            self._ok = True
-            out = self._out
-            if out is None:
-                return
-            try:
-                out.write(f'{_LINE(ordered)[:-1]},"seq":{seq}}}\n')
-                out.flush()
-            except (OSError, ValueError) as exc:  # the record is on disk; a closed stdout must not stop us
-                if not self._out_broken:
-                    self._out_broken = True
-                    log.warning("cannot print audit lines (records are still written): %s", exc)
-
-        return after_commit
+    def commit_failed(self, exc: StorageUnavailable) -> Exception:
+        self._ok = False
+        error = LedgerUnavailable(f"the audit ledger cannot be written: {exc}")
+        error.__cause__ = exc
+        return error
 
     # -- reading ------------------------------------------------------------------------------------------
 
@@ -328,24 +352,3 @@ class Ledger:
             progress(records)
         message = f"{records} records, hash chain intact" if records else "the ledger is empty"
         return VerifyReport(True, records, None, message)
-
-
-def _unavailable(exc: BaseException) -> LedgerUnavailable:
-    if isinstance(exc, LedgerUnavailable):
-        return exc
-    new = LedgerUnavailable(f"the audit ledger cannot be written: {exc}")
-    new.__cause__ = exc
-    return new
-
-
-def _relay(inner: asyncio.Future[Any], outer: asyncio.Future[int]) -> None:
-    if outer.done():
-        return
-    if inner.cancelled():
-        outer.cancel()
-        return
-    exc = inner.exception()
-    if exc is None:
-        outer.set_result(inner.result())
-    else:
-        outer.set_exception(_unavailable(exc))

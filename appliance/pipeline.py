@@ -188,7 +188,7 @@ class Record:
             if price is None and detail is None:
                 detail = "unpriced_model"
         record["detail"] = error.code if error is not None else detail
-        self._ledger.append(record).add_done_callback(_log_failed_outcome)
+        self._ledger.append(record, lazy=True).add_done_callback(_log_failed_outcome)
 
     async def _durable(self, record: dict[str, Any]) -> None:
         try:

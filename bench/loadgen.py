@@ -37,8 +37,7 @@ class _Conn(asyncio.Protocol):
         self.status = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not subclasses
         self._send()
 
     def _send(self) -> None:
@@ -142,7 +141,7 @@ def main() -> None:
     try:
         import uvloop
 
-        uvloop.install()
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except ImportError:
         pass
     request = build_request(args.path, args.body.encode(), args.header)

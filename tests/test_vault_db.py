@@ -101,3 +101,32 @@ def test_commit_failure_marks_database_unhealthy(tmp_path: Path) -> None:
         assert not db.healthy
         db.write(lambda c: c.execute("INSERT INTO items (name) VALUES ('c')"))
         assert db.healthy
+
+
+def test_lazy_writes_join_the_next_commit_or_go_alone_after_the_delay(tmp_path: Path) -> None:
+    async def main(db: Database) -> tuple[int, int]:
+        lazy = db.awrite_lazy(lambda c: c.execute("INSERT INTO items (name) VALUES ('lazy')").lastrowid)
+        urgent = db.awrite(lambda c: c.execute("INSERT INTO items (name) VALUES ('urgent')").lastrowid)
+        first = await asyncio.gather(lazy, urgent)
+        commits_together = db.commits
+        alone = await asyncio.wait_for(
+            db.awrite_lazy(lambda c: c.execute("INSERT INTO items (name) VALUES ('alone')").lastrowid), 1
+        )
+        assert first == [1, 2] and alone == 3
+        return commits_together, db.commits
+
+    with Database(tmp_path / "v.db", MIGRATIONS) as db:
+        together, after = asyncio.run(main(db))
+    assert together == 1, "the lazy write shared the urgent write's commit"
+    assert after == 2
+
+
+def test_close_commits_pending_lazy_writes(tmp_path: Path) -> None:
+    async def main(db: Database) -> None:
+        db.awrite_lazy(lambda c: c.execute("INSERT INTO items (name) VALUES ('last')"))
+
+    db = Database(tmp_path / "v.db", MIGRATIONS).start()
+    asyncio.run(main(db))
+    db.close()
+    with Database(tmp_path / "v.db", MIGRATIONS) as again:
+        assert again.reader().execute("SELECT name FROM items").fetchall() == [("last",)]

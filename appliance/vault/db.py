@@ -8,6 +8,16 @@ one ``BEGIN IMMEDIATE`` transaction, each inside its own savepoint (one write's 
 others), then commits once: one fsync serves the whole batch. Callers learn the outcome only after the
 commit, so "done" always means "durable".
 
+Batched writes (``awrite_batched``) hand many items of one kind to a single ``BatchWriter`` call per
+commit: the audit ledger turns a whole batch into one SELECT and one multi-row INSERT. This matters more
+than it looks: the writer thread must retake the GIL after every SQLite statement, and while the event
+loop is busy each retake can wait, so statements per commit, not rows, set the throughput.
+
+Lazy writes (``awrite_lazy``, and ``lazy=True`` on batched writes) ask for no commit of their own: they
+join the next commit, or are committed alone ``LAZY_DELAY_S`` after they were queued when nothing else
+comes. The audit ledger uses them for outcome records, so a request's outcome shares the fsync of the
+next request's durable record instead of making that request wait for a second fsync.
+
 Must never: write from any thread but the writer; keep a read transaction open across an ``await``.
 Several processes (the server and an operator's CLI command) may share the file: ``BEGIN IMMEDIATE`` and
 the busy timeout serialise their writers, and a write function must read what it depends on (the ledger's
@@ -23,10 +33,12 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import sqlite_utils
 
@@ -38,6 +50,7 @@ log = logging.getLogger("phi.vault.db")
 
 _BUSY_TIMEOUT_MS = 10_000
 _MAX_BATCH = 1024
+LAZY_DELAY_S = 0.002
 
 
 @dataclass(frozen=True)
@@ -48,10 +61,28 @@ class Migration:
     apply: Callable[[sqlite_utils.Database], None]
 
 
+class BatchWriter(Protocol):
+    """Writes many queued items of one kind in one call, inside the writer's transaction."""
+
+    def write_batch(self, conn: sqlite3.Connection, items: list[Any]) -> list[Any]:
+        """One result per item, in order; raising fails every item of the call (nothing of it is kept)."""
+        ...
+
+    def after_commit(self, items: list[Any], results: list[Any]) -> None:
+        """Runs on the writer thread once the items are durable."""
+        ...
+
+    def commit_failed(self, exc: StorageUnavailable) -> Exception:
+        """The error its items get when the whole commit fails (a full disk, a read-only file)."""
+        ...
+
+
 @dataclass
 class _Write:
-    fn: WriteFn
+    fn: WriteFn | None
     after_commit: Callable[[Any], None] | None = None
+    batch: BatchWriter | None = None
+    item: Any = None
     future: concurrent.futures.Future[Any] | None = None
     loop: asyncio.AbstractEventLoop | None = None
     afuture: asyncio.Future[Any] | None = None
@@ -60,6 +91,7 @@ class _Write:
 
 
 _STOP = object()
+_WAKE = object()  # a lazy write is waiting: commit within LAZY_DELAY_S
 
 
 class Database:
@@ -69,6 +101,8 @@ class Database:
         self.path = Path(path)
         self._migrations = list(migrations)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._lazy: deque[_Write] = deque()
+        self._lazy_signalled = False
         self._thread: threading.Thread | None = None
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
@@ -135,10 +169,36 @@ class Database:
         self, fn: WriteFn, after_commit: Callable[[Any], None] | None = None
     ) -> asyncio.Future[Any]:
         """Queue a write from the event loop; the returned asyncio future resolves once it is durable."""
+        return self._queue_async(_Write(fn, after_commit), lazy=False)
+
+    def awrite_lazy(
+        self, fn: WriteFn, after_commit: Callable[[Any], None] | None = None
+    ) -> asyncio.Future[Any]:
+        """Like ``awrite_nowait``, but joins the next commit (at most ``LAZY_DELAY_S`` away)."""
+        return self._queue_async(_Write(fn, after_commit), lazy=True)
+
+    def awrite_batched(self, writer: BatchWriter, item: Any, *, lazy: bool = False) -> asyncio.Future[Any]:
+        """Queue ``item`` for ``writer.write_batch`` with every other item of that writer in the commit."""
+        return self._queue_async(_Write(None, batch=writer, item=item), lazy=lazy)
+
+    def write_batched(self, writer: BatchWriter, item: Any) -> Any:
+        """Blocking form of ``awrite_batched`` (CLI commands)."""
         self._require_started()
-        loop = asyncio.get_running_loop()
-        afut: asyncio.Future[Any] = loop.create_future()
-        self._queue.put(_Write(fn, after_commit, loop=loop, afuture=afut))
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._queue.put(_Write(None, batch=writer, item=item, future=fut))
+        return fut.result()
+
+    def _queue_async(self, write: _Write, *, lazy: bool) -> asyncio.Future[Any]:
+        self._require_started()
+        write.loop = loop = asyncio.get_running_loop()
+        write.afuture = afut = loop.create_future()
+        if not lazy:
+            self._queue.put(write)
+            return afut
+        self._lazy.append(write)
+        if not self._lazy_signalled:
+            self._lazy_signalled = True
+            self._queue.put(_WAKE)
         return afut
 
     async def awrite(self, fn: WriteFn, after_commit: Callable[[Any], None] | None = None) -> Any:
@@ -200,11 +260,23 @@ class Database:
 
     def _run(self, conn: sqlite3.Connection) -> None:
         stop = False
+        lazy_deadline: float | None = None
         while not stop:
-            first = self._queue.get()
+            try:
+                wait = None if lazy_deadline is None else max(0.0, lazy_deadline - time.monotonic())
+                first = self._queue.get(timeout=wait)
+            except queue.Empty:
+                first = None  # the lazy writes waited long enough: commit them alone
             if first is _STOP:
                 break
-            batch: list[_Write] = [first]
+            if first is _WAKE:
+                if lazy_deadline is None:
+                    lazy_deadline = time.monotonic() + LAZY_DELAY_S
+                continue
+            batch = self._take_lazy()
+            lazy_deadline = None
+            if first is not None:
+                batch.append(first)
             while len(batch) < _MAX_BATCH:
                 try:
                     item = self._queue.get_nowait()
@@ -213,15 +285,34 @@ class Database:
                 if item is _STOP:
                     stop = True
                     break
-                batch.append(item)
-            self._commit_batch(conn, batch)
-            self._settle(batch)
+                if item is not _WAKE:
+                    batch.append(item)
+            if batch:
+                self._commit_batch(conn, batch)
+                self._settle(batch)
+        last = self._take_lazy()
+        if last:
+            self._commit_batch(conn, last)
+            self._settle(last)
         conn.close()
 
+    def _take_lazy(self) -> list[_Write]:
+        # Clear the flag before draining: a write queued after this point signals again, none is stranded.
+        self._lazy_signalled = False
+        taken: list[_Write] = []
+        while self._lazy:
+            taken.append(self._lazy.popleft())
+        return taken
+
     def _commit_batch(self, conn: sqlite3.Connection, batch: list[_Write]) -> None:
+        groups: dict[int, tuple[BatchWriter, list[_Write]]] = {}
         try:
             conn.execute("BEGIN IMMEDIATE")
             for item in batch:
+                if item.batch is not None:
+                    groups.setdefault(id(item.batch), (item.batch, []))[1].append(item)
+                    continue
+                assert item.fn is not None
                 conn.execute("SAVEPOINT w")
                 try:
                     item.result = item.fn(conn)
@@ -229,6 +320,8 @@ class Database:
                     item.error = exc
                     conn.execute("ROLLBACK TO w")
                 conn.execute("RELEASE w")
+            for writer, items in groups.values():
+                self._write_group(conn, writer, items)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
@@ -238,7 +331,7 @@ class Database:
             log.error("vault commit failed: %s", exc)
             failure = StorageUnavailable(f"the vault database cannot be written: {exc}")
             for item in batch:
-                item.error = failure
+                item.error = failure if item.batch is None else item.batch.commit_failed(failure)
             return
         self.healthy = True
         self.last_error = None
@@ -250,6 +343,26 @@ class Database:
                     item.after_commit(item.result)
                 except Exception:
                     log.exception("after-commit hook failed")
+        for writer, items in groups.values():
+            if items[0].error is None:
+                try:
+                    writer.after_commit([i.item for i in items], [i.result for i in items])
+                except Exception:
+                    log.exception("after-commit hook failed")
+
+    @staticmethod
+    def _write_group(conn: sqlite3.Connection, writer: BatchWriter, items: list[_Write]) -> None:
+        conn.execute("SAVEPOINT b")
+        try:
+            results = writer.write_batch(conn, [i.item for i in items])
+        except Exception as exc:
+            conn.execute("ROLLBACK TO b")
+            for item in items:
+                item.error = exc
+        else:
+            for item, result in zip(items, results, strict=True):
+                item.result = result
+        conn.execute("RELEASE b")
 
     def _settle(self, batch: list[_Write]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[_Write]] = {}
