@@ -84,7 +84,20 @@ def _create_table(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX ledger_request_id ON ledger (request_id)")
 
 
-MIGRATIONS = [Migration("ledger-0001-create", _create_table)]
+def _append_only(db: sqlite_utils.Database) -> None:
+    # A guard against mistakes and casual edits, not against someone with the file (they can drop these);
+    # what catches them is verify, and, for a consistently rewritten chain, signed checkpoints.
+    for event in ("UPDATE", "DELETE"):
+        db.execute(
+            f"CREATE TRIGGER ledger_append_only_{event.lower()} BEFORE {event} ON ledger"
+            " BEGIN SELECT RAISE(ABORT, 'the audit ledger is append-only'); END"
+        )
+
+
+MIGRATIONS = [
+    Migration("ledger-0001-create", _create_table),
+    Migration("ledger-0002-append-only", _append_only),
+]
 
 
 _second: tuple[int, str] = (-1, "")

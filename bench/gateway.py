@@ -138,7 +138,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=5.0, help="duration of each measurement")
     ap.add_argument("--connections", default="1,16,64")
-    ap.add_argument("--no-pin", action="store_true", help="let the gateway use every CPU (its writer thread too)")
+    ap.add_argument(
+        "--no-pin", action="store_true", help="let the gateway use every CPU (its writer thread too)"
+    )
     args = ap.parse_args()
     gw_cpus, other_cpus = _cpus()
     levels = [int(c) for c in args.connections.split(",")]
@@ -161,7 +163,10 @@ def main() -> None:
             "--port",
             str(gw_port),
         ]
-        with _process(upstream_cmd, other_cpus), _process(gateway_cmd, None if args.no_pin else gw_cpus, stdout=audit_file):
+        with (
+            _process(upstream_cmd, other_cpus),
+            _process(gateway_cmd, None if args.no_pin else gw_cpus, stdout=audit_file),
+        ):
             _wait_port(up_port)
             _wait_port(gw_port)
             plain = CHAT % ("gpt-4o", "")

@@ -144,6 +144,9 @@ def test_audit_verify_exits_nonzero_on_tampering(tmp_path: Path) -> None:
     _run("policy", "import", str(_bundle(tmp_path, author)), "--home", str(home))
     with sqlite3.connect(home / "vault.db") as raw:
         raw.execute(
+            "DROP TRIGGER ledger_append_only_update"
+        )  # someone with the file can; verify still sees it
+        raw.execute(
             "UPDATE ledger SET record = replace(record, 'policy_import', 'policy_imp0rt') WHERE seq = ("
             "SELECT max(seq) FROM ledger)"
         )

@@ -55,8 +55,22 @@ def _filled(db: Database, n: int, out: io.StringIO | None = None) -> Ledger:
 
 
 def _raw(path: Path) -> sqlite3.Connection:
-    """An attacker with the file: a plain connection outside the gateway."""
-    return sqlite3.connect(path, isolation_level=None)
+    """An attacker with the file: a plain connection outside the gateway, append-only guards dropped."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("DROP TRIGGER IF EXISTS ledger_append_only_update")
+    conn.execute("DROP TRIGGER IF EXISTS ledger_append_only_delete")
+    return conn
+
+
+def test_plain_updates_and_deletes_are_refused(db: Database, path: Path) -> None:
+    _filled(db, 3)
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        for sql in ("UPDATE ledger SET record = '{}' WHERE seq = 2", "DELETE FROM ledger WHERE seq = 3"):
+            with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+                conn.execute(sql)
+    finally:
+        conn.close()
 
 
 def test_helpers() -> None:
