@@ -130,3 +130,55 @@ def test_close_commits_pending_lazy_writes(tmp_path: Path) -> None:
     db.close()
     with Database(tmp_path / "v.db", MIGRATIONS) as again:
         assert again.reader().execute("SELECT name FROM items").fetchall() == [("last",)]
+
+
+def test_a_lazy_write_queued_while_the_writer_takes_the_others_is_not_stranded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: a lazy write announced in the drain window once waited for the next urgent write."""
+    import threading
+
+    async def main(db: Database) -> None:
+        loop = asyncio.get_running_loop()
+        original = Database._take_lazy
+        queued: list[asyncio.Future[object]] = []
+
+        def take_and_race(self: Database) -> list[object]:
+            taken = original(self)
+            if not queued:  # once: the event loop queues a lazy write at exactly this moment
+                done = threading.Event()
+
+                def queue_one() -> None:
+                    queued.append(
+                        db.awrite_lazy(lambda c: c.execute("INSERT INTO items (name) VALUES ('r')"))
+                    )
+                    done.set()
+
+                loop.call_soon_threadsafe(queue_one)
+                done.wait(5)
+            return taken  # type: ignore[return-value]
+
+        monkeypatch.setattr(Database, "_take_lazy", take_and_race)
+        await db.awrite(lambda c: None)
+        await asyncio.wait_for(asyncio.shield(queued[0]), 1.0)
+
+    with Database(tmp_path / "v.db", MIGRATIONS) as db:
+        asyncio.run(main(db))
+        assert db.reader().execute("SELECT count(*) FROM items").fetchone() == (1,)
+
+
+def test_a_failing_batch_writer_fails_its_batch_and_the_writer_lives_on(tmp_path: Path) -> None:
+    class Broken:
+        def write_batch(self, conn: sqlite3.Connection, items: list[object]) -> list[object]:
+            return []  # one result short: a programming error
+
+        def after_commit(self, items: list[object], results: list[object]) -> None:
+            pass
+
+        def commit_failed(self, exc: StorageUnavailable) -> Exception:
+            return exc
+
+    with Database(tmp_path / "v.db", MIGRATIONS) as db:
+        with pytest.raises(StorageUnavailable):
+            db.write_batched(Broken(), "x")
+        assert db.write(lambda c: c.execute("INSERT INTO items (name) VALUES ('ok')").lastrowid) == 1

@@ -90,6 +90,7 @@ class _Write:
     error: BaseException | None = field(default=None)
 
 
+_RECORD_MIGRATION = "INSERT INTO _migrations (name, applied_at) VALUES (?, strftime('%Y-%m-%dT%H:%M:%fZ'))"
 _STOP = object()
 _WAKE = object()  # a lazy write is waiting: commit within LAZY_DELAY_S
 
@@ -248,11 +249,11 @@ class Database:
                 continue
             conn.execute("BEGIN IMMEDIATE")
             try:
-                migration.apply(db)
-                conn.execute(
-                    "INSERT INTO _migrations (name, applied_at) VALUES (?, strftime('%Y-%m-%dT%H:%M:%fZ'))",
-                    (migration.name,),
-                )
+                # Another process (a CLI command beside the server) may have applied it since we looked.
+                applied = conn.execute("SELECT 1 FROM _migrations WHERE name = ?", (migration.name,))
+                if applied.fetchone() is None:
+                    migration.apply(db)
+                    conn.execute(_RECORD_MIGRATION, (migration.name,))
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -273,10 +274,7 @@ class Database:
                 if lazy_deadline is None:
                     lazy_deadline = time.monotonic() + LAZY_DELAY_S
                 continue
-            batch = self._take_lazy()
-            lazy_deadline = None
-            if first is not None:
-                batch.append(first)
+            batch: list[_Write] = [] if first is None else [first]
             while len(batch) < _MAX_BATCH:
                 try:
                     item = self._queue.get_nowait()
@@ -285,16 +283,38 @@ class Database:
                 if item is _STOP:
                     stop = True
                     break
-                if item is not _WAKE:
+                if item is not _WAKE:  # the lazy write it announces is taken just below
                     batch.append(item)
+            # Lazy writes are taken after the drain: a _WAKE dropped above announced one already queued.
+            batch[:0] = self._take_lazy()
+            lazy_deadline = None
             if batch:
-                self._commit_batch(conn, batch)
-                self._settle(batch)
-        last = self._take_lazy()
-        if last:
-            self._commit_batch(conn, last)
-            self._settle(last)
+                self._commit_and_settle(conn, batch)
+        # Closing: whatever is still queued or lazy (even if queued after close began) is committed.
+        rest = self._take_lazy()
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Write):
+                rest.append(item)
+        if rest:
+            self._commit_and_settle(conn, rest)
         conn.close()
+
+    def _commit_and_settle(self, conn: sqlite3.Connection, batch: list[_Write]) -> None:
+        try:
+            self._commit_batch(conn, batch)
+        except Exception as exc:  # a bug, not a storage failure: fail this batch, keep the writer alive
+            log.exception("the vault writer failed a batch")
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            self.healthy = False
+            failure = StorageUnavailable(f"the vault writer failed: {exc}")
+            for item in batch:
+                item.error = failure
+        self._settle(batch)
 
     def _take_lazy(self) -> list[_Write]:
         # Clear the flag before draining: a write queued after this point signals again, none is stranded.
