@@ -100,7 +100,7 @@ class Api:
                 "expires_at": state.policy.expires_at.isoformat() if state else None,
                 "reason": self._keeper.reason,
             },
-            "ledger": {"writable": ledger_ok},
+            "ledger": {"writable": ledger_ok, "stdout_lines_dropped": self._ledger.dropped_lines},
             "uptime_s": round(time.monotonic() - self._started, 1),
         }
         body = json.dumps(doc, separators=(",", ":")).encode()

@@ -64,7 +64,8 @@ class Vault:
     ledger: Ledger
 
     def close(self) -> None:
-        self.db.close()
+        self.db.close()  # the writer commits everything queued first
+        self.ledger.close()
 
 
 class Home:

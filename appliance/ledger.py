@@ -32,6 +32,7 @@ from typing import Any, Final, TextIO
 
 import sqlite_utils
 
+from appliance.audit_stdout import AuditPrinter
 from appliance.errors import LedgerUnavailable, StorageUnavailable
 from appliance.vault.db import Database, Migration
 
@@ -170,9 +171,9 @@ class Ledger:
 
     def __init__(self, db: Database, out: TextIO | _Stdout | None = STDOUT) -> None:
         self._db = db
-        self._out: TextIO | None = sys.stdout if isinstance(out, _Stdout) else out
+        stream: TextIO | None = sys.stdout if isinstance(out, _Stdout) else out
+        self._printer = None if stream is None else AuditPrinter(stream)
         self._ok = True  # only the writer thread changes it, so it follows commit order
-        self._out_broken = False
 
     @property
     def healthy(self) -> bool:
@@ -195,6 +196,7 @@ class Ledger:
     def append_sync(self, record: dict[str, Any]) -> int:
         """Blocking append (CLI commands); returns the record's seq."""
         seq: int = self._db.write_batched(self, self._prepare(record))
+        self.flush_output()
         return seq
 
     def _prepare(self, record: dict[str, Any]) -> tuple[dict[str, Any], str]:
@@ -256,21 +258,30 @@ class Ledger:
         return seqs
 
     def after_commit(self, items: list[tuple[dict[str, Any], str]], seqs: list[int]) -> None:
-        """Print one audit line per durable record, in one write."""
+        """Hand one audit line per durable record to the stdout printer (which never blocks the writer)."""
         self._ok = True
-        out = self._out
-        if out is None:
-            return
-        try:
-            lines = [
-                f'{canonical[:-1]},"seq":{seq}}}\n' for (_, canonical), seq in zip(items, seqs, strict=True)
-            ]
-            out.write("".join(lines))
-            out.flush()
-        except (OSError, ValueError) as exc:  # the records are on disk; a closed stdout must not stop us
-            if not self._out_broken:
-                self._out_broken = True
-                log.warning("cannot print audit lines (records are still written): %s", exc)
+        if self._printer is not None:
+            self._printer.put(
+                "".join(
+                    f'{canonical[:-1]},"seq":{seq}}}\n'
+                    for (_, canonical), seq in zip(items, seqs, strict=True)
+                )
+            )
+
+    @property
+    def dropped_lines(self) -> int:
+        """Audit lines stdout's reader did not take in time (their records are in the ledger)."""
+        return 0 if self._printer is None else self._printer.dropped_lines
+
+    def flush_output(self) -> None:
+        """Wait until every line of a durable record has been written to stdout."""
+        if self._printer is not None:
+            self._printer.wait()
+
+    def close(self) -> None:
+        """Stop the stdout printer after writing what is pending (the vault's writer is closed first)."""
+        if self._printer is not None:
+            self._printer.close()
 
     def commit_failed(self, exc: StorageUnavailable) -> Exception:
         self._ok = False

@@ -51,6 +51,7 @@ def db(path: Path) -> Iterator[Database]:
 def _filled(db: Database, n: int, out: io.StringIO | None = None) -> Ledger:
     ledger = Ledger(db, out)
     assert asyncio.run(_append_all(ledger, [_record(i) for i in range(1, n + 1)])) == list(range(1, n + 1))
+    ledger.flush_output()
     return ledger
 
 
@@ -343,8 +344,29 @@ def test_two_processes_appending_alternately_keep_one_chain(path: Path) -> None:
         report = server.verify()
         assert report.ok and report.records == len(seqs)
         assert cli.verify().ok
+    server.flush_output()
+    cli.flush_output()
     printed = [json.loads(line)["seq"] for line in (server_out.getvalue() + cli_out.getvalue()).splitlines()]
     assert sorted(printed) == sorted(seqs)
+
+
+def test_a_stalled_stdout_never_stalls_the_ledger(db: Database) -> None:
+    release = threading.Event()
+
+    class Stalled(io.StringIO):
+        def write(self, s: str) -> int:
+            release.wait(10)  # nobody reads the pipe
+            return super().write(s)
+
+    ledger = Ledger(db, Stalled())
+
+    async def many() -> list[int]:  # one commit each: more batches than the printer queue holds
+        return [await ledger.append(_record(i)) for i in range(1100)]
+
+    assert len(asyncio.run(many())) == 1100
+    assert ledger.dropped_lines > 0 and ledger.healthy
+    release.set()
+    ledger.close()
 
 
 def test_pending_outcomes(db: Database) -> None:
