@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sqlite3
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -20,7 +21,7 @@ from typing import Any, TypeVar
 import click
 
 from appliance import __version__, demo
-from appliance.errors import BundleRejected, OperatorError
+from appliance.errors import BundleRejected, GatewayError, OperatorError
 from appliance.home import Home, Vault, resolve_home
 from appliance.policy import dsse, importer
 from appliance.policy import keys as policy_keys
@@ -34,8 +35,11 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except OperatorError as exc:
+        except (OperatorError, GatewayError) as exc:  # GatewayError: the vault cannot be written, say
             click.echo(f"error: {exc}", err=True)
+            ctx.exit(1)
+        except sqlite3.Error as exc:
+            click.echo(f"error: the vault database failed: {exc}", err=True)
             ctx.exit(1)
 
 
@@ -224,11 +228,13 @@ def policy_import(home: Path | None, bundle: Path) -> None:
             site=target.settings().site,
             current_version=active.version if active else None,
         )
-        vault.policies.activate(vb)
-        _audit(
-            vault,
+        detail = (
             f"policy_import v{vb.policy.version} sha256:{vb.sha256[:16]} "
-            f"keys={','.join(k[:16] for k in vb.keyids)}",
+            f"keys={','.join(k[:16] for k in vb.keyids)}"
+        )
+        ledger = vault.ledger
+        vault.policies.activate(
+            vb, also=lambda conn: ledger.record_in(conn, {"type": "admin", "detail": detail})
         )
     finally:
         vault.close()

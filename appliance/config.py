@@ -80,7 +80,11 @@ def load_settings(home: Path, environ: Mapping[str, str] | None = None) -> Setti
         except tomllib.TOMLDecodeError as exc:
             raise OperatorError(f"{path}: not valid TOML: {exc}") from exc
     for name, value in env.items():
-        if not name.startswith(ENV_PREFIX) or name == "PHI_HOME":
+        # Only names of this schema's sections: an unrelated PHI_ variable must not stop the gateway.
+        if (
+            not name.startswith(ENV_PREFIX)
+            or name[len(ENV_PREFIX) :].lower().split("__")[0] not in _TOP_LEVEL
+        ):
             continue
         _set_path(data, name[len(ENV_PREFIX) :].lower().split("__"), value)
     try:
@@ -90,6 +94,9 @@ def load_settings(home: Path, environ: Mapping[str, str] | None = None) -> Setti
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors(include_url=False)
         )
         raise OperatorError(f"invalid settings ({path} and PHI_ variables): {problems}") from exc
+
+
+_TOP_LEVEL = frozenset(Settings.model_fields)
 
 
 def write_settings(home: Path, settings: Settings) -> None:

@@ -90,10 +90,19 @@ class Home:
             )
 
     def init(self, site: str) -> list[str]:
-        """Create a new home; refuses one that is already initialized. Returns what was created."""
+        """Create a new home; refuses one that is already initialized. Returns what was created.
+
+        An init that was interrupted (a master key but no vault yet) can be run again: what exists is
+        kept, never overwritten, and the rest is created.
+        """
         if self.initialized:
             raise OperatorError(f"{self.root} is already initialized; nothing was changed")
         settings = Settings(site=site)
+        if self.settings_path.exists() and (existing := load_settings(self.root).site) != site:
+            raise OperatorError(
+                f"{self.settings_path} already names site {existing!r}; run init with --site {existing} "
+                "or remove that file"
+            )
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         if sys.platform != "win32":
             self.root.chmod(0o700)
@@ -102,8 +111,11 @@ class Home:
         if not self.settings_path.exists():
             write_settings(self.root, settings)
             created.append(f"{self.settings_path} (site {site})")
-        MasterKey.create(self.master_key_path)
-        created.append(f"{self.master_key_path} (0600)")
+        if self.master_key_path.exists():
+            MasterKey.load(self.master_key_path)  # left by an interrupted init: keep it if it is sound
+        else:
+            MasterKey.create(self.master_key_path)
+            created.append(f"{self.master_key_path} (0600)")
         if not Path(str(self.appliance_key_prefix) + ".key").exists():
             keyid = policy_keys.generate(self.appliance_key_prefix)
             created.append(f"{self.appliance_key_prefix}.key (0600), appliance key id {keyid[:16]}")

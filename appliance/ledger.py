@@ -199,6 +199,11 @@ class Ledger:
         self.flush_output()
         return seq
 
+    def record_in(self, conn: sqlite3.Connection, record: dict[str, Any]) -> int:
+        """Append ``record`` inside a write the caller is already in (the writer thread), so that an
+        operator change and its audit record commit together; no stdout line (the terminal says it)."""
+        return self.write_batch(conn, [self._prepare(record)])[0]
+
     def _prepare(self, record: dict[str, Any]) -> tuple[dict[str, Any], str]:
         if not self._FIELD_SET.issuperset(record):
             unknown = sorted(set(record) - self._FIELD_SET)

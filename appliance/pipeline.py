@@ -38,6 +38,7 @@ from appliance.http import ClientDisconnected, Request, Responder
 from appliance.identity import Caller, TokenStore
 from appliance.ledger import Ledger
 from appliance.policy.engine import Decision
+from appliance.policy.schema import split_model
 from appliance.policy_state import PolicyKeeper, PolicyState
 from appliance.vault.provider_keys import ProviderKeys
 from routes.pricing import cost_usd
@@ -61,6 +62,7 @@ class Exchange:
     caller: Caller | None = None
     payload: dict[str, Any] | None = None
     model: str | None = None
+    model_label: str | None = None  # what the record says: the model, or a digest if it is no model name
     state: PolicyState | None = None
     decision: Decision | None = None
     request_sha256: str | None = None
@@ -73,7 +75,7 @@ class Exchange:
             "claw_id": caller.id if caller else None,
             "org": caller.org if caller else None,
             "role": caller.role if caller else None,
-            "model": self.model,
+            "model": self.model_label,
             "route": decision.route_name if decision else None,
             "policy_version": state.version if state else None,
             "data_class": _role_data_class(state, caller),
@@ -226,6 +228,7 @@ class Pipeline:
             body = await request.body()
             ex.request_sha256 = hashlib.sha256(body).hexdigest()
             ex.payload, ex.model = _parse_request(body, endpoint)
+            ex.model_label = _model_label(ex.model)
             ex.decision = self.police(ex.state, ex.caller, ex.model)
         except GatewayError as error:
             await self.refuse(ex, responder, error, render)
@@ -333,6 +336,16 @@ def _parse_request(body: bytes, endpoint: Endpoint) -> tuple[dict[str, Any], str
     if not isinstance(payload.get("stream", False), bool):
         raise BadRequest("'stream' must be true or false", param="stream")
     return payload, model
+
+
+def _model_label(model: str) -> str:
+    # The caller writes this field: anything that is not a provider/model name may be pasted text (PHI),
+    # so the ledger gets its length and digest instead.
+    if split_model(model) is not None:
+        return model
+    return (
+        f"[invalid model name: {len(model)} chars, sha256:{hashlib.sha256(model.encode()).hexdigest()[:16]}]"
+    )
 
 
 def _role_data_class(state: PolicyState | None, caller: Caller | None) -> str | None:

@@ -59,8 +59,12 @@ class PolicyKeeper:
         expired = self.current is not None and self.current.policy.expires_at <= datetime.now(UTC)
         if (version, trust_mtime) == self._seen and not expired:
             return False
-        self._seen = (version, trust_mtime)
-        policy, reason = load_active(self._store, TrustStore.load(self._trust_path), self._site)
+        try:
+            policy, reason = load_active(self._store, TrustStore.load(self._trust_path), self._site)
+        except Exception as exc:  # an unreadable trust file or policy row: fail closed, look again next time
+            policy, reason = None, f"the policy cannot be loaded: {exc}"
+        else:
+            self._seen = (version, trust_mtime)
         old = self.current
         self.current = None if policy is None else self._build(policy)
         self.reason = reason

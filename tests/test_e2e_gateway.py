@@ -72,7 +72,7 @@ def test_policy_import_swaps_while_serving(tmp_path: Path, upstream: FakeUpstrea
         h.stop()
 
 
-def test_expired_trust_removal_fails_closed(tmp_path: Path, upstream: FakeUpstream) -> None:
+def test_removing_the_trusted_key_fails_closed(tmp_path: Path, upstream: FakeUpstream) -> None:
     h = GatewayHarness(tmp_path)
     h.import_policy(policy_doc(upstream.base_url))
     token = h.issue("radiology-bot")
@@ -84,6 +84,20 @@ def test_expired_trust_removal_fails_closed(tmp_path: Path, upstream: FakeUpstre
             trust.remove(keyid)
         trust.save()
         _until(lambda: _get(f"{root}/v1/models", token)[0] == 503)
+    finally:
+        h.stop()
+
+
+def test_unreadable_trust_file_fails_closed(tmp_path: Path, upstream: FakeUpstream) -> None:
+    h = GatewayHarness(tmp_path)
+    h.import_policy(policy_doc(upstream.base_url))
+    token = h.issue("radiology-bot")
+    root = h.start()
+    try:
+        assert _get(f"{root}/v1/models", token)[0] == 200
+        h.home.trust_path.write_text("{ this is not json")
+        _until(lambda: _get(f"{root}/v1/models", token)[0] == 503)
+        assert "cannot be loaded" in _get(f"{root}/health")[1]["policy"]["reason"]
     finally:
         h.stop()
 

@@ -152,11 +152,19 @@ def test_policy_denies_a_model_outside_the_role(harness: GatewayHarness, upstrea
 
 def test_unknown_provider_and_bad_model_names(harness: GatewayHarness) -> None:
     token = harness.issue("radiology-bot")
+    pasted = "Patient Jane Roe, DOB 1950-01-01, MRN 123456: summarise"
     with _openai(harness, token) as client:
         with pytest.raises(openai.PermissionDeniedError):
             client.chat.completions.create(model="mistral/large", messages=[{"role": "user", "content": "x"}])
         with pytest.raises(openai.PermissionDeniedError):
             client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+        with pytest.raises(openai.PermissionDeniedError):
+            client.chat.completions.create(model=pasted, messages=[{"role": "user", "content": "x"}])
+    records = _wait_records(harness, 3)
+    assert records[0]["model"] == "mistral/large"
+    assert records[1]["model"].startswith("[invalid model name: 6 chars, sha256:")
+    assert records[2]["model"].startswith("[invalid model name: 55 chars, sha256:")
+    assert "Jane" not in harness.audit.text
 
 
 def test_identity_failures_are_401_or_403_without_saying_why(harness: GatewayHarness) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -72,8 +73,13 @@ class PolicyStore:
         row = self.db.reader().execute("SELECT MAX(version) FROM policies").fetchone()
         return None if row is None or row[0] is None else int(row[0])
 
-    def activate(self, vb: VerifiedBundle) -> None:
-        """Make ``vb`` the policy in force, durably; a newer-or-equal version in force refuses it."""
+    def activate(
+        self, vb: VerifiedBundle, *, also: Callable[[sqlite3.Connection], object] | None = None
+    ) -> None:
+        """Make ``vb`` the policy in force, durably; a newer-or-equal version in force refuses it.
+
+        ``also(conn)`` runs in the same transaction (the import's audit record: both or neither).
+        """
         version = vb.policy.version
 
         def insert(conn: sqlite3.Connection) -> None:
@@ -96,6 +102,8 @@ class PolicyStore:
                     vb.envelope,
                 ),
             )
+            if also is not None:
+                also(conn)
 
         self.db.write(insert)
 
