@@ -33,6 +33,7 @@ from appliance.errors import (
     OperatorError,
     PolicyDenied,
     StorageUnavailable,
+    Unavailable,
 )
 from appliance.http import ClientDisconnected, Request, Responder
 from appliance.identity import Caller, TokenStore
@@ -51,6 +52,7 @@ ErrorRenderer = Callable[[GatewayError], bytes]
 
 _SSE_HEADERS = [(b"Content-Type", b"text/event-stream"), (b"Cache-Control", b"no-cache")]
 _JSON = b"application/json"
+_CLIENT_CLOSED = 499  # the client went away before any answer (nginx's convention; never sent)
 
 
 @dataclass(slots=True)
@@ -163,21 +165,13 @@ class Record:
         record["detail"] = "models_list"
         await self._durable(record)
 
-    def outcome(
-        self,
-        ex: Exchange,
-        *,
-        status: int,
-        result: RouteResult | None,
-        response_sha256: str | None,
-        error: GatewayError | None = None,
-        detail: str | None = None,
-    ) -> None:
+    def outcome(self, ex: Exchange, out: _Outcome, result: RouteResult | None) -> None:
         """The outcome record; queued after the answer (a crash before it leaves the request visibly open)."""
+        error, detail = out.error, out.detail
         record = ex.base_record("error" if error is not None else "response")
         record["decision"] = "allowed"
-        record["status_code"] = status
-        record["response_sha256"] = response_sha256
+        record["status_code"] = error.status if error is not None else out.status
+        record["response_sha256"] = out.digest
         record["intervention"] = None
         if result is not None:
             usage = result.usage
@@ -238,16 +232,7 @@ class Pipeline:
         except LedgerUnavailable as error:
             await _send_error(ex, responder, error, render)
             return
-        try:
-            result = await self.route(ex)
-        except GatewayError as error:
-            self.record.outcome(ex, status=error.status, result=None, response_sha256=None, error=error)
-            await _send_error(ex, responder, error, render)
-            return
-        if result.stream is None:
-            await self._answer(ex, responder, result)
-        else:
-            await self._stream(ex, responder, result, render)
+        await self._forward(ex, responder, render)
 
     async def refuse(
         self, ex: Exchange, responder: Responder, error: GatewayError, render: ErrorRenderer
@@ -258,59 +243,91 @@ class Pipeline:
             error = ledger_error
         await _send_error(ex, responder, error, render)
 
-    async def _answer(self, ex: Exchange, responder: Responder, result: RouteResult) -> None:
-        body = result.body or b""
-        headers = [(b"Content-Type", result.content_type or _JSON), _request_id(ex), *result.extra_headers]
-        try:
-            await responder.send(result.status, headers, body)
-        finally:
-            self.record.outcome(
-                ex, status=result.status, result=result, response_sha256=hashlib.sha256(body).hexdigest()
-            )
-
-    async def _stream(
-        self, ex: Exchange, responder: Responder, result: RouteResult, render: ErrorRenderer
-    ) -> None:
-        digest = hashlib.sha256()
-        error: GatewayError | None = None
-        detail: str | None = None
+    async def _forward(self, ex: Exchange, responder: Responder, render: ErrorRenderer) -> None:
+        """Route and answer. Whatever happens here, exactly one outcome record follows."""
+        out = _Outcome()
         handler = asyncio.current_task()
         watcher = asyncio.ensure_future(responder.wait_disconnected())
-        if handler is not None:
-            watcher.add_done_callback(lambda w: w.cancelled() or handler.cancel())
+        # The client left: stop the upstream work. Only while forwarding: a late wake-up must not cancel
+        # the handler once it is past this phase.
+        watcher.add_done_callback(lambda w: _stop_on_disconnect(w, out, handler))
+        result: RouteResult | None = None
+        try:
+            result = await self.route(ex)
+            out.status = result.status
+            if result.stream is None:
+                await self._answer(ex, responder, result, out)
+            else:
+                await self._stream(ex, responder, result, render, out)
+        except GatewayError as error:  # the route refused or failed before answering
+            out.error = error
+            await _send_error(ex, responder, error, render)
+        except ClientDisconnected:
+            out.detail = "client_closed"
+        except asyncio.CancelledError:
+            if not responder.disconnected:  # shutdown past its drain timeout
+                out.error = Unavailable("the gateway stopped before the answer was complete", code="shutdown")
+                raise
+            out.detail = "client_closed"
+            if handler is not None:
+                handler.uncancel()
+        except Exception:
+            out.error = GatewayError("internal error")
+            raise
+        finally:
+            out.watching = False
+            watcher.cancel()
+            if out.detail == "client_closed" and not responder.started:
+                out.status = _CLIENT_CLOSED
+            # Recorded before aclose(): a cancellation landing there must not skip the record.
+            self.record.outcome(ex, out, result)
+            if result is not None:
+                with contextlib.suppress(Exception):
+                    await result.aclose()
+
+    async def _answer(self, ex: Exchange, responder: Responder, result: RouteResult, out: _Outcome) -> None:
+        body = result.body or b""
+        out.digest = hashlib.sha256(body).hexdigest()
+        headers = [(b"Content-Type", result.content_type or _JSON), _request_id(ex), *result.extra_headers]
+        await responder.send(result.status, headers, body)
+
+    async def _stream(
+        self, ex: Exchange, responder: Responder, result: RouteResult, render: ErrorRenderer, out: _Outcome
+    ) -> None:
+        assert result.stream is not None
+        digest = hashlib.sha256()
         try:
             await responder.start(result.status, [*_SSE_HEADERS, _request_id(ex), *result.extra_headers])
-            async for chunk in result.stream:  # type: ignore[union-attr]
+            async for chunk in result.stream:
                 digest.update(chunk)
                 await responder.write(chunk)
             await responder.end()
-        except ClientDisconnected:
-            detail = "client_closed"
-        except asyncio.CancelledError:
-            if not responder.disconnected:
-                detail = "cancelled"
-                raise  # shutdown past its drain timeout: record below, then let it go
-            detail = "client_closed"
-            if handler is not None:
-                handler.uncancel()
         except GatewayError as exc:  # the upstream failed mid-stream: tell the caller in-band, then end
-            error = exc
+            out.error = exc
+            frame = b"event: error\ndata: " if ex.endpoint == "messages" else b"data: "
             with contextlib.suppress(ClientDisconnected):
-                await responder.write(b"data: " + render(exc) + b"\n\n")
+                await responder.write(frame + render(exc) + b"\n\n")
                 await responder.end()
         finally:
-            watcher.cancel()
-            with contextlib.suppress(Exception):
-                await result.aclose()
-            status = error.status if error else result.status
-            self.record.outcome(
-                ex,
-                status=status,
-                result=result,
-                response_sha256=digest.hexdigest(),
-                error=error,
-                detail=detail,
-            )
+            out.digest = digest.hexdigest()
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """What the forwarding phase learnt, for the one outcome record."""
+
+    status: int = 0
+    digest: str | None = None
+    error: GatewayError | None = None
+    detail: str | None = None
+    watching: bool = True
+
+
+def _stop_on_disconnect(
+    watcher: asyncio.Future[None], out: _Outcome, handler: asyncio.Task[Any] | None
+) -> None:
+    if out.watching and handler is not None and not watcher.cancelled():
+        handler.cancel()
 
 
 # -- helpers ---------------------------------------------------------------------------------------------

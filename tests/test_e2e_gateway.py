@@ -210,3 +210,60 @@ def test_no_secret_in_logs_records_or_errors(
     for secret in secrets:
         assert secret.encode() not in vault_bytes, "the vault file holds a secret in clear"
     assert len(bodies) >= 4
+
+
+def test_client_leaving_a_non_streaming_call_stops_it_and_is_recorded(harness: GatewayHarness) -> None:
+    token = harness.issue("radiology-bot")
+    with openai.OpenAI(base_url=harness.base_url, api_key=token, max_retries=0, timeout=0.3) as client:
+        with pytest.raises(openai.APITimeoutError):
+            client.chat.completions.create(
+                model="openai/fail-timeout", messages=[{"role": "user", "content": "x"}]
+            )
+    _until(lambda: any(r.get("detail") == "client_closed" for r in harness.audit.records()), timeout=1.5)
+    outcome = next(r for r in harness.audit.records() if r.get("detail") == "client_closed")
+    assert (
+        outcome["type"] == "response" and outcome["status_code"] == 499
+    )  # long before the 2 s upstream timeout
+
+
+def test_shutdown_past_the_drain_timeout_still_records_the_outcome(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    import threading
+
+    h = GatewayHarness(tmp_path)
+    h.import_policy(policy_doc(upstream.base_url))
+    h.set_provider_keys()
+    token = h.issue("radiology-bot")
+    h.start(limits=HttpLimits(drain_timeout_s=0.2))
+
+    def call() -> None:
+        with openai.OpenAI(base_url=h.base_url, api_key=token, max_retries=0, timeout=5) as client:
+            with pytest.raises(openai.APIError):
+                client.chat.completions.create(
+                    model="openai/fail-timeout", messages=[{"role": "user", "content": "x"}]
+                )
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    _until(lambda: any(r["type"] == "request" for r in h.audit.records()))
+    h.stop()
+    caller.join(10)
+    outcomes = [r for r in h.ledger_rows() if r["type"] == "error"]
+    assert [(r["status_code"], r["detail"]) for r in outcomes] == [(503, "shutdown")]
+
+
+def test_anthropic_sdk_sees_a_midstream_failure(harness: GatewayHarness) -> None:
+    import anthropic
+
+    token = harness.issue("radiology-bot")
+    client = anthropic.Anthropic(
+        base_url=f"http://127.0.0.1:{harness.port}", api_key=token, max_retries=0, timeout=10
+    )
+    with client, pytest.raises(anthropic.APIError):
+        with client.messages.stream(
+            model="anthropic/fail-midstream", max_tokens=32, messages=[{"role": "user", "content": "x"}]
+        ) as stream:
+            for _ in stream:
+                pass
+    _until(lambda: any(r["type"] == "error" and r["status_code"] == 502 for r in harness.audit.records()))

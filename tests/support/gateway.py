@@ -43,7 +43,7 @@ def policy_doc(upstream: str, version: int = 1, **overrides: Any) -> dict[str, A
         "organizations": {
             "stmarys": {
                 "roles": {
-                    "radiology": {"models": ["openai/*", "anthropic/claude-*"]},
+                    "radiology": {"models": ["openai/*", "anthropic/*"]},
                     "billing": {"models": ["openai/gpt-4o-mini"]},
                 }
             }
