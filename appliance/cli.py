@@ -536,7 +536,9 @@ def audit_verify(home: Path | None) -> None:
         vault.close()
     if not report.ok:
         raise OperatorError(f"ledger verification FAILED after {report.records} records: {report.message}")
-    click.echo(f"ok: {report.records} records, chain intact")
+    if report.records == 0:
+        raise OperatorError("ledger verification FAILED: the ledger is empty (init always writes record 1)")
+    click.echo(f"ok: {report.records} records, chain intact, signed head agrees")
 
 
 @audit_group.command("tail")

@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from appliance.errors import OperatorError
 from appliance.home import Home
 from appliance.policy import dsse, importer
 from appliance.policy import keys as policy_keys
@@ -68,6 +69,8 @@ def prepare(home: Home, now: datetime | None = None) -> tuple[str, list[str]]:
     done: list[str] = []
     if not home.initialized:
         done += home.init(DEMO_SITE)
+    elif home.settings().site != DEMO_SITE:  # never turn a real home into a demo
+        raise OperatorError(f"{home.root} is the home of site {home.settings().site!r}, not a demo home")
     author = home.root / "demo-author"
     if not Path(f"{author}.key").exists():
         policy_keys.generate(author)

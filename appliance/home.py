@@ -26,6 +26,7 @@ from appliance.config import Settings, load_settings, write_settings
 from appliance.errors import OperatorError
 from appliance.identity import TokenStore
 from appliance.ledger import Ledger
+from appliance.ledger_head import HeadSigner
 from appliance.policy import keys as policy_keys
 from appliance.policy import store as policy_store
 from appliance.policy.store import PolicyStore
@@ -64,6 +65,7 @@ class Vault:
     ledger: Ledger
 
     def close(self) -> None:
+        self.ledger.seal_head()  # sign the newest record: a later cut from the end shows in verify
         self.db.close()  # the writer commits everything queued first
         self.ledger.close()
 
@@ -74,6 +76,7 @@ class Home:
         self.settings_path = root / "gateway.toml"
         self.master_key_path = root / "master.key"
         self.appliance_key_prefix = root / "appliance"
+        self.appliance_key = root / "appliance.key"
         self.trust_path = root / "trust.json"
         self.vault_path = root / "vault.db"
         self.models_dir = root / "models"
@@ -143,5 +146,7 @@ class Home:
             tokens=TokenStore(db),
             keys=ProviderKeys(db, master),
             policies=PolicyStore(db),
-            ledger=Ledger(db, out=audit_out),
+            ledger=Ledger(
+                db, out=audit_out, signer=HeadSigner(policy_keys.load_signing_key(self.appliance_key))
+            ),
         )

@@ -32,8 +32,10 @@ from typing import Any, Final, TextIO
 
 import sqlite_utils
 
+from appliance import ledger_head
 from appliance.audit_stdout import AuditPrinter
 from appliance.errors import LedgerUnavailable, StorageUnavailable
+from appliance.ledger_head import HeadSigner
 from appliance.vault.db import Database, Migration
 
 log = logging.getLogger("phi.ledger")
@@ -98,6 +100,7 @@ def _append_only(db: sqlite_utils.Database) -> None:
 MIGRATIONS = [
     Migration("ledger-0001-create", _create_table),
     Migration("ledger-0002-append-only", _append_only),
+    ledger_head.MIGRATION,
 ]
 
 
@@ -169,8 +172,12 @@ class Ledger:
     )
     _FIELD_SET: Final = frozenset(FIELDS)
 
-    def __init__(self, db: Database, out: TextIO | _Stdout | None = STDOUT) -> None:
+    def __init__(
+        self, db: Database, out: TextIO | _Stdout | None = STDOUT, *, signer: HeadSigner | None = None
+    ) -> None:
+        """``signer``: the appliance key's head signer; without it no head is signed or required."""
         self._db = db
+        self._signer = signer
         stream: TextIO | None = sys.stdout if isinstance(out, _Stdout) else out
         self._printer = None if stream is None else AuditPrinter(stream)
         self._ok = True  # only the writer thread changes it, so it follows commit order
@@ -257,6 +264,8 @@ class Ledger:
             for start in range(0, len(seqs), _ROWS_PER_INSERT):
                 count = min(_ROWS_PER_INSERT, len(seqs) - start)
                 conn.execute(_insert_sql(count), rows[start * 8 : (start + count) * 8])
+            if self._signer is not None:
+                self._signer.after_append(conn, seq, prev)
         except sqlite3.Error as exc:
             self._ok = False
             raise LedgerUnavailable(f"the audit ledger cannot be written: {exc}") from exc
@@ -282,6 +291,12 @@ class Ledger:
         """Wait until every line of a durable record has been written to stdout."""
         if self._printer is not None:
             self._printer.wait()
+
+    def seal_head(self) -> None:
+        """Sign the newest record now (the vault is about to close); no-op without a signer."""
+        signer = self._signer
+        if signer is not None:
+            self._db.write(signer.seal)
 
     def close(self) -> None:
         """Stop the stdout printer after writing what is pending (the vault's writer is closed first)."""
@@ -377,6 +392,11 @@ class Ledger:
         finally:
             cur.close()
         records = expected - 1
+        problem = ledger_head.check(
+            self._db.reader(), records, self._signer.key.public if self._signer else None
+        )
+        if problem is not None:
+            return VerifyReport(False, records, problem[0], problem[1])
         if progress is not None:
             progress(records)
         message = f"{records} records, hash chain intact" if records else "the ledger is empty"
