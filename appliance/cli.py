@@ -295,9 +295,11 @@ def trust_add(home: Path | None, pubfile: Path) -> None:
 @home_option
 @click.argument("keyid")
 def trust_remove(home: Path | None, keyid: str) -> None:
-    """Unpin an authoring key (a policy it alone signed stops verifying: the gateway fails closed)."""
+    """Unpin an authoring key, by its id or a unique prefix of 8+ digits (a policy it alone signed stops
+    verifying: running gateways then refuse requests)."""
     target = _home(home)
     trust = target.trust()
+    keyid = trust.resolve(keyid)
     trust.remove(keyid)
     trust.save()
     _audit_change(target, f"trust_remove {keyid[:16]}")
@@ -441,14 +443,8 @@ def token_issue(
     """Issue a token for CALLER; it is printed once, alone on the last line."""
     vault = _home(home).open_vault()
     try:
-        active = vault.policies.current()
-        if active is not None and not allow_unknown_role:
-            policy = Policy.model_validate_json(dsse.parse_envelope(active.envelope).payload)
-            if role not in policy.organizations.get(org, _NO_ORG).roles:
-                raise OperatorError(
-                    f"policy v{policy.version} has no role {org}/{role}; check the spelling "
-                    "or pass --allow-unknown-role"
-                )
+        if not allow_unknown_role:
+            _require_role(vault, org, role)
         token = vault.tokens.issue(caller, org, role, expires_at=_parse_expiry(expires), note=note)
         _audit(vault, f"token_issue org={org} role={role}", claw_id=caller)
     finally:
@@ -460,11 +456,18 @@ def token_issue(
     click.echo(token)
 
 
-class _NoOrg:
-    roles: dict[str, object] = {}
-
-
-_NO_ORG = _NoOrg()
+def _require_role(vault: Vault, org: str, role: str) -> None:
+    """Refuse an org/role the policy in force lacks (a typo would issue a token that is always refused)."""
+    active = vault.policies.current()
+    if active is None:
+        return
+    policy = Policy.model_validate_json(dsse.parse_envelope(active.envelope).payload)
+    organization = policy.organizations.get(org)
+    if organization is None or role not in organization.roles:
+        raise OperatorError(
+            f"policy v{policy.version} has no role {org}/{role}; "
+            "check the spelling or pass --allow-unknown-role"
+        )
 
 
 @token_group.command("list")
@@ -504,10 +507,17 @@ def token_revoke(home: Path | None, caller: str) -> None:
     "--org", required=True, help="Organization for imported callers (unless their metadata names one)."
 )
 @click.option("--role", required=True, help="Role for imported callers (unless their metadata names one).")
-def token_import_cllama(home: Path | None, directory: Path, org: str, role: str) -> None:
+@click.option(
+    "--allow-unknown-role", is_flag=True, help="Import even if the policy in force lacks the org/role."
+)
+def token_import_cllama(
+    home: Path | None, directory: Path, org: str, role: str, allow_unknown_role: bool
+) -> None:
     """Import tokens from a cllama context directory (<agent-id>/metadata.json)."""
     vault = _home(home).open_vault()
     try:
+        if not allow_unknown_role:
+            _require_role(vault, org, role)
         results = vault.tokens.import_cllama(directory, org=org, role=role)
         for caller, outcome in results:
             if outcome == "imported":
@@ -555,15 +565,19 @@ def audit_tail(home: Path | None, count: int) -> None:
         click.echo(json.dumps(row))
 
 
+_PENDING_SHOWN = 100
+
+
 @audit_group.command("pending")
 @home_option
 def audit_pending(home: Path | None) -> None:
     """Requests forwarded whose outcome was never recorded (e.g. a crash mid-request)."""
     vault = _home(home).open_vault()
     try:
-        ids = vault.ledger.pending_outcomes()
+        ids = vault.ledger.pending_outcomes(limit=_PENDING_SHOWN)
     finally:
         vault.close()
     for request_id in ids:
         click.echo(request_id)
-    click.echo(f"{len(ids)} request(s) without an outcome record", err=True)
+    shown = f"the first {len(ids)}" if len(ids) == _PENDING_SHOWN else str(len(ids))
+    click.echo(f"{shown} request(s) without an outcome record", err=True)

@@ -174,3 +174,11 @@ def test_import_cllama_context_directory(tmp_path: Path) -> None:
     assert "agent-7: imported" in out
     listed = _run("token", "list", "--home", str(home)).stdout
     assert "agent-7" in listed and "ab" * 24 not in listed
+
+
+def test_trust_remove_by_prefix(tmp_path: Path) -> None:
+    home, author = _setup(tmp_path)
+    keyid = json.loads(Path(f"{author}.pub").read_text())["keyid"]
+    assert _run("trust", "remove", keyid[:7], "--home", str(home), ok=False).exit_code == 1
+    assert keyid in _run("trust", "remove", keyid[:16], "--home", str(home)).stdout
+    assert keyid not in _run("trust", "list", "--home", str(home)).stdout

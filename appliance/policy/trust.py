@@ -109,6 +109,18 @@ class TrustStore:
             self._keys[keyid] = TrustedKey(keyid, "ed25519", public, now)
         return keyid
 
+    def resolve(self, prefix: str) -> str:
+        """The trusted key id that ``prefix`` (at least 8 hex digits, as printed elsewhere) names."""
+        matches = (
+            [keyid for keyid in self._keys if keyid.startswith(prefix.lower())] if len(prefix) >= 8 else []
+        )
+        if len(matches) != 1:
+            reason = (
+                "matches several trusted keys" if matches else "names no trusted key (give at least 8 digits)"
+            )
+            raise OperatorError(f"key id {prefix!r} {reason}")
+        return matches[0]
+
     def remove(self, keyid: str) -> None:
         if keyid not in self._keys:
             raise OperatorError(f"key {short_keyid(keyid)} is not trusted")
