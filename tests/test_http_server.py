@@ -388,18 +388,57 @@ def test_install_event_loop_policy_names_the_loop() -> None:
         asyncio.set_event_loop_policy(None)
 
 
-def test_half_closed_client_still_gets_its_answer(run: Runner) -> None:
+def test_a_client_closing_its_side_is_gone_and_its_handler_is_told(run: Runner) -> None:
+    told = asyncio.Event()
+
     async def slow(request: Request, responder: Responder) -> None:
-        await asyncio.sleep(0.05)
-        await hello(request, responder)
+        await responder.wait_disconnected()
+        told.set()
 
     async def main() -> None:
         async with serving(slow) as server:
             client = await Client.connect(server.port)
             await client.send(GET)
             client.writer.write_eof()
-            assert (await client.response()).status == 200
-            assert await client.closed_by_server()
+            await asyncio.wait_for(told.wait(), 2)
+            await client.close()
+
+    run(main())
+
+
+async def unauthorized(request: Request, responder: Responder) -> None:
+    if "authorization" in request.headers:
+        await request.body()
+        await responder.send(200, [], b"authenticated")
+        return
+    await responder.send(401, [], b"no token")
+
+
+def test_chunked_trailer_cannot_authenticate(run: Runner) -> None:
+    async def main() -> None:
+        async with serving(unauthorized) as server:
+            client = await Client.connect(server.port)
+            response = await client.request(
+                b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"2\r\n{}\r\n0\r\nAuthorization: Bearer secret\r\n\r\n"
+            )
+            assert response.status == 401
+            await client.close()
+
+    run(main())
+
+
+def test_early_answer_without_the_body_is_closed(run: Runner) -> None:
+    async def main() -> None:
+        async with serving(unauthorized, keepalive_timeout_s=0.2) as server:
+            client = await Client.connect(server.port)
+            response = await client.request(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n")
+            assert response.status == 401
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            assert await client.closed_by_server(wait_s=2.0)
+            assert loop.time() - started < 2.0
+            assert not server._state.connections
             await client.close()
 
     run(main())

@@ -34,7 +34,8 @@ class HttpLimits(BaseModel):
     """Longest gap between body chunks while the handler awaits ``Request.body()``; then 408."""
 
     keepalive_timeout_s: float = Field(default=5.0, gt=0)
-    """An idle connection (no request in progress) is closed after this many seconds."""
+    """An idle connection (no request in progress) is closed after this many seconds; so is one whose
+    request was answered before its body arrived, if the rest of that body takes longer."""
 
     max_concurrency: int = Field(default=1024, gt=0)
     """Requests handled at once across all connections; above it the server answers 503 itself."""

@@ -1,9 +1,10 @@
 """The HTTP/1.1 connection: an asyncio Protocol that parses with httptools and runs request cycles.
 
-Owns the per-connection state: the parser, keep-alive and head timers, the queue of pipelined
-requests, read pausing, and the refusals the server answers itself (400, 408, 413, 431, 503) with
-their ``Rejection`` records. It must never interpret a request beyond HTTP framing and limits,
-never log headers or bodies, and never write a response out of order.
+Owns the per-connection state: the parser, keep-alive, head and discard timers, the queue of
+pipelined requests, read pausing, and the refusals the server answers itself (400, 408, 413, 431,
+503) with their ``Rejection`` records. It must never interpret a request beyond HTTP framing and
+limits, never let chunked trailers into a request's headers (they arrive after the handler may have
+read them), never log headers or bodies, and never write a response out of order.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ class HttpProtocol(asyncio.Protocol):
         self.pipeline: deque[Responder] = deque()  # parsed cycles waiting for their turn
         self._keepalive_timer: asyncio.TimerHandle | None = None
         self._header_timer: asyncio.TimerHandle | None = None
+        self._discard_timer: asyncio.TimerHandle | None = None  # body still owed after an early answer
         self._closing = False  # shutdown asked: close after the current response
         self._broken = False  # stop parsing: a refusal is pending or the body was abandoned
         self._eof = False
@@ -107,8 +109,12 @@ class HttpProtocol(asyncio.Protocol):
         self._headers: dict[str, str] = {}
         self._raw_headers: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
-        self._head_seen = 0
+        self._header_count = 0
+        self._head_seen = 0  # raw bytes of a head (or trailer section) still being accumulated
         self._head_started = 0.0
+        # True from a chunk-size line until that chunk's data: for the last chunk, the trailers.
+        self._maybe_trailers = False
+        self._chunk_headers = 0  # chunk-size lines parsed on this connection
 
     # ---- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -132,6 +138,7 @@ class HttpProtocol(asyncio.Protocol):
         self._broken = True
         self._cancel_keepalive()
         self._cancel_header_timer()
+        self._cancel_discard_timer()
         self.flow.resume_writing()  # wake drain waiters; they see ``disconnected`` and stop
         if self.active is not None:
             self.active.connection_lost()
@@ -143,8 +150,11 @@ class HttpProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self._eof = True
-        # Keep the socket open for a half-closed client until its requests are answered.
-        return self.active is not None or bool(self.pipeline)
+        # The client closed its side: it has gone (a timeout, a cancelled call). Returning False closes the
+        # transport, so connection_lost tells the handlers and upstream or local generation stops at once.
+        # A half-closing HTTP client would lose its answer; nginx and uvicorn make the same trade, and for
+        # a gateway whose answers cost tokens, noticing a departed client matters more.
+        return False
 
     def pause_writing(self) -> None:
         self.flow.pause_writing()
@@ -159,6 +169,8 @@ class HttpProtocol(asyncio.Protocol):
         if self._broken:
             return
         was_in_head = self._in_head
+        was_in_trailers = self._maybe_trailers
+        chunk_headers = self._chunk_headers
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -171,6 +183,13 @@ class HttpProtocol(asyncio.Protocol):
             return
         except httptools.HttpParserUpgrade:
             return  # refused in on_headers_complete
+        if was_in_trailers and self._maybe_trailers and self._chunk_headers == chunk_headers:
+            # No chunk data and no new chunk in all of ``data``: it is trailer bytes, which
+            # httptools buffers a whole field at a time before on_header sees them; bound them here.
+            self._head_seen += len(data)
+            if self._head_seen > self._head_cap:
+                self._fail(HeadersTooLarge("request trailers too large"))
+                return
         if self._in_head:
             if was_in_head:
                 self._head_seen += len(data)
@@ -192,6 +211,8 @@ class HttpProtocol(asyncio.Protocol):
         self._headers = {}
         self._raw_headers = []
         self._header_bytes = 0
+        self._header_count = 0
+        self._maybe_trailers = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -200,15 +221,19 @@ class HttpProtocol(asyncio.Protocol):
             raise _StopParsing
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        raw = self._raw_headers
-        raw.append((name, value))
         self._header_bytes += len(name) + len(value)
+        self._header_count += 1
         if self._header_bytes > self.limits.max_header_bytes:
             self._fail(HeadersTooLarge("request headers too large"))
             raise _StopParsing
-        if len(raw) > self.limits.max_header_count:
+        if self._header_count > self.limits.max_header_count:
             self._fail(HeadersTooLarge("too many request headers"))
             raise _StopParsing
+        if self._in_body:
+            # A chunked trailer. The handler may already have checked the headers (authorization
+            # among them), so a trailer is counted against the head's limits and then dropped.
+            return
+        self._raw_headers.append((name, value))
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
         headers = self._headers
@@ -271,7 +296,16 @@ class HttpProtocol(asyncio.Protocol):
             raise _StopParsing
         self._enqueue(cycle)
 
+    def on_chunk_header(self) -> None:
+        self._maybe_trailers = True
+        self._chunk_headers += 1
+        self._head_seen = 0
+
+    def on_chunk_complete(self) -> None:
+        self._maybe_trailers = False
+
     def on_body(self, body: bytes) -> None:
+        self._maybe_trailers = False
         cycle = cast(Responder, self._current)
         if not cycle.feed_body(body):
             self._fail(PayloadTooLarge(f"request body exceeds {self.limits.max_body_bytes} bytes"))
@@ -281,10 +315,14 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self._in_body = False
+        self._maybe_trailers = False
         cycle = self._current
         self._current = None
         if cycle is not None:
             cycle.finish_body()
+            if cycle.complete:  # answered before its body ended: the connection is idle only now
+                self._cancel_discard_timer()
+                self._arm_keepalive()
 
     # ---- request cycles -----------------------------------------------------------------------
 
@@ -341,7 +379,14 @@ class HttpProtocol(asyncio.Protocol):
             return
         if self.pipeline:
             self._dispatch(self.pipeline.popleft())
-        elif not self._in_head and not self._in_body:
+        elif self._in_body:
+            # Answered before its body arrived (a 401 needs none). The rest is read and dropped, so
+            # the client sees the answer rather than a reset, but only until a fixed deadline: no
+            # other timer covers this state, and the client may well be unauthenticated.
+            self._discard_timer = self.loop.call_later(
+                self.limits.keepalive_timeout_s, self._on_discard_timeout
+            )
+        elif not self._in_head:
             self._arm_keepalive()
         self.resume_reading()
 
@@ -411,6 +456,17 @@ class HttpProtocol(asyncio.Protocol):
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
+
+    def _cancel_discard_timer(self) -> None:
+        if self._discard_timer is not None:
+            self._discard_timer.cancel()
+            self._discard_timer = None
+
+    def _on_discard_timeout(self) -> None:
+        self._discard_timer = None
+        cycle = self._current
+        if self._in_body and cycle is not None and cycle.complete:
+            self.transport.close()
 
     def _on_idle(self) -> None:
         self._keepalive_timer = None

@@ -13,13 +13,13 @@ import contextlib
 import logging
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from appliance.http.cycle import Handler
 from appliance.http.limits import HttpLimits
 from appliance.http.protocol import HttpProtocol, Rejection, ServerState
 
-__all__ = ["HttpServer", "Rejection", "install_event_loop_policy", "serve"]
+__all__ = ["HttpServer", "Rejection", "install_event_loop_policy"]
 
 logger = logging.getLogger("phi.http")
 
@@ -137,14 +137,6 @@ class HttpServer:
         await self.shutdown()
 
 
-def _uvloop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
-
-
 def install_event_loop_policy() -> str:
     """Make new event loops uvloop loops where uvloop is importable; returns ``"uvloop"`` or ``"asyncio"``."""
     try:
@@ -153,27 +145,3 @@ def install_event_loop_policy() -> str:
         return "asyncio"
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     return "uvloop"
-
-
-def serve(
-    handler: Handler,
-    host: str,
-    port: int,
-    limits: HttpLimits | None = None,
-    on_reject: Callable[[Rejection], None] | None = None,
-    on_started: Callable[[HttpServer], Awaitable[None]] | None = None,
-) -> None:
-    """Run the server until SIGTERM/SIGINT, then drain. Blocks; picks uvloop when available."""
-    loop_factory = _uvloop_factory()
-    loop_name = "uvloop" if loop_factory is not None else "asyncio"
-
-    async def main() -> None:
-        server = HttpServer(handler, limits, on_reject=on_reject)
-        await server.start(host, port)
-        logger.info("listening on %s:%d (%s)", host, server.port, loop_name)
-        if on_started is not None:
-            await on_started(server)
-        await server.serve_until_signalled()
-
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(main())
