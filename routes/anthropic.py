@@ -16,14 +16,14 @@ from typing import Any
 
 from appliance.errors import GatewayError, UpstreamError
 from routes.client import UpstreamClient, UpstreamHTTPResponse
-from routes.result import EVENT_STREAM, JSON, RouteResult, Usage
+from routes.result import RouteResult, Usage
 from routes.translate import (
     MessagesStreamToChat,
     anthropic_error_to_openai,
     chat_request_to_messages,
     messages_response_to_chat,
 )
-from routes.upstream import RouteSpecLike, Upstream, dumps, json_object, wants_stream
+from routes.upstream import RouteSpecLike, Upstream, dumps, json_object
 from routes.usage import SSEScanner, anthropic_usage, event_fields, scan_anthropic_sse, split_events
 
 ANTHROPIC_VERSION = b"2023-06-01"
@@ -33,18 +33,19 @@ class MessagesStream:
     """Native pass-through: upstream SSE chunks as they arrive; a scanner beside them counts usage.
 
     An ``error`` event reaches the caller like any other; the gateway then ends the stream with an
-    ``UpstreamError``, as it does when ``message_stop`` never came.
+    ``UpstreamError``, as it does when ``message_stop`` never came. Both are told by event name, never by
+    a substring that the answer's own text could contain.
     """
 
     __slots__ = ("_failure", "_name", "_response", "_scanner", "_stopped", "usage")
 
-    def __init__(self, response: UpstreamHTTPResponse, usage: Usage, name: str) -> None:
+    def __init__(self, response: UpstreamHTTPResponse, name: str) -> None:
         self._response = response
-        self._scanner = SSEScanner()
+        self._scanner = SSEScanner(name)
         self._stopped = False
         self._failure: str | None = None
         self._name = name
-        self.usage = usage
+        self.usage = Usage()
 
     def __aiter__(self) -> MessagesStream:
         return self
@@ -53,33 +54,35 @@ class MessagesStream:
         try:
             chunk = await self._response.__anext__()
         except StopAsyncIteration:
+            self._watch(self._scanner.flush() + b"\n\n")
             if self._failure is not None:
                 raise UpstreamError(f"upstream {self._name} failed mid-stream ({self._failure})") from None
             if not self._stopped:
                 raise UpstreamError(f"upstream {self._name} ended the stream before message_stop") from None
             raise
-        region = self._scanner.feed(chunk)
-        if region:
-            scan_anthropic_sse(region, self.usage)
-            if b"message_stop" in region:
-                self._stopped = True
-            if b"event: error" in region:
-                self._failure = _error_type(region)
+        self._watch(self._scanner.feed(chunk))
         return chunk
+
+    def _watch(self, region: bytes) -> None:
+        scan_anthropic_sse(region, self.usage)
+        if b"message_stop" not in region and b"error" not in region:
+            return  # neither event can be in this region; most regions end here
+        for event in split_events(region):
+            name, data = event_fields(event)
+            if name == "message_stop":
+                self._stopped = True
+            elif name == "error" and self._failure is None:
+                self._failure = _error_type(data)
 
     async def aclose(self) -> None:
         await self._response.aclose()
 
 
-def _error_type(region: bytes) -> str:
-    for event in split_events(region):
-        name, data = event_fields(event)
-        if name == "error":
-            try:
-                return str(json.loads(data)["error"]["type"])[:60]
-            except (ValueError, KeyError, TypeError):
-                break
-    return "error"
+def _error_type(data: bytes) -> str:
+    try:
+        return str(json.loads(data)["error"]["type"])[:60]
+    except (ValueError, KeyError, TypeError):
+        return "error"
 
 
 class ChatFromMessagesStream:
@@ -89,7 +92,7 @@ class ChatFromMessagesStream:
 
     def __init__(self, response: UpstreamHTTPResponse, translator: MessagesStreamToChat, name: str) -> None:
         self._response = response
-        self._scanner = SSEScanner()
+        self._scanner = SSEScanner(name)
         self._translator = translator
         self._name = name
         self.usage = translator.usage
@@ -148,58 +151,52 @@ class AnthropicRoute:
 
     async def messages(self, body: dict[str, Any], *, upstream_model: str, key: str | None) -> RouteResult:
         """Anthropic caller, Anthropic upstream: the body goes through with only the model replaced."""
-        stream = wants_stream(body)
-        headers = self._upstream.headers(key, stream=stream)
         request = dict(body)
         request["model"] = upstream_model
-        response = await self._upstream.post("/v1/messages", dumps(request), headers)
-        handed_over = False
-        try:
-            if not 200 <= response.status < 300:
-                return await self._upstream.refusal(response, upstream_model)
-            extra = self._upstream.allowed_headers(response)
+
+        def answer(payload: bytes) -> tuple[bytes, Usage]:
             usage = Usage()
-            if stream and (response.header(b"content-type") or b"").startswith(EVENT_STREAM):
-                sse = MessagesStream(response, usage, self.name)
-                handed_over = True
-                return RouteResult(200, EVENT_STREAM, None, sse, usage, upstream_model, extra, sse.aclose)
-            payload = await response.read()
             anthropic_usage(json_object(payload, self.name), usage)
-            return RouteResult(response.status, JSON, payload, None, usage, upstream_model, extra)
-        finally:
-            if not handed_over:
-                await response.aclose()
+            return payload, usage
+
+        return await self._upstream.exchange(
+            "/v1/messages",
+            request,
+            key,
+            stream=body.get("stream") is True,
+            upstream_model=upstream_model,
+            events=lambda response: MessagesStream(response, self.name),
+            answer=answer,
+        )
 
     async def chat_completions(
         self, body: dict[str, Any], *, upstream_model: str, key: str | None
     ) -> RouteResult:
         """OpenAI caller, Anthropic upstream: request, answer, stream and errors are translated."""
-        stream = wants_stream(body)
-        request = chat_request_to_messages(body, upstream_model)
-        headers = self._upstream.headers(key, stream=stream)
-        response = await self._upstream.post("/v1/messages", dumps(request), headers)
-        handed_over = False
-        try:
-            if not 200 <= response.status < 300:
-                return await self._upstream.refusal(response, upstream_model, anthropic_error_to_openai)
-            extra = self._upstream.allowed_headers(response)
-            if stream and (response.header(b"content-type") or b"").startswith(EVENT_STREAM):
-                options = body.get("stream_options")
-                include_usage = isinstance(options, dict) and options.get("include_usage") is True
-                translator = MessagesStreamToChat(include_usage=include_usage, route=self.name)
-                sse = ChatFromMessagesStream(response, translator, self.name)
-                handed_over = True
-                return RouteResult(
-                    200, EVENT_STREAM, None, sse, translator.usage, upstream_model, extra, sse.aclose
-                )
-            message = json_object(await response.read(), self.name)
+        options = body.get("stream_options")
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
+
+        def events(response: UpstreamHTTPResponse) -> ChatFromMessagesStream:
+            translator = MessagesStreamToChat(include_usage=include_usage, route=self.name)
+            return ChatFromMessagesStream(response, translator, self.name)
+
+        def answer(payload: bytes) -> tuple[bytes, Usage]:
+            message = json_object(payload, self.name)
             try:
                 completion = messages_response_to_chat(message)
             except (AttributeError, TypeError, KeyError):
                 raise UpstreamError(f"upstream {self.name} returned a malformed response") from None
             usage = Usage()
             anthropic_usage(message, usage)
-            return RouteResult(response.status, JSON, dumps(completion), None, usage, upstream_model, extra)
-        finally:
-            if not handed_over:
-                await response.aclose()
+            return dumps(completion), usage
+
+        return await self._upstream.exchange(
+            "/v1/messages",
+            chat_request_to_messages(body, upstream_model),
+            key,
+            stream=body.get("stream") is True,
+            upstream_model=upstream_model,
+            events=events,
+            answer=answer,
+            error_body=anthropic_error_to_openai,
+        )

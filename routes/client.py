@@ -2,9 +2,10 @@
 
 Owns: one connection pool per origin (scheme, host, port); the exchange itself over an asyncio Protocol
 with httptools parsing the response (Content-Length, chunked and close-delimited bodies); TLS; the head,
-per-chunk and connect timeouts; and back-pressure from a slow consumer to the upstream socket (reading
-pauses above 64 KiB of unconsumed body). Socket and parser failures leave as ``UpstreamError`` /
-``UpstreamTimeout``.
+per-chunk and connect timeouts; back-pressure from a slow consumer to the upstream socket (reading
+pauses above 64 KiB of unconsumed body); and the size limits on what an upstream may send (a response head
+of ``MAX_HEAD``, a body read whole of ``MAX_BODY``). Socket and parser failures leave as ``UpstreamError``
+/ ``UpstreamTimeout``.
 
 It must never: put a header value, a body or a URL in an error message (provider keys and prompt text
 travel through here); return a connection to the pool before its response was read to the end; retry a
@@ -28,6 +29,8 @@ from appliance.errors import UpstreamError, UpstreamTimeout
 
 HIGH_WATER: Final = 64 * 1024  # pause reading the upstream socket above this much unconsumed body
 LOW_WATER: Final = 16 * 1024
+MAX_HEAD: Final = 64 * 1024  # status line and headers (interim 1xx heads included)
+MAX_BODY: Final = 32 * 1024 * 1024  # a body read whole with read(); streamed bodies are read as they come
 _MAX_TARGETS: Final = 512
 _CLOSE_GRACE_S: Final = 2.0
 
@@ -111,6 +114,7 @@ class _Connection(asyncio.Protocol):
         self.close_delimited = False
         self.keep_alive = False
         self.received = False
+        self.head_bytes = 0
         self.broken: str | None = None
         self.chunks: list[bytes] = []
         self.buffered = 0
@@ -133,6 +137,11 @@ class _Connection(asyncio.Protocol):
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
             self.broken = "sent a malformed response"
             self.close()
+        if not self.head_done and self.broken is None:
+            # Every byte so far belongs to a head still unfinished, which httptools would buffer whole.
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD:
+                self._oversized_head()
         self._wake()
 
     def eof_received(self) -> bool | None:
@@ -166,6 +175,9 @@ class _Connection(asyncio.Protocol):
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if sum(len(name) + len(value) for name, value in self.headers) > MAX_HEAD:
+            self._oversized_head()  # a head that came whole in one read; head_done stays False
+            return
         status = self.parser.get_status_code()
         if status < 200:
             self.interim = True  # 100 Continue / 103 Early Hints: the real head follows
@@ -194,6 +206,10 @@ class _Connection(asyncio.Protocol):
             self.framed = False
             return
         self.complete = True
+
+    def _oversized_head(self) -> None:
+        self.broken = "sent an oversized response head"
+        self.close()
 
     # --- used by the client and the response ---
 
@@ -228,6 +244,7 @@ class _Connection(asyncio.Protocol):
         self.framed = self.head_done = self.complete = self.close_delimited = False
         self.keep_alive = False
         self.received = False
+        self.head_bytes = 0
         self.broken = None
         self.chunks = []
         self.buffered = 0
@@ -280,23 +297,20 @@ class UpstreamHTTPResponse:
         return UpstreamError(f"upstream {conn.label} {conn.broken or 'closed the connection early'}")
 
     async def read(self) -> bytes:
-        """The whole (remaining) body; the connection is released when it returns."""
-        conn = self._conn
-        if conn is None:
-            return b""
-        while not conn.complete:
-            if conn.broken is not None or conn.closed:
-                raise self._broken(conn)
-            try:
-                await conn.wait(self._timeout_s)
-            except BaseException:
-                self._conn = None
-                self._client._discard(conn)
-                raise
-        body = conn.take() if conn.chunks else b""
-        self._conn = None
-        self._client._release(conn)
-        return body
+        """The whole (remaining) body, at most ``MAX_BODY`` bytes; the connection is released when it returns.
+
+        The body is taken as it arrives, like ``async for`` does, so reading never stays paused on it.
+        """
+        label = self._conn.label if self._conn is not None else ""
+        parts: list[bytes] = []
+        size = 0
+        async for data in self:
+            size += len(data)
+            if size > MAX_BODY:
+                await self.aclose()
+                raise UpstreamError(f"upstream {label} sent a body over {MAX_BODY // (1024 * 1024)} MiB")
+            parts.append(data)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self

@@ -12,23 +12,29 @@ from __future__ import annotations
 
 from typing import Any
 
-from appliance.errors import BadRequest
+from appliance.errors import BadRequest, UpstreamError
 from routes.client import UpstreamClient, UpstreamHTTPResponse
-from routes.result import EVENT_STREAM, JSON, RouteResult, Usage
-from routes.upstream import RouteSpecLike, Upstream, dumps, json_object, wants_stream
-from routes.usage import SSEScanner, filter_openai_sse, openai_usage
+from routes.result import RouteResult, Usage
+from routes.upstream import RouteSpecLike, Upstream, json_object
+from routes.usage import SSEScanner, event_fields, filter_openai_sse, openai_usage, split_events
 
 
 class OpenAIStream:
-    """The caller's SSE stream: upstream events as they arrive, minus the usage chunk it did not ask for."""
+    """The caller's SSE stream: upstream events as they arrive, minus the usage chunk it did not ask for.
 
-    __slots__ = ("_keep_usage", "_response", "_scanner", "usage")
+    A stream that ends without ``data: [DONE]`` was cut off: what arrived is passed on, then the iterator
+    raises ``UpstreamError`` so the answer is not taken for a complete one.
+    """
 
-    def __init__(self, response: UpstreamHTTPResponse, usage: Usage, *, keep_usage: bool) -> None:
+    __slots__ = ("_done", "_keep_usage", "_name", "_response", "_scanner", "usage")
+
+    def __init__(self, response: UpstreamHTTPResponse, name: str, *, keep_usage: bool) -> None:
         self._response = response
-        self._scanner = SSEScanner()
+        self._scanner = SSEScanner(name)
         self._keep_usage = keep_usage
-        self.usage = usage
+        self._name = name
+        self._done = False
+        self.usage = Usage()
 
     def __aiter__(self) -> OpenAIStream:
         return self
@@ -39,14 +45,22 @@ class OpenAIStream:
                 chunk = await self._response.__anext__()
             except StopAsyncIteration:
                 tail = self._scanner.flush()
-                if tail:
-                    return filter_openai_sse(tail + b"\n\n", self.usage, keep_usage_chunk=self._keep_usage)
+                out = self._pass(tail + b"\n\n") if tail else b""
+                if out:
+                    return out
+                if not self._done:
+                    raise UpstreamError(f"upstream {self._name} ended the stream before [DONE]") from None
                 raise
             region = self._scanner.feed(chunk)
             if region:
-                out = filter_openai_sse(region, self.usage, keep_usage_chunk=self._keep_usage)
+                out = self._pass(region)
                 if out:
                     return out
+
+    def _pass(self, region: bytes) -> bytes:
+        if not self._done and b"[DONE]" in region:  # the substring may be content: confirm on the events
+            self._done = any(event_fields(event)[1] == b"[DONE]" for event in split_events(region))
+        return filter_openai_sse(region, self.usage, keep_usage_chunk=self._keep_usage)
 
     async def aclose(self) -> None:
         await self._response.aclose()
@@ -64,8 +78,7 @@ class OpenAIRoute:
     async def chat_completions(
         self, body: dict[str, Any], *, upstream_model: str, key: str | None
     ) -> RouteResult:
-        stream = wants_stream(body)
-        headers = self._upstream.headers(key, stream=stream)
+        stream = body.get("stream") is True
         request = dict(body)
         request["model"] = upstream_model
         keep_usage = False
@@ -75,25 +88,21 @@ class OpenAIRoute:
             keep_usage = options.get("include_usage") is True
             options["include_usage"] = True
             request["stream_options"] = options
-        response = await self._upstream.post("/chat/completions", dumps(request), headers)
-        handed_over = False
-        try:
-            if not 200 <= response.status < 300:
-                return await self._upstream.refusal(response, upstream_model)
-            extra = self._upstream.allowed_headers(response)
+
+        def answer(payload: bytes) -> tuple[bytes, Usage]:
             usage = Usage()
-            content_type = response.header(b"content-type") or b""
-            if stream and content_type.startswith(EVENT_STREAM):
-                sse = OpenAIStream(response, usage, keep_usage=keep_usage)
-                handed_over = True
-                return RouteResult(200, EVENT_STREAM, None, sse, usage, upstream_model, extra, sse.aclose)
-            # Non-stream, or an upstream that ignored "stream": a complete JSON body either way.
-            payload = await response.read()
             openai_usage(json_object(payload, self.name), usage)
-            return RouteResult(response.status, JSON, payload, None, usage, upstream_model, extra)
-        finally:
-            if not handed_over:
-                await response.aclose()
+            return payload, usage
+
+        return await self._upstream.exchange(
+            "/chat/completions",
+            request,
+            key,
+            stream=stream,
+            upstream_model=upstream_model,
+            events=lambda response: OpenAIStream(response, self.name, keep_usage=keep_usage),
+            answer=answer,
+        )
 
     async def messages(self, body: dict[str, Any], *, upstream_model: str, key: str | None) -> RouteResult:
         raise BadRequest("/v1/messages serves anthropic routes only", code="unsupported_endpoint")

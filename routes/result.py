@@ -6,11 +6,22 @@ key, no upstream request, no upstream response headers outside the adapters' all
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 JSON = b"application/json"
 EVENT_STREAM = b"text/event-stream"
+
+
+class ByteStream(Protocol):
+    """An answer's bytes as they arrive; ``aclose()`` stops the work behind them and may be called again."""
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    def __anext__(self) -> Awaitable[bytes]: ...
+
+    async def aclose(self) -> None: ...
 
 
 @dataclass(slots=True)
@@ -34,14 +45,12 @@ class RouteResult:
     status: int
     content_type: bytes
     body: bytes | None
-    stream: AsyncIterator[bytes] | None
+    stream: ByteStream | None
     usage: Usage
     upstream_model: str
     extra_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-    closer: Callable[[], Awaitable[None]] | None = field(default=None, repr=False)
 
     async def aclose(self) -> None:
         """Stop the upstream work (the caller went away or the stream ended) and release the connection."""
-        closer, self.closer = self.closer, None
-        if closer is not None:
-            await closer()
+        if self.stream is not None:
+            await self.stream.aclose()

@@ -21,7 +21,10 @@ __all__ = ["Route", "RouteSpecLike", "RouteTable"]
 
 
 class Route(Protocol):
-    """What the pipeline calls on a route, whatever serves it (cloud adapter or in-process model)."""
+    """What the pipeline calls on a route, whatever serves it (cloud adapter or in-process model).
+
+    The pipeline has checked ``body`` first (``stream``, when present, is a bool); routes do not again.
+    """
 
     name: str
     kind: str

@@ -1,8 +1,9 @@
 """One route's side of an upstream exchange, shared by the OpenAI and Anthropic adapters.
 
 Owns: the request headers built from scratch (content type, accept, user agent, the provider key in the
-route's auth scheme), sending through the shared ``UpstreamClient``, the allow-list of upstream response
-headers a caller may see, and the mapping of non-2xx upstream statuses to what the caller gets.
+route's auth scheme), the exchange through the shared ``UpstreamClient`` (a 2xx answer becomes the
+adapter's stream or body, the connection is released on every other path), the allow-list of upstream
+response headers a caller may see, and the mapping of non-2xx upstream statuses to what the caller gets.
 
 It must never forward a caller's header (its Authorization or x-api-key above all), and never pass an
 upstream 401/403 body on: provider errors can echo parts of the gateway's key.
@@ -14,9 +15,9 @@ import json
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from appliance.errors import BadRequest, RateLimited, UpstreamError
+from appliance.errors import RateLimited, UpstreamError
 from routes.client import UpstreamClient, UpstreamHTTPResponse
-from routes.result import JSON, RouteResult, Usage
+from routes.result import EVENT_STREAM, JSON, ByteStream, RouteResult, Usage
 
 # Upstream errors whose body is the caller's to read: the request itself was wrong or too big.
 PASS_THROUGH_STATUSES = frozenset({400, 404, 409, 413, 422})
@@ -61,11 +62,10 @@ def json_object(body: bytes, route: str) -> dict[str, Any]:
     return obj
 
 
-def wants_stream(body: dict[str, Any]) -> bool:
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise BadRequest("stream must be a boolean", param="stream")
-    return stream
+class UsageStream(ByteStream, Protocol):
+    """An adapter's SSE stream for the caller, with the usage it counts as it goes."""
+
+    usage: Usage
 
 
 class Upstream:
@@ -107,12 +107,40 @@ class Upstream:
             headers.append((b"x-api-key", key.encode()))
         return headers
 
-    async def post(
-        self, path: str, payload: bytes, headers: list[tuple[bytes, bytes]]
-    ) -> UpstreamHTTPResponse:
-        return await self._client.request(
-            "POST", self.base_url + path, headers, payload, timeout_s=self.timeout_s, route=self.name
+    async def exchange(
+        self,
+        path: str,
+        request: dict[str, Any],
+        key: str | None,
+        *,
+        stream: bool,
+        upstream_model: str,
+        events: Callable[[UpstreamHTTPResponse], UsageStream],
+        answer: Callable[[bytes], tuple[bytes, Usage]],
+        error_body: Callable[[bytes, int], bytes] | None = None,
+    ) -> RouteResult:
+        """POST ``request`` to ``path`` and turn the upstream's answer into the caller's.
+
+        A 2xx SSE answer to a stream request becomes ``events(response)``, which owns the connection from
+        then on; any other 2xx answer is read whole and becomes ``answer(body)`` (body bytes, usage), so an
+        upstream that ignored ``stream`` still answers. Non-2xx answers go to ``refusal``.
+        """
+        headers = self.headers(key, stream=stream)
+        response = await self._client.request(
+            "POST", self.base_url + path, headers, dumps(request), timeout_s=self.timeout_s, route=self.name
         )
+        try:
+            if not 200 <= response.status < 300:
+                return await self.refusal(response, upstream_model, error_body)
+            extra = self.allowed_headers(response)
+            if stream and (response.header(b"content-type") or b"").startswith(EVENT_STREAM):
+                sse = events(response)
+                return RouteResult(200, EVENT_STREAM, None, sse, sse.usage, upstream_model, extra)
+            body, usage = answer(await response.read())
+            return RouteResult(response.status, JSON, body, None, usage, upstream_model, extra)
+        except BaseException:
+            await response.aclose()  # read() and refusal() release it themselves; this covers the rest
+            raise
 
     @staticmethod
     def allowed_headers(response: UpstreamHTTPResponse) -> list[tuple[bytes, bytes]]:

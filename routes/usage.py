@@ -14,45 +14,70 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from appliance.errors import UpstreamError
 from routes.result import Usage
 
 # An object-valued "usage" key: OpenAI puts `"usage":null` in every chunk once include_usage is on, and
 # those must not cost a JSON parse.
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
+# The longest unfinished event held: real events are a few KiB; a provider's bug must not grow memory.
+MAX_EVENT = 1024 * 1024
 
 
 class SSEScanner:
     """Cuts an SSE byte stream into whole events; the unfinished tail is held until its blank line arrives.
 
     Line endings are normalised to ``\\n`` (a lone ``\\r`` at the end of a chunk is held back, since it may be
-    the first half of a CRLF), so every region returned ends with ``\\n\\n``.
+    the first half of a CRLF), so every region returned ends with ``\\n\\n``. Each chunk is searched once:
+    the held tail is kept as parts and joined only when its event completes, so a slow drip of bytes costs
+    linear time. An unfinished event over ``MAX_EVENT`` bytes raises ``UpstreamError``.
     """
 
-    __slots__ = ("_pending",)
+    __slots__ = ("_cr", "_parts", "_route", "_size")
 
-    def __init__(self) -> None:
-        self._pending = b""
+    def __init__(self, route: str) -> None:
+        self._route = route
+        self._parts: list[bytes] = []  # the unfinished event, normalised, in arrival order
+        self._size = 0
+        self._cr = False  # a "\r" ended the last chunk
 
     def feed(self, chunk: bytes) -> bytes:
         """Add ``chunk``; return the whole events it completed (maybe ``b""``), each ending in "\\n\\n"."""
-        data = self._pending + chunk if self._pending else chunk
-        hold = b""
-        if b"\r" in data:
-            if data.endswith(b"\r"):
-                data, hold = data[:-1], b"\r"
-            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        cut = data.rfind(b"\n\n")
-        if cut < 0:
-            self._pending = data + hold
+        if self._cr:
+            chunk = b"\r" + chunk
+            self._cr = False
+        if b"\r" in chunk:
+            if chunk.endswith(b"\r"):
+                chunk, self._cr = chunk[:-1], True
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        cut = chunk.rfind(b"\n\n")
+        if cut >= 0:
+            cut += 2
+        elif chunk.startswith(b"\n") and self._parts and self._parts[-1].endswith(b"\n"):
+            cut = 1  # the blank line was split across chunks
+        else:
+            self._hold(chunk)
             return b""
-        cut += 2
-        self._pending = data[cut:] + hold
-        return data[:cut]
+        parts, self._parts, self._size = self._parts, [], 0
+        self._hold(chunk[cut:])
+        if not parts:
+            return chunk[:cut]
+        parts.append(chunk[:cut])
+        return b"".join(parts)
 
     def flush(self) -> bytes:
         """The unfinished tail at the end of the stream (an event without its blank line), if any."""
-        rest, self._pending = self._pending, b""
-        return rest.replace(b"\r", b"\n") if rest.strip() else b""
+        rest = b"".join(self._parts) + (b"\n" if self._cr else b"")
+        self._parts, self._size, self._cr = [], 0, False
+        return rest if rest.strip() else b""
+
+    def _hold(self, data: bytes) -> None:
+        if not data:
+            return
+        self._parts.append(data)
+        self._size += len(data)
+        if self._size > MAX_EVENT:
+            raise UpstreamError(f"upstream {self._route} sent an oversized event")
 
 
 def split_events(region: bytes) -> list[bytes]:

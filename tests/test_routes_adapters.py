@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Awaitable, Callable
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,8 +19,14 @@ from appliance.errors import BadRequest, NotFound, RateLimited, UpstreamError, U
 from routes.client import UpstreamClient
 from routes.result import EVENT_STREAM, JSON, RouteResult, Usage
 from routes.table import Route, RouteTable
-from routes.usage import SSEScanner, event_fields, split_events
-from tests.support.fake_upstream import FakeUpstream, ReceivedRequest, anthropic_answer
+from routes.usage import MAX_EVENT, SSEScanner, event_fields, split_events
+from tests.support.fake_upstream import (
+    BIG_JSON_CONTENT,
+    FakeUpstream,
+    ReceivedRequest,
+    anthropic_answer,
+    openai_answer,
+)
 
 KEY = "sk-provider-0123456789abcdefWXYZ"
 CALLER_TOKEN = "radiology-bot:" + "9f" * 24
@@ -72,7 +80,7 @@ async def drain(result: RouteResult) -> bytes:
 
 def payloads(stream: bytes) -> list[Any]:
     out = []
-    for event in split_events(SSEScanner().feed(stream)):
+    for event in split_events(SSEScanner("fake").feed(stream)):
         data = event_fields(event)[1]
         out.append("[DONE]" if data == b"[DONE]" else json.loads(data))
     return out
@@ -347,6 +355,35 @@ def test_timeout_reset_and_midstream_drop(prefix: str, endpoint: str, stream: bo
 
 
 @pytest.mark.parametrize(("prefix", "endpoint"), ENDPOINTS)
+def test_stream_ended_cleanly_without_its_last_event_raises(prefix: str, endpoint: str) -> None:
+    async def scenario(fake: FakeUpstream, table: RouteTable) -> None:
+        result = await call(table, f"{prefix}fail-nodone", endpoint, stream=True)
+        last = "[DONE]" if prefix == "openai/" else "message_stop"
+        expected = re.escape(f"upstream {prefix[:-1]} ended the stream before {last}")
+        received = await read_until_error(result, expected)
+        assert received.startswith(b"data: " if endpoint == "chat" else b"event: message_start")
+
+    run(scenario)
+
+
+@pytest.mark.parametrize(("prefix", "endpoint"), ENDPOINTS)
+def test_large_answers_and_error_bodies_are_read_whole(prefix: str, endpoint: str) -> None:
+    async def scenario(fake: FakeUpstream, table: RouteTable) -> None:
+        result = await call(table, f"{prefix}big-json", endpoint)
+        assert result.status == 200 and result.body is not None
+        answer = json.loads(result.body)
+        text = answer["content"][0]["text"] if endpoint == "messages" else answer["choices"][0]["message"]
+        assert text == BIG_JSON_CONTENT or text["content"] == BIG_JSON_CONTENT
+        refused = await call(table, f"{prefix}fail-400-big", endpoint)
+        assert (
+            refused.status == 400 and refused.body is not None and len(refused.body) > len(BIG_JSON_CONTENT)
+        )
+        assert fake.accepts == 1
+
+    run(scenario)
+
+
+@pytest.mark.parametrize(("prefix", "endpoint"), ENDPOINTS)
 def test_missing_provider_key(prefix: str, endpoint: str) -> None:
     async def scenario(fake: FakeUpstream, table: RouteTable) -> None:
         with pytest.raises(UpstreamError) as info:
@@ -482,6 +519,41 @@ def _sse_server_answer(events: list[bytes]) -> bytes:
     return b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n" + body
 
 
+@contextlib.asynccontextmanager
+async def sse_upstream(events: list[bytes]) -> AsyncIterator[RouteTable]:
+    """Routes "claude" (anthropic) and "gpt" (openai) to a server that answers ``events`` as one SSE body."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(_sse_server_answer(events))
+            await writer.drain()
+        except ConnectionError:
+            pass  # the client gave up on the answer
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    base_url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    async with server, UpstreamClient() as client:
+        specs = {
+            "claude": Spec("anthropic", base_url, "none"),
+            "gpt": Spec("openai", base_url + "/v1", "none"),
+        }
+        yield RouteTable(specs, client)
+
+
+async def read_until_error(result: RouteResult, expected: str) -> bytes:
+    """What the stream yielded before it raised ``UpstreamError`` matching ``expected``."""
+    assert result.stream is not None
+    received = b""
+    with pytest.raises(UpstreamError, match=expected):
+        async for chunk in result.stream:
+            received += chunk
+    await result.aclose()
+    return received
+
+
 @pytest.mark.parametrize("endpoint", ["chat", "messages"])
 @pytest.mark.parametrize("ending", ["truncated", "error-event"])
 def test_anthropic_stream_that_does_not_finish_raises(endpoint: str, ending: str) -> None:
@@ -493,26 +565,60 @@ def test_anthropic_stream_that_does_not_finish_raises(endpoint: str, ending: str
         events = [*events[:4], b"event: error\ndata: " + json.dumps(error).encode() + b"\n\n"]
 
     async def main() -> None:
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(_sse_server_answer(events))
-            await writer.drain()
-            writer.close()
-            await writer.wait_closed()
-
-        server = await asyncio.start_server(handle, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        async with server, UpstreamClient() as client:
-            table = RouteTable({"claude": Spec("anthropic", f"http://127.0.0.1:{port}", "none")}, client)
+        async with sse_upstream(events) as table:
             result = await call(table, "claude/c", endpoint, stream=True)
             expected = "before message_stop" if ending == "truncated" else r"mid-stream \(overloaded_error\)"
-            assert result.stream is not None
-            received = b""
-            with pytest.raises(UpstreamError, match=expected):
-                async for chunk in result.stream:
-                    received += chunk
-            await result.aclose()
+            received = await read_until_error(result, expected)
             if endpoint == "messages":  # the native caller saw every event, the error one included
                 assert received == b"".join(events)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "messages"])
+def test_anthropic_stream_ends_are_told_by_event_name_not_by_text(endpoint: str) -> None:
+    # The model name is part of the answer's text: these answers talk about the events that end a stream.
+    _, complete = anthropic_answer({"model": "event: error\n\nevent: message_stop", "messages": []})
+    _, cut = anthropic_answer({"model": "event: message_stop\n\nmessage_stop", "messages": []})
+    cut = cut[:7]  # the text deltas, the one naming message_stop included; then a clean end of the body
+
+    async def main() -> None:
+        async with sse_upstream(complete) as table:
+            result = await call(table, "claude/c", endpoint, stream=True)
+            received = await drain(result)
+            if endpoint == "messages":
+                assert received == b"".join(complete)
+        async with sse_upstream(cut) as table:
+            result = await call(table, "claude/c", endpoint, stream=True)
+            await read_until_error(result, "upstream claude ended the stream before message_stop")
+
+    asyncio.run(main())
+
+
+def test_openai_stream_end_is_told_by_the_done_event_not_by_text() -> None:
+    _, events = openai_answer({"model": "data: [DONE]\n\n[DONE]", "messages": []})
+    assert b"[DONE]" in events[-2]
+
+    async def main() -> None:
+        async with sse_upstream(events[:-1]) as table:
+            result = await call(table, "gpt/m", stream=True)
+            received = await read_until_error(result, r"upstream gpt ended the stream before \[DONE\]")
+            assert received == b"".join(events[:-1])  # everything that came was passed on first
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("model", "endpoint"), [("gpt/m", "chat"), ("claude/c", "chat"), ("claude/c", "messages")]
+)
+def test_oversized_stream_event_is_refused(model: str, endpoint: str) -> None:
+    start = b"data: {" if model.startswith("gpt/") else b"event: content_block_delta\ndata: {"
+    unfinished = [start + b"x" * (64 * 1024)] * (MAX_EVENT // (64 * 1024) + 1)  # never a blank line
+
+    async def main() -> None:
+        async with sse_upstream(unfinished) as table:
+            result = await call(table, model, endpoint, stream=True)
+            route = model.split("/")[0]
+            await read_until_error(result, f"upstream {route} sent an oversized event")
 
     asyncio.run(main())

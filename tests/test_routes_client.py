@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from appliance.errors import UpstreamError, UpstreamTimeout
-from routes.client import HIGH_WATER, UpstreamClient
-from tests.support.fake_upstream import BIG_STREAM_CHUNKS, FakeUpstream
+from routes.client import HIGH_WATER, MAX_BODY, MAX_HEAD, UpstreamClient
+from tests.support.fake_upstream import BIG_JSON_CONTENT, BIG_STREAM_CHUNKS, FakeUpstream
 
 Scenario = Callable[[FakeUpstream, UpstreamClient], Awaitable[None]]
 JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -140,14 +140,21 @@ def test_chunked_body_is_read_whole_and_connection_reused() -> None:
     run(scenario)
 
 
-async def _raw_server(response: bytes, accepted: list[int]) -> asyncio.Server:
+async def _raw_server(response: bytes, accepted: list[int], *, hold: bool = False) -> asyncio.Server:
+    """Answers each connection with ``response`` and closes it (``hold``: once the client closes)."""
+
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         accepted.append(1)
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(response)
-        await writer.drain()
-        writer.close()
-        await writer.wait_closed()
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(response)
+            await writer.drain()
+            if hold:
+                await reader.read()
+        except ConnectionError:
+            pass  # the client gave up on the answer, as some tests want it to
+        finally:
+            writer.close()
 
     return await asyncio.start_server(handle, "127.0.0.1", 0)
 
@@ -177,6 +184,52 @@ def test_other_framings_and_no_reuse_after_close(response: bytes, body: bytes) -
                 assert await answer.read() == body
                 await answer.aclose()
             assert len(accepted) == 2
+
+    asyncio.run(main())
+
+
+def test_body_far_above_the_pause_threshold_is_read_whole() -> None:
+    async def scenario(fake: FakeUpstream, client: UpstreamClient) -> None:
+        body = await post(fake, client, "big-json", timeout_s=2)
+        assert len(body) > 16 * HIGH_WATER
+        content = json.loads(body)["choices"][0]["message"]["content"]
+        assert content == BIG_JSON_CONTENT
+        await post(fake, client, "m")
+        assert fake.accepts == 1  # read to the end: the connection went back to the pool
+
+    run(scenario)
+
+
+def test_body_over_the_limit_is_refused() -> None:
+    async def main() -> None:
+        size = MAX_BODY + 1
+        head = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % size
+        server = await _raw_server(head + b"x" * size, [])
+        port = server.sockets[0].getsockname()[1]
+        async with server, UpstreamClient() as client:
+            answer = await client.request(
+                "GET", f"http://127.0.0.1:{port}/", [], b"", timeout_s=5, route="raw"
+            )
+            with pytest.raises(UpstreamError, match="upstream raw sent a body over 32 MiB") as info:
+                await answer.read()
+            assert info.value.status == 502
+            await answer.aclose()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("finished", [True, False], ids=["in-one-read", "never-ending"])
+def test_oversized_response_head_is_refused(finished: bool) -> None:
+    head = b"HTTP/1.1 200 OK\r\nx-big: " + b"a" * (MAX_HEAD + 1)
+    if finished:
+        head += b"\r\ncontent-length: 2\r\n\r\nok"
+
+    async def main() -> None:
+        server = await _raw_server(head, [], hold=True)
+        port = server.sockets[0].getsockname()[1]
+        async with server, UpstreamClient() as client:
+            with pytest.raises(UpstreamError, match="upstream raw sent an oversized response head"):
+                await client.request("GET", f"http://127.0.0.1:{port}/", [], b"", timeout_s=5, route="raw")
 
     asyncio.run(main())
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ from routes.translate import (
     messages_response_to_chat,
 )
 from routes.usage import (
+    MAX_EVENT,
     SSEScanner,
     anthropic_usage,
     event_fields,
@@ -364,7 +366,7 @@ def _sse_payloads(stream: bytes) -> list[Any]:
 
 def _translate_stream(events: list[bytes], *, include_usage: bool) -> tuple[list[Any], MessagesStreamToChat]:
     translator = MessagesStreamToChat(include_usage=include_usage, created=5)
-    scanner = SSEScanner()
+    scanner = SSEScanner("fake")
     out = b""
     for raw in events:
         for event in split_events(scanner.feed(raw)):
@@ -445,7 +447,7 @@ ANTHROPIC_STREAM = b"".join(
 
 
 def _events(pieces: list[bytes]) -> list[bytes]:
-    scanner = SSEScanner()
+    scanner = SSEScanner("fake")
     region = b"".join(scanner.feed(piece) for piece in pieces)
     return split_events(region + scanner.flush())
 
@@ -462,13 +464,35 @@ def test_scanner_yields_the_same_events_at_every_split(stream: bytes) -> None:
 
 
 def test_scanner_holds_an_unfinished_event_and_flushes_the_tail() -> None:
-    scanner = SSEScanner()
+    scanner = SSEScanner("fake")
     assert scanner.feed(b"data: 1\n\ndata: 2") == b"data: 1\n\n"
     assert scanner.feed(b"\r") == b""
     assert scanner.feed(b"\n\r\n") == b"data: 2\n\n"
     assert scanner.feed(b"data: 3\n") == b""
     assert scanner.flush() == b"data: 3\n"
     assert scanner.flush() == b""
+
+
+def test_scanner_refuses_an_event_over_the_limit() -> None:
+    scanner = SSEScanner("fake")
+    assert scanner.feed(b"data: " + b"x" * (MAX_EVENT - 100)) == b""
+    assert scanner.feed(b"x\n\ndata: next") == b"data: " + b"x" * (MAX_EVENT - 99) + b"\n\n"
+    with pytest.raises(UpstreamError, match="upstream fake sent an oversized event") as info:
+        for _ in range(MAX_EVENT // 4096 + 1):
+            scanner.feed(b"y" * 4096)
+    assert info.value.status == 502
+
+
+def test_scanner_time_is_linear_in_the_bytes_fed() -> None:
+    # One long event in small pieces: re-joining and re-searching the held tail on every feed would cost
+    # about 30 GB of copying here (many seconds); searching each piece once costs milliseconds.
+    scanner = SSEScanner("fake")
+    piece = b"x" * 31 + b"\n"
+    started = time.perf_counter()
+    for _ in range((MAX_EVENT - 64 * 1024) // len(piece)):
+        assert scanner.feed(piece) == b""
+    assert scanner.feed(b"\n").endswith(b"x\n\n")
+    assert time.perf_counter() - started < 1.0
 
 
 def test_event_fields_joins_data_lines_and_skips_comments() -> None:
@@ -478,7 +502,7 @@ def test_event_fields_joins_data_lines_and_skips_comments() -> None:
 @pytest.mark.parametrize("keep", [False, True])
 def test_openai_usage_chunk_counted_and_dropped_unless_asked(keep: bool) -> None:
     usage = Usage()
-    out = filter_openai_sse(SSEScanner().feed(OPENAI_STREAM), usage, keep_usage_chunk=keep)
+    out = filter_openai_sse(SSEScanner("fake").feed(OPENAI_STREAM), usage, keep_usage_chunk=keep)
     assert usage == Usage(2, 4, True)
     payloads = _sse_payloads(out)
     assert payloads[-1] == "[DONE]"
@@ -506,7 +530,7 @@ def test_usage_in_a_chunk_with_choices_is_counted_and_kept() -> None:
 
 def test_anthropic_stream_usage() -> None:
     usage = Usage()
-    scan_anthropic_sse(SSEScanner().feed(ANTHROPIC_STREAM), usage)
+    scan_anthropic_sse(SSEScanner("fake").feed(ANTHROPIC_STREAM), usage)
     assert usage == Usage(3, 4, True)
     later = (
         b'event: message_delta\ndata: {"type":"message_delta","usage":{"input_tokens":8,"output_tokens":2}}'

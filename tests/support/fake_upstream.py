@@ -9,10 +9,12 @@ listens anywhere but 127.0.0.1 unless told to.
 
 Models: ``fail-<status>`` answers that status with a provider-shaped JSON error (``fail-401`` echoes a
 fragment of the key it received, ``fail-429`` sends ``Retry-After: 7``), ``fail-400-text`` a non-JSON 400,
-``fail-reset`` closes the socket without answering, ``fail-timeout`` never answers, ``fail-midstream``
-streams two chunks and closes the socket, ``slow-stream`` sends chunks 50 ms apart, ``big-stream`` sends
-2000 content chunks. Every other model answers "Hello from <model>" (usage: prompt tokens = words in the
-messages, 4 completion tokens).
+``fail-400-big`` a JSON 400 of about 1 MiB, ``fail-reset`` closes the socket without answering,
+``fail-timeout`` never answers, ``fail-midstream`` streams two chunks and closes the socket,
+``fail-nodone`` streams one event and ends the body cleanly without the last event (``[DONE]`` /
+``message_stop``), ``slow-stream`` sends chunks 50 ms apart, ``big-stream`` sends 2000 content chunks,
+``big-json`` answers about 1 MiB of content. Every other model answers "Hello from <model>" (usage: prompt
+tokens = words in the messages, 4 completion tokens).
 
 Run standalone: ``python -m tests.support.fake_upstream --port 9100 [--fast]``.
 """
@@ -36,6 +38,7 @@ import httptools
 
 SLOW_CHUNK_DELAY_S = 0.05
 BIG_STREAM_CHUNKS = 2000
+BIG_JSON_CONTENT = "tok " * (256 * 1024)  # 1 MiB, in one piece
 _CACHE_LIMIT = 4096
 _CREATED = 1_764_000_000
 
@@ -121,6 +124,8 @@ def _last_user_text(messages: list[Any]) -> str:
 def _pieces(model: str) -> list[str]:
     if model == "big-stream":
         return ["tok "] * BIG_STREAM_CHUNKS
+    if model == "big-json":
+        return [BIG_JSON_CONTENT]
     return ["Hello", " from", " ", model]
 
 
@@ -233,6 +238,8 @@ def _failure(kind: str, model: str, headers: dict[str, str], close: bool) -> byt
     code = model[5:]
     if code == "400-text":
         return _head(400, b"text/plain", length=11, close=close) + b"bad request"
+    if code == "400-big":
+        return _json_response(400, _error_body(kind, 400, BIG_JSON_CONTENT), close=close)
     if not code.isdigit():
         return None
     status = int(code)
@@ -481,13 +488,16 @@ class FakeUpstream:
             conn.close()
         elif model == "fail-timeout":
             conn.run(asyncio.sleep(3600))
-        elif model == "fail-midstream":
+        elif model in ("fail-midstream", "fail-nodone"):
             head = _head(200, b"text/event-stream", length=None, close=not keep_alive)
             _, events = (
                 openai_answer({"model": model}) if kind == "openai" else anthropic_answer({"model": model})
             )
-            conn.write(head + _chunk(events[0]) + _chunk(events[1]))
-            conn.close()
+            if model == "fail-nodone":
+                conn.write(head + _chunk(events[0]) + _LAST_CHUNK, keep_alive=keep_alive)
+            else:
+                conn.write(head + _chunk(events[0]) + _chunk(events[1]))
+                conn.close()
         else:
             response = _failure(kind, model, headers, close=not keep_alive)
             if response is None:
