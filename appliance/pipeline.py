@@ -247,10 +247,9 @@ class Pipeline:
         """Route and answer. Whatever happens here, exactly one outcome record follows."""
         out = _Outcome()
         handler = asyncio.current_task()
-        watcher = asyncio.ensure_future(responder.wait_disconnected())
-        # The client left: stop the upstream work. Only while forwarding: a late wake-up must not cancel
-        # the handler once it is past this phase.
-        watcher.add_done_callback(lambda w: _stop_on_disconnect(w, out, handler))
+        # The client left: stop the upstream work. Only while forwarding: a late call must not cancel the
+        # handler once it is past this phase.
+        responder.on_disconnect(lambda: _stop_on_disconnect(out, handler))
         result: RouteResult | None = None
         try:
             result = await self.route(ex)
@@ -276,7 +275,6 @@ class Pipeline:
             raise
         finally:
             out.watching = False
-            watcher.cancel()
             if out.detail == "client_closed" and not responder.started:
                 out.status = _CLIENT_CLOSED
             # Recorded before aclose(): a cancellation landing there must not skip the record.
@@ -323,10 +321,8 @@ class _Outcome:
     watching: bool = True
 
 
-def _stop_on_disconnect(
-    watcher: asyncio.Future[None], out: _Outcome, handler: asyncio.Task[Any] | None
-) -> None:
-    if out.watching and handler is not None and not watcher.cancelled():
+def _stop_on_disconnect(out: _Outcome, handler: asyncio.Task[Any] | None) -> None:
+    if out.watching and handler is not None:
         handler.cancel()
 
 
