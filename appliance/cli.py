@@ -197,16 +197,13 @@ def _read_bundle(path: Path) -> bytes:
 def policy_verify(home: Path | None, bundle: Path) -> None:
     """Run every import check on BUNDLE without activating it."""
     target = _home(home)
-    vault = target.open_vault()
-    try:
+    with target.open_vault() as vault:
         vb = importer.verify_bundle(
             _read_bundle(bundle),
             target.trust(),
             site=target.settings().site,
             current_version=vault.policies.current_version(),
         )
-    finally:
-        vault.close()
     click.echo(
         f"ok: policy v{vb.policy.version}, sha256 {vb.sha256}, signed by {len(vb.keyids)} trusted key(s)"
     )
@@ -218,8 +215,7 @@ def policy_verify(home: Path | None, bundle: Path) -> None:
 def policy_import(home: Path | None, bundle: Path) -> None:
     """Verify BUNDLE and make it the policy in force; prints what changed."""
     target = _home(home)
-    vault = target.open_vault()
-    try:
+    with target.open_vault() as vault:
         active = vault.policies.current()
         old = Policy.model_validate_json(dsse.parse_envelope(active.envelope).payload) if active else None
         vb = importer.verify_bundle(
@@ -236,8 +232,6 @@ def policy_import(home: Path | None, bundle: Path) -> None:
         vault.policies.activate(
             vb, also=lambda conn: ledger.record_in(conn, {"type": "admin", "detail": detail})
         )
-    finally:
-        vault.close()
     click.echo(f"policy v{vb.policy.version} imported and in force (running gateways switch within seconds)")
     for line in summarize_change(old, vb.policy):
         click.echo(f"  {line}")
@@ -247,11 +241,8 @@ def policy_import(home: Path | None, bundle: Path) -> None:
 @home_option
 def policy_show(home: Path | None) -> None:
     """Print the policy in force."""
-    vault = _home(home).open_vault()
-    try:
+    with _home(home).open_vault() as vault:
         active = vault.policies.current()
-    finally:
-        vault.close()
     if active is None:
         raise OperatorError("no policy has been imported: every API request is refused")
     click.echo(json.dumps(json.loads(dsse.parse_envelope(active.envelope).payload), indent=2))
@@ -261,11 +252,8 @@ def policy_show(home: Path | None) -> None:
 @home_option
 def policy_history(home: Path | None) -> None:
     """List every imported policy version."""
-    vault = _home(home).open_vault()
-    try:
+    with _home(home).open_vault() as vault:
         rows = vault.policies.history()
-    finally:
-        vault.close()
     for row in rows:
         click.echo(json.dumps(row, default=str))
 
@@ -330,11 +318,8 @@ def trust_list(home: Path | None) -> None:
 
 
 def _audit_change(home: Home, detail: str, claw_id: str | None = None) -> None:
-    vault = home.open_vault()
-    try:
+    with home.open_vault() as vault:
         _audit(vault, detail, claw_id)
-    finally:
-        vault.close()
 
 
 # -- provider keys ---------------------------------------------------------------------------------------
@@ -356,12 +341,9 @@ def keys_set(home: Path | None, route: str) -> None:
         secret = sys.stdin.read()
     if not secret.strip():
         raise OperatorError("no key on standard input; usage: phi-gateway keys set ROUTE < key.txt")
-    vault = _home(home).open_vault()
-    try:
+    with _home(home).open_vault() as vault:
         fingerprint = vault.keys.set(route, secret)
         _audit(vault, f"key_set route={route} {fingerprint}")
-    finally:
-        vault.close()
     click.echo(f"key for route {route} sealed ({fingerprint})")
 
 
@@ -369,11 +351,8 @@ def keys_set(home: Path | None, route: str) -> None:
 @home_option
 def keys_list(home: Path | None) -> None:
     """List provider keys: route names and fingerprints only."""
-    vault = _home(home).open_vault()
-    try:
+    with _home(home).open_vault() as vault:
         rows = vault.keys.list()
-    finally:
-        vault.close()
     for row in rows:
         click.echo(f"{row['name']}\t{row['fingerprint']}\tupdated {row['updated_at']}")
 
@@ -383,13 +362,10 @@ def keys_list(home: Path | None) -> None:
 @click.argument("route")
 def keys_remove(home: Path | None, route: str) -> None:
     """Delete the provider key for ROUTE."""
-    vault = _home(home).open_vault()
-    try:
+    with _home(home).open_vault() as vault:
         if not vault.keys.remove(route):
             raise OperatorError(f"no key is set for route {route}")
         _audit(vault, f"key_remove route={route}")
-    finally:
-        vault.close()
     click.echo(f"key for route {route} removed")
 
 
@@ -441,14 +417,11 @@ def token_issue(
     allow_unknown_role: bool,
 ) -> None:
     """Issue a token for CALLER; it is printed once, alone on the last line."""
-    vault = _home(home).open_vault()
-    try:
+    with _home(home).open_vault() as vault:
         if not allow_unknown_role:
             _require_role(vault, org, role)
         token = vault.tokens.issue(caller, org, role, expires_at=_parse_expiry(expires), note=note)
         _audit(vault, f"token_issue org={org} role={role}", claw_id=caller)
-    finally:
-        vault.close()
     click.echo(
         f"token for {caller} ({org}/{role}); shown once, store it in the application's secret store:",
         err=True,
@@ -475,11 +448,8 @@ def _require_role(vault: Vault, org: str, role: str) -> None:
 @click.option("--all", "include_revoked", is_flag=True, help="Include revoked tokens.")
 def token_list(home: Path | None, include_revoked: bool) -> None:
     """List tokens (never their secrets)."""
-    vault = _home(home).open_vault()
-    try:
+    with _home(home).open_vault() as vault:
         rows = vault.tokens.list(include_revoked=include_revoked)
-    finally:
-        vault.close()
     for row in rows:
         click.echo(json.dumps(row, default=str))
 
@@ -489,14 +459,11 @@ def token_list(home: Path | None, include_revoked: bool) -> None:
 @click.argument("caller")
 def token_revoke(home: Path | None, caller: str) -> None:
     """Revoke every token of CALLER (effective on the next request, no restart)."""
-    vault = _home(home).open_vault()
-    try:
+    with _home(home).open_vault() as vault:
         count = vault.tokens.revoke(caller)
         if count == 0:
             raise OperatorError(f"{caller} has no active token")
         _audit(vault, f"token_revoke count={count}", claw_id=caller)
-    finally:
-        vault.close()
     click.echo(f"revoked {count} token(s) of {caller}")
 
 
@@ -514,8 +481,7 @@ def token_import_cllama(
     home: Path | None, directory: Path, org: str, role: str, allow_unknown_role: bool
 ) -> None:
     """Import tokens from a cllama context directory (<agent-id>/metadata.json)."""
-    vault = _home(home).open_vault()
-    try:
+    with _home(home).open_vault() as vault:
         if not allow_unknown_role:
             _require_role(vault, org, role)
         results = vault.tokens.import_cllama(directory, org=org, role=role)
@@ -523,8 +489,6 @@ def token_import_cllama(
             if outcome == "imported":
                 _audit(vault, f"token_import_cllama org={org} role={role}", claw_id=caller)
             click.echo(f"{caller}: {outcome}")
-    finally:
-        vault.close()
 
 
 # -- audit -----------------------------------------------------------------------------------------------
@@ -539,11 +503,8 @@ def audit_group() -> None:
 @home_option
 def audit_verify(home: Path | None) -> None:
     """Recompute the hash chain; exit 1 and name the first bad record on any inconsistency."""
-    vault = _home(home).open_vault()
-    try:
+    with _home(home).open_vault() as vault:
         report = vault.ledger.verify()
-    finally:
-        vault.close()
     if not report.ok:
         raise OperatorError(f"ledger verification FAILED after {report.records} records: {report.message}")
     if report.records == 0:
@@ -556,11 +517,8 @@ def audit_verify(home: Path | None) -> None:
 @click.option("-n", "count", default=20, show_default=True)
 def audit_tail(home: Path | None, count: int) -> None:
     """Print the last N records as JSON lines."""
-    vault = _home(home).open_vault()
-    try:
+    with _home(home).open_vault() as vault:
         rows = vault.ledger.tail(count)
-    finally:
-        vault.close()
     for row in rows:
         click.echo(json.dumps(row))
 
@@ -572,11 +530,8 @@ _PENDING_SHOWN = 100
 @home_option
 def audit_pending(home: Path | None) -> None:
     """Requests forwarded whose outcome was never recorded (e.g. a crash mid-request)."""
-    vault = _home(home).open_vault()
-    try:
+    with _home(home).open_vault() as vault:
         ids = vault.ledger.pending_outcomes(limit=_PENDING_SHOWN)
-    finally:
-        vault.close()
     for request_id in ids:
         click.echo(request_id)
     shown = f"the first {len(ids)}" if len(ids) == _PENDING_SHOWN else str(len(ids))

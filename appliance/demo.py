@@ -78,8 +78,7 @@ def prepare(home: Home, now: datetime | None = None) -> tuple[str, list[str]]:
     trust = home.trust()
     keyid = trust.add(Path(f"{author}.pub"))
     trust.save()
-    vault = home.open_vault()
-    try:
+    with home.open_vault() as vault:
         active = vault.policies.current()
         current = vault.policies.current_version()
         if active is None or _expires_soon(active.envelope, now):
@@ -107,8 +106,6 @@ def prepare(home: Home, now: datetime | None = None) -> tuple[str, list[str]]:
                 {"type": "admin", "claw_id": caller, "detail": f"token_issue org={org} role={role}"}
             )
             done.append(f"token issued for {caller} ({org}/{role})")
-    finally:
-        vault.close()
     return token, done
 
 

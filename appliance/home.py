@@ -64,6 +64,12 @@ class Vault:
     policies: PolicyStore
     ledger: Ledger
 
+    def __enter__(self) -> Vault:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         self.ledger.seal_head()  # sign the newest record: a later cut from the end shows in verify
         self.db.close()  # the writer commits everything queued first
@@ -125,9 +131,8 @@ class Home:
         if not self.trust_path.exists():
             TrustStore.load(self.trust_path).save()
             created.append(f"{self.trust_path} (no trusted authoring keys yet)")
-        vault = self.open_vault()
-        vault.ledger.append_sync({"type": "admin", "detail": f"init site={site}"})
-        vault.close()
+        with self.open_vault() as vault:
+            vault.ledger.append_sync({"type": "admin", "detail": f"init site={site}"})
         created.append(f"{self.vault_path}")
         return created
 

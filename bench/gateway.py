@@ -91,13 +91,10 @@ def _prepare_home(root: Path, upstream_port: int) -> tuple[Home, str]:
         json.dumps(policy_doc(f"http://127.0.0.1:{upstream_port}")).encode(),
         [policy_keys.load_signing_key(Path(f"{author}.key"))],
     )
-    vault = home.open_vault()
-    try:
+    with home.open_vault() as vault:
         vault.policies.activate(importer.verify_bundle(envelope, trust, site=SITE, current_version=None))
         vault.keys.set("openai", "sk-bench-0000000000000000")
         token = vault.tokens.issue("bench-app", "stmarys", "radiology")
-    finally:
-        vault.close()
     return home, token
 
 

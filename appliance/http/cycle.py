@@ -231,18 +231,25 @@ class Responder:
 
     # ---- the response -------------------------------------------------------------------------
 
-    async def send(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-        """Write a complete response; Content-Length, Date, Server and Connection are added here."""
+    async def _head(self, status: int, headers: list[tuple[bytes, bytes]]) -> list[bytes] | None:
+        """The start of a response head, once the client has drained; None if the client has gone."""
         if self.started:
             raise RuntimeError("response already started")
         flow = self._conn.flow
         if flow.write_paused and not self.disconnected:
             await flow.drain()
         if self.disconnected:
-            return
+            return None
         parts = [status_line(status), date_header(), SERVER]
         if not header_lines(parts, headers):
             self.keep_alive = False
+        return parts
+
+    async def send(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        """Write a complete response; Content-Length, Date, Server and Connection are added here."""
+        parts = await self._head(status, headers)
+        if parts is None:
+            return
         if status < 200 or status == 204 or status == 304:
             body = b""
         else:
@@ -258,16 +265,9 @@ class Responder:
 
     async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         """Write the head of a streamed response (chunked; plain until close for HTTP/1.0 clients)."""
-        if self.started:
-            raise RuntimeError("response already started")
-        flow = self._conn.flow
-        if flow.write_paused and not self.disconnected:
-            await flow.drain()
-        if self.disconnected:
+        parts = await self._head(status, headers)
+        if parts is None:
             return
-        parts = [status_line(status), date_header(), SERVER]
-        if not header_lines(parts, headers):
-            self.keep_alive = False
         if self.http10:
             self.keep_alive = False  # no chunked encoding in HTTP/1.0: the body ends at close
         else:

@@ -15,12 +15,13 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from appliance.errors import BundleRejected
+from appliance.policy.schema import no_duplicate_keys
 
 if TYPE_CHECKING:
     from appliance.policy.keys import SigningKey
@@ -64,7 +65,7 @@ def keyid_of(public: Ed25519PublicKey) -> str:
 def parse_envelope(data: bytes) -> Envelope:
     """Strictly parse envelope JSON; any deviation raises ``BundleRejected("format", ...)``."""
     try:
-        doc = json.loads(data, object_pairs_hook=_pairs_without_duplicates)
+        doc = json.loads(data, object_pairs_hook=no_duplicate_keys)
     except (ValueError, RecursionError) as exc:
         raise BundleRejected("format", f"the bundle is not a JSON document: {exc}") from exc
     if not isinstance(doc, dict):
@@ -129,12 +130,3 @@ def _b64decode(value: object, what: str) -> bytes:
             except binascii.Error:
                 pass
     raise BundleRejected("format", f"{what} is not valid base64")
-
-
-def _pairs_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    doc: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in doc:
-            raise ValueError(f"duplicate key {key!r}")
-        doc[key] = value
-    return doc

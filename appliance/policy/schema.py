@@ -205,7 +205,7 @@ class Policy(_Frozen):
 def parse_policy(payload: bytes) -> Policy:
     """Strictly parse verified payload bytes; raise ``BundleRejected("schema", ...)`` naming each field."""
     try:
-        json.loads(payload, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        json.loads(payload, object_pairs_hook=no_duplicate_keys, parse_constant=_no_constant)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise BundleRejected("schema", f"the payload is not valid JSON: {exc}") from exc
     try:
@@ -228,7 +228,8 @@ def describe_errors(exc: ValidationError) -> str:
     return "the policy document is invalid: " + "; ".join(lines)
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads`` hook: a key given twice is an error (signer and verifier must read the same value)."""
     seen: dict[str, Any] = {}
     for key, value in pairs:
         if key in seen:

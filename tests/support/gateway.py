@@ -106,36 +106,24 @@ class GatewayHarness:
         envelope = dsse.sign(
             json.dumps(doc).encode(), [policy_keys.load_signing_key(Path(f"{self.author}.key"))]
         )
-        vault = self.home.open_vault()
-        try:
+        with self.home.open_vault() as vault:
             vb = importer.verify_bundle(
                 envelope, self.home.trust(), site=SITE, current_version=vault.policies.current_version()
             )
             vault.policies.activate(vb)
-        finally:
-            vault.close()
 
     def issue(self, caller: str, org: str = "stmarys", role: str = "radiology") -> str:
-        vault = self.home.open_vault()
-        try:
+        with self.home.open_vault() as vault:
             return vault.tokens.issue(caller, org, role)
-        finally:
-            vault.close()
 
     def revoke(self, caller: str) -> int:
-        vault = self.home.open_vault()
-        try:
+        with self.home.open_vault() as vault:
             return vault.tokens.revoke(caller)
-        finally:
-            vault.close()
 
     def set_provider_keys(self) -> None:
-        vault = self.home.open_vault()
-        try:
+        with self.home.open_vault() as vault:
             for name, secret in PROVIDER_KEYS.items():
                 vault.keys.set(name, secret)
-        finally:
-            vault.close()
 
     # -- the server --
 
@@ -168,11 +156,8 @@ class GatewayHarness:
         self._loop = None
 
     def ledger_rows(self) -> Iterator[dict[str, Any]]:
-        vault = self.home.open_vault()
-        try:
+        with self.home.open_vault() as vault:
             rows = vault.db.reader().execute("SELECT record FROM ledger ORDER BY seq").fetchall()
-        finally:
-            vault.close()
         for (record,) in rows:
             yield json.loads(record)
 
