@@ -53,11 +53,18 @@ class Api:
     async def handle(self, request: Request, responder: Responder) -> None:
         entry = self._routes.get(request.path.rstrip("/") or "/")
         if entry is None:
-            raise NotFound(f"no such endpoint: {request.method} {request.path}", code="unknown_endpoint")
+            error = NotFound(f"no such endpoint: {request.method} {request.path}", code="unknown_endpoint")
+            await self._refuse(request, responder, error)
+            return
         method, handler = entry
         if request.method != method and not (method == "GET" and request.method == "HEAD"):
-            raise MethodNotAllowed(f"{request.path} accepts {method} only")
+            await self._refuse(request, responder, MethodNotAllowed(f"{request.path} accepts {method} only"))
+            return
         await handler(request, responder)
+
+    async def _refuse(self, request: Request, responder: Responder, error: GatewayError) -> None:
+        """An unknown endpoint or method: recorded like every other refusal."""
+        await self._pipeline.refuse(Exchange(request, "chat"), responder, error, render_openai_error)
 
     async def chat_completions(self, request: Request, responder: Responder) -> None:
         await self._pipeline.run(request, responder, "chat", render_openai_error)

@@ -21,7 +21,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -152,7 +152,7 @@ class Record:
         record["decision"] = "denied"
         record["status_code"] = error.status
         record["intervention"] = "policy_denied" if denied else None
-        record["detail"] = error.decision.reason if isinstance(error, _Denied) else error.code
+        record["detail"] = error.code  # for a policy refusal, the decision's reason
         await self._durable(record)
 
     async def listed(self, ex: Exchange, body: bytes) -> None:
@@ -221,7 +221,7 @@ class Pipeline:
             ex.state = self._keeper.current
             body = await request.body()
             ex.request_sha256 = hashlib.sha256(body).hexdigest()
-            ex.payload, ex.model = _parse_request(body, endpoint)
+            ex.payload, ex.model = _parse_request(body)
             ex.model_label = _model_label(ex.model)
             ex.decision = self.police(ex.state, ex.caller, ex.model)
         except GatewayError as error:
@@ -329,7 +329,7 @@ def _stop_on_disconnect(out: _Outcome, handler: asyncio.Task[Any] | None) -> Non
 # -- helpers ---------------------------------------------------------------------------------------------
 
 
-def _parse_request(body: bytes, endpoint: Endpoint) -> tuple[dict[str, Any], str]:
+def _parse_request(body: bytes) -> tuple[dict[str, Any], str]:
     if not body:
         raise BadRequest("the request body is empty; expected a JSON object", code="invalid_json")
     try:
@@ -380,7 +380,6 @@ async def _send_error(ex: Exchange, responder: Responder, error: GatewayError, r
         await responder.send(error.status, headers, render(error))
 
 
-def _log_failed_outcome(fut: Awaitable[Any]) -> None:
-    assert isinstance(fut, asyncio.Future)
+def _log_failed_outcome(fut: asyncio.Future[int]) -> None:
     if not fut.cancelled() and fut.exception() is not None:
         log.error("an outcome record could not be written: %s", fut.exception())

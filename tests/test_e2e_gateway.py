@@ -147,6 +147,11 @@ def test_unknown_endpoint_and_method(harness: GatewayHarness) -> None:
     assert _get(f"{root}/v2/nothing")[0] == 404
     status, doc = _get(f"{root}/v1/chat/completions")
     assert status == 405 and doc["error"]["type"] == "invalid_request_error"
+    _until(
+        lambda: (
+            {"unknown_endpoint", "method_not_allowed"} <= {r.get("detail") for r in harness.audit.records()}
+        )
+    )
 
 
 def test_bad_json_is_a_clean_400_and_recorded(harness: GatewayHarness) -> None:
