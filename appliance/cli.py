@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import click
 
 from appliance import __version__, demo
+from appliance.admin import AdminClient
 from appliance.errors import BundleRejected, GatewayError, OperatorError
 from appliance.home import Home, Vault, resolve_home
 from appliance.policy import dsse, importer
@@ -124,6 +125,13 @@ def demo_cmd(home: Path, host: str, port: int) -> None:
         err=True,
     )
     Gateway(target, audit_out=sys.stdout).run(host, port)
+
+
+@main.command("status")
+@home_option
+def status_cmd(home: Path | None) -> None:
+    """Ask the running gateway how it is (policy, ledger, local models), through its admin socket."""
+    click.echo(json.dumps(AdminClient(_home(home).admin_socket).call("GET", "/admin/status"), indent=2))
 
 
 @main.group("config")
@@ -235,6 +243,16 @@ def policy_import(home: Path | None, bundle: Path) -> None:
     click.echo(f"policy v{vb.policy.version} imported and in force (running gateways switch within seconds)")
     for line in summarize_change(old, vb.policy):
         click.echo(f"  {line}")
+
+
+@policy_group.command("reload")
+@home_option
+def policy_reload(home: Path | None) -> None:
+    """Make the running gateway look for a new policy or trust file now (it also does every second)."""
+    doc = AdminClient(_home(home).admin_socket).call("POST", "/admin/policy/reload")
+    click.echo(
+        f"policy v{doc['version']} in force" if doc["version"] else f"no policy in force: {doc['reason']}"
+    )
 
 
 @policy_group.command("show")

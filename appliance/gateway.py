@@ -10,15 +10,19 @@ Never: serves before the vault is open; leaves the ledger writer with records it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import sys
-from typing import TextIO
+import time
+from typing import Any, TextIO
 
+from appliance.admin import AdminApi
 from appliance.api import Api
 from appliance.config import Settings
+from appliance.errors import Unavailable
 from appliance.home import Home, Vault
-from appliance.http import HttpServer
+from appliance.http import HttpLimits, HttpServer
 from appliance.http.server import Rejection, install_event_loop_policy
 from appliance.pipeline import Pipeline
 from appliance.policy_state import PolicyKeeper
@@ -39,6 +43,8 @@ class Gateway:
         self.server: HttpServer | None = None
         self.keeper: PolicyKeeper | None = None
         self._client: UpstreamClient | None = None
+        self.admin: HttpServer | None = None
+        self._started = time.monotonic()
 
     async def start(
         self, host: str | None = None, port: int | None = None, *, sock: socket.socket | None = None
@@ -60,6 +66,7 @@ class Gateway:
         await server.start(
             host or settings.server.host, settings.server.port if port is None else port, sock=sock
         )
+        await self._start_admin()
         state = keeper.current
         log.info(
             "phi-gateway listening on %s:%d; policy %s",
@@ -69,7 +76,53 @@ class Gateway:
         )
         return server
 
+    async def _start_admin(self) -> None:
+        path = self.home.admin_socket
+        if sys.platform == "win32":  # pragma: no cover - no unix sockets under the Windows event loop
+            log.warning("no admin socket on Windows: the operator verbs that need one will say so")
+            return
+        self.admin = HttpServer(AdminApi(self).handle, HttpLimits(max_concurrency=16, max_body_bytes=65536))
+        await self.admin.start_unix(str(path))
+        log.info("admin API on %s (0600)", path)
+
+    # -- what the admin socket may ask (AdminTarget) -----------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        keeper, vault, server = self.keeper, self.vault, self.server
+        state = keeper.current if keeper else None
+        return {
+            "uptime_s": round(time.monotonic() - self._started, 1),
+            "site": self.settings.site,
+            "policy": {
+                "in_force": state is not None,
+                "version": state.version if state else None,
+                "expires_at": state.policy.expires_at.isoformat() if state else None,
+                "reason": keeper.reason if keeper else "not started",
+            },
+            "ledger": {
+                "writable": vault.ledger.healthy if vault else False,
+                "records": vault.ledger.count() if vault else None,
+                "stdout_lines_dropped": vault.ledger.dropped_lines if vault else 0,
+            },
+            "http": {"in_flight": server.in_flight if server else 0},
+        }
+
+    def reload_policy(self) -> dict[str, Any]:
+        if self.keeper is None:
+            raise Unavailable("the gateway is not serving")
+        swapped = self.keeper.refresh(force=True)
+        state = self.keeper.current
+        return {"swapped": swapped, "version": state.version if state else None, "reason": self.keeper.reason}
+
+    def record_admin(self, detail: str) -> None:
+        if self.vault is not None:
+            self.vault.ledger.append({"type": "admin", "detail": detail}).add_done_callback(_ignore_result)
+
     async def stop(self) -> None:
+        if self.admin is not None:
+            await self.admin.shutdown()
+            with contextlib.suppress(FileNotFoundError):
+                self.home.admin_socket.unlink()
         if self.server is not None:
             await self.server.shutdown()
         if self.keeper is not None:

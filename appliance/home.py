@@ -11,6 +11,7 @@ Never: overwrites an existing key; loosens a file mode; keeps anything secret ou
       trust.json            the policy-authoring keys this appliance trusts, and the threshold
       vault.db              SQLite: hashed tokens, sealed provider keys, policies, the audit ledger
       models/               local GGUF files, pinned by SHA-256 in the policy
+      admin.sock            0600  the running gateway's operator API (unix socket; never on the network)
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ class Home:
         self.trust_path = root / "trust.json"
         self.vault_path = root / "vault.db"
         self.models_dir = root / "models"
+        self.admin_socket = root / "admin.sock"
 
     @property
     def initialized(self) -> bool:

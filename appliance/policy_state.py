@@ -49,15 +49,16 @@ class PolicyKeeper:
         self._seen: tuple[int | None, float] = (None, -1.0)
         self._task: asyncio.Task[None] | None = None
 
-    def refresh(self) -> bool:
-        """Reload if the stored policy or the trust file changed, or the policy expired. True if swapped."""
+    def refresh(self, *, force: bool = False) -> bool:
+        """Reload if the stored policy or the trust file changed, or the policy expired (or ``force``).
+        True if it reloaded."""
         version = self._store.current_version()
         try:
             trust_mtime = self._trust_path.stat().st_mtime
         except FileNotFoundError:
             trust_mtime = 0.0
         expired = self.current is not None and self.current.policy.expires_at <= datetime.now(UTC)
-        if (version, trust_mtime) == self._seen and not expired:
+        if (version, trust_mtime) == self._seen and not expired and not force:
             return False
         try:
             policy, reason = load_active(self._store, TrustStore.load(self._trust_path), self._site)

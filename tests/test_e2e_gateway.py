@@ -272,3 +272,30 @@ def test_anthropic_sdk_sees_a_midstream_failure(harness: GatewayHarness) -> None
             for _ in stream:
                 pass
     _until(lambda: any(r["type"] == "error" and r["status_code"] == 502 for r in harness.audit.records()))
+
+
+def test_admin_socket_status_and_reload(harness: GatewayHarness) -> None:
+    from click.testing import CliRunner
+
+    from appliance.admin import AdminClient
+    from appliance.cli import main
+
+    socket_path = harness.home.admin_socket
+    assert oct(socket_path.stat().st_mode & 0o777) == "0o600"
+    status = AdminClient(socket_path).call("GET", "/admin/status")
+    assert status["policy"]["version"] == 1 and status["ledger"]["writable"] is True
+    reloaded = CliRunner().invoke(main, ["policy", "reload", "--home", str(harness.home.root)])
+    assert reloaded.exit_code == 0 and "policy v1 in force" in reloaded.output
+    shown = CliRunner().invoke(main, ["status", "--home", str(harness.home.root)])
+    assert shown.exit_code == 0 and json.loads(shown.stdout)["site"] == "test-site"
+    _until(lambda: any(r.get("detail") == "policy_reload via admin socket" for r in harness.audit.records()))
+
+
+def test_operator_verbs_say_when_no_gateway_runs(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from appliance.cli import main
+
+    h = GatewayHarness(tmp_path)
+    result = CliRunner().invoke(main, ["status", "--home", str(h.home.root)])
+    assert result.exit_code == 1 and "no gateway is running" in result.output

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 from collections.abc import Callable
@@ -70,6 +71,24 @@ class HttpServer:
             self._server = await loop.create_server(factory, sock=sock, backlog=2048)
         else:
             self._server = await loop.create_server(factory, host, port, reuse_address=True, backlog=2048)
+
+    async def start_unix(self, path: str) -> None:
+        """Start listening on a unix socket at ``path`` (replacing a stale one), mode 0600."""
+        if self._server is not None:
+            raise RuntimeError("server already started")
+        loop = asyncio.get_running_loop()
+        state = self._state
+
+        def factory() -> HttpProtocol:
+            return HttpProtocol(state)
+
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        old_umask = os.umask(0o177)  # created 0600: only the appliance's own user may connect
+        try:
+            self._server = await loop.create_unix_server(factory, path=path, backlog=64)
+        finally:
+            os.umask(old_umask)
 
     async def shutdown(self) -> None:
         """Stop listening, finish current responses, wait for handlers, then cancel the stragglers."""

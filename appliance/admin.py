@@ -1,0 +1,129 @@
+"""The operator plane of a running gateway: a small JSON API on a unix socket, and its client.
+
+    GET  /admin/status            policy, ledger, local models, counters (what /health shows, and more)
+    POST /admin/policy/reload     look for a new policy or trust file now, not at the next tick
+
+Owns: the socket (``<home>/admin.sock``, mode 0600 inside the 0700 home: only the appliance's own user
+can connect, so the file mode is the authentication), the routes above, and ``AdminClient`` used by the
+CLI (and later the console). Every change made through it is an ``admin`` record in the ledger.
+Never: listens on the network (the admin plane must not be reachable from the wards); returns a
+secret.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from appliance.errors import BadRequest, MethodNotAllowed, NotFound, OperatorError
+from appliance.http import Request, Responder
+
+_JSON = [(b"Content-Type", b"application/json")]
+_CLIENT_TIMEOUT_S = 600.0  # loading a large model verifies its hash first: minutes for tens of GB
+
+
+class AdminTarget(Protocol):
+    """What the admin plane may ask of a running gateway."""
+
+    def status(self) -> dict[str, Any]: ...
+
+    def reload_policy(self) -> dict[str, Any]: ...
+
+    def record_admin(self, detail: str) -> None: ...
+
+
+class AdminApi:
+    def __init__(self, target: AdminTarget) -> None:
+        self._target = target
+        self._routes: dict[str, tuple[str, Callable[[Request, Responder], Awaitable[None]]]] = {
+            "/admin/status": ("GET", self._status),
+            "/admin/policy/reload": ("POST", self._reload),
+        }
+
+    async def handle(self, request: Request, responder: Responder) -> None:
+        entry = self._routes.get(request.path.rstrip("/"))
+        if entry is None:
+            raise NotFound(f"no such admin endpoint: {request.path}")
+        method, handler = entry
+        if request.method != method:
+            raise MethodNotAllowed(f"{request.path} accepts {method} only")
+        await handler(request, responder)
+
+    async def _status(self, request: Request, responder: Responder) -> None:
+        await _send(responder, self._target.status())
+
+    async def _reload(self, request: Request, responder: Responder) -> None:
+        result = self._target.reload_policy()
+        self._target.record_admin("policy_reload via admin socket")
+        await _send(responder, result)
+
+
+def _model_of(body: bytes) -> str:
+    try:
+        doc = json.loads(body or b"{}")
+    except ValueError as exc:
+        raise BadRequest('the body must be JSON: {"model": "local/<name>"}') from exc
+    model = doc.get("model") if isinstance(doc, dict) else None
+    if not isinstance(model, str) or not model:
+        raise BadRequest("'model' is required: \"local/<name>\"", param="model")
+    return model
+
+
+async def _send(responder: Responder, doc: dict[str, Any]) -> None:
+    await responder.send(200, _JSON, json.dumps(doc, separators=(",", ":"), default=str).encode())
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = str(path)
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class AdminClient:
+    """Talks to a running gateway through ``<home>/admin.sock``."""
+
+    def __init__(self, socket_path: Path, timeout: float = _CLIENT_TIMEOUT_S) -> None:
+        self._path = socket_path
+        self._timeout = timeout
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        conn = _UnixConnection(self._path, self._timeout)
+        try:
+            payload = None if body is None else json.dumps(body).encode()
+            headers = {"Content-Type": "application/json"} if payload is not None else {}
+            conn.request(method, path, body=payload, headers=headers)
+            response = conn.getresponse()
+            raw = response.read()
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise OperatorError(
+                f"no gateway is running for this home (nothing answers on {self._path}); start it with "
+                "phi-gateway serve"
+            ) from exc
+        except OSError as exc:
+            raise OperatorError(f"the gateway's admin socket {self._path} failed: {exc}") from exc
+        finally:
+            conn.close()
+        try:
+            doc = json.loads(raw)
+        except ValueError as exc:
+            raise OperatorError(f"the gateway answered {response.status} with a non-JSON body") from exc
+        if response.status != 200:
+            error = doc.get("error", {}) if isinstance(doc, dict) else {}
+            raise OperatorError(f"the gateway refused: {error.get('message', response.status)}")
+        if not isinstance(doc, dict):
+            raise OperatorError("the gateway's answer is not a JSON object")
+        return doc
