@@ -46,6 +46,8 @@ class Api:
         self._routes: dict[str, tuple[str, _Handler]] = {
             "/v1/chat/completions": ("POST", self.chat_completions),
             "/v1/messages": ("POST", self.messages),
+            "/v1/completions": ("POST", self.completions),
+            "/v1/embeddings": ("POST", self.embeddings),
             "/v1/models": ("GET", self.models),
             "/health": ("GET", self.health),
         }
@@ -71,6 +73,12 @@ class Api:
 
     async def messages(self, request: Request, responder: Responder) -> None:
         await self._pipeline.run(request, responder, "messages", render_anthropic_error)
+
+    async def completions(self, request: Request, responder: Responder) -> None:
+        await self._pipeline.run(request, responder, "completions", render_openai_error)
+
+    async def embeddings(self, request: Request, responder: Responder) -> None:
+        await self._pipeline.run(request, responder, "embeddings", render_openai_error)
 
     async def models(self, request: Request, responder: Responder) -> None:
         pipeline = self._pipeline

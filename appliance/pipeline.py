@@ -47,7 +47,13 @@ from routes.result import RouteResult
 
 log = logging.getLogger("phi.pipeline")
 
-Endpoint = Literal["chat", "messages"]
+Endpoint = Literal["chat", "messages", "completions", "embeddings"]
+_METHODS: dict[str, str] = {
+    "chat": "chat_completions",
+    "messages": "messages",
+    "completions": "completions",
+    "embeddings": "embeddings",
+}
 ErrorRenderer = Callable[[GatewayError], bytes]
 
 _SSE_HEADERS = [(b"Content-Type", b"text/event-stream"), (b"Cache-Control", b"no-cache")]
@@ -121,9 +127,12 @@ class Route:
         route, upstream_model = ex.state.routes.resolve(ex.model)
         spec = ex.decision.route
         key = None if spec is None or spec.auth == "none" else self._sealed_key(route.name)
-        if ex.endpoint == "messages":
-            return await route.messages(ex.payload, upstream_model=upstream_model, key=key)
-        return await route.chat_completions(ex.payload, upstream_model=upstream_model, key=key)
+        role = ex.state.engine.role(ex.caller.org, ex.caller.role) if ex.caller else None
+        serve = getattr(route, _METHODS[ex.endpoint])
+        result: RouteResult = await serve(
+            ex.payload, upstream_model=upstream_model, key=key, priority=role.priority if role else 0
+        )
+        return result
 
     def _sealed_key(self, name: str) -> str | None:
         try:
@@ -221,7 +230,7 @@ class Pipeline:
             ex.state = self._keeper.current
             body = await request.body()
             ex.request_sha256 = hashlib.sha256(body).hexdigest()
-            ex.payload, ex.model = _parse_request(body)
+            ex.payload, ex.model = _parse_request(body, endpoint)
             ex.model_label = _model_label(ex.model)
             ex.decision = self.police(ex.state, ex.caller, ex.model)
         except GatewayError as error:
@@ -329,7 +338,7 @@ def _stop_on_disconnect(out: _Outcome, handler: asyncio.Task[Any] | None) -> Non
 # -- helpers ---------------------------------------------------------------------------------------------
 
 
-def _parse_request(body: bytes) -> tuple[dict[str, Any], str]:
+def _parse_request(body: bytes, endpoint: Endpoint) -> tuple[dict[str, Any], str]:
     if not body:
         raise BadRequest("the request body is empty; expected a JSON object", code="invalid_json")
     try:
@@ -343,12 +352,26 @@ def _parse_request(body: bytes) -> tuple[dict[str, Any], str]:
         raise BadRequest(
             "'model' is required: a string 'provider/model'", param="model", code="missing_model"
         )
-    messages = payload.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("'messages' must be a non-empty array", param="messages", code="invalid_messages")
+    if endpoint in ("chat", "messages"):
+        messages = payload.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise BadRequest(
+                "'messages' must be a non-empty array", param="messages", code="invalid_messages"
+            )
+    elif endpoint == "completions":
+        if not _text_or_texts(payload.get("prompt")):
+            raise BadRequest("'prompt' must be a string or an array of strings", param="prompt")
+    elif not _text_or_texts(payload.get("input")):
+        raise BadRequest("'input' must be a non-empty string or array of strings", param="input")
     if not isinstance(payload.get("stream", False), bool):
         raise BadRequest("'stream' must be true or false", param="stream")
     return payload, model
+
+
+def _text_or_texts(value: object) -> bool:
+    if isinstance(value, str):
+        return True
+    return isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
 
 
 def _model_label(model: str) -> str:

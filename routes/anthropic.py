@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from appliance.errors import GatewayError, UpstreamError
+from appliance.errors import BadRequest, GatewayError, UpstreamError
 from routes.client import UpstreamClient, UpstreamHTTPResponse
 from routes.result import RouteResult, Usage
 from routes.translate import (
@@ -149,7 +149,9 @@ class AnthropicRoute:
         self.name = name
         self._upstream = Upstream(name, spec, client, ((b"anthropic-version", ANTHROPIC_VERSION),))
 
-    async def messages(self, body: dict[str, Any], *, upstream_model: str, key: str | None) -> RouteResult:
+    async def messages(
+        self, body: dict[str, Any], *, upstream_model: str, key: str | None, priority: int = 0
+    ) -> RouteResult:
         """Anthropic caller, Anthropic upstream: the body goes through with only the model replaced."""
         request = dict(body)
         request["model"] = upstream_model
@@ -169,8 +171,21 @@ class AnthropicRoute:
             answer=answer,
         )
 
+    async def completions(
+        self, body: dict[str, Any], *, upstream_model: str, key: str | None, priority: int = 0
+    ) -> RouteResult:
+        raise BadRequest(
+            "/v1/completions is not served by anthropic routes; use /v1/chat/completions",
+            code="unsupported_endpoint",
+        )
+
+    async def embeddings(
+        self, body: dict[str, Any], *, upstream_model: str, key: str | None, priority: int = 0
+    ) -> RouteResult:
+        raise BadRequest("anthropic routes serve no embeddings", code="unsupported_endpoint")
+
     async def chat_completions(
-        self, body: dict[str, Any], *, upstream_model: str, key: str | None
+        self, body: dict[str, Any], *, upstream_model: str, key: str | None, priority: int = 0
     ) -> RouteResult:
         """OpenAI caller, Anthropic upstream: request, answer, stream and errors are translated."""
         options = body.get("stream_options")

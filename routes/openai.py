@@ -1,8 +1,9 @@
 """The adapter for OpenAI-compatible upstreams (OpenAI, vLLM, Ollama, llama-server, OpenRouter).
 
-Owns: ``POST {base_url}/chat/completions`` for a route of kind "openai": the caller's body with the model
-replaced, usage counted from the JSON body or the SSE stream (the gateway always asks for
-``stream_options.include_usage`` and hides the usage-only chunk from callers that did not ask for it).
+Owns: ``POST {base_url}/chat/completions``, ``/completions`` and ``/embeddings`` for a route of kind
+"openai": the caller's body with the model replaced, usage counted from the JSON body or the SSE stream
+(the gateway always asks for ``stream_options.include_usage`` and hides the usage-only chunk from callers
+that did not ask for it).
 
 It must never re-serialise a content chunk (SSE bytes pass through as they arrive; only events carrying a
 usage object are parsed) and never send anything of the caller's request but its JSON body.
@@ -76,7 +77,37 @@ class OpenAIRoute:
         self._upstream = Upstream(name, spec, client)
 
     async def chat_completions(
-        self, body: dict[str, Any], *, upstream_model: str, key: str | None
+        self, body: dict[str, Any], *, upstream_model: str, key: str | None, priority: int = 0
+    ) -> RouteResult:
+        return await self._generate("/chat/completions", body, upstream_model, key)
+
+    async def completions(
+        self, body: dict[str, Any], *, upstream_model: str, key: str | None, priority: int = 0
+    ) -> RouteResult:
+        return await self._generate("/completions", body, upstream_model, key)
+
+    async def embeddings(
+        self, body: dict[str, Any], *, upstream_model: str, key: str | None, priority: int = 0
+    ) -> RouteResult:
+        request = dict(body)
+        request["model"] = upstream_model
+        return await self._upstream.exchange(
+            "/embeddings",
+            request,
+            key,
+            stream=False,
+            upstream_model=upstream_model,
+            events=lambda response: OpenAIStream(response, self.name, keep_usage=False),
+            answer=self._answer,
+        )
+
+    def _answer(self, payload: bytes) -> tuple[bytes, Usage]:
+        usage = Usage()
+        openai_usage(json_object(payload, self.name), usage)
+        return payload, usage
+
+    async def _generate(
+        self, path: str, body: dict[str, Any], upstream_model: str, key: str | None
     ) -> RouteResult:
         stream = body.get("stream") is True
         request = dict(body)
@@ -89,20 +120,17 @@ class OpenAIRoute:
             options["include_usage"] = True
             request["stream_options"] = options
 
-        def answer(payload: bytes) -> tuple[bytes, Usage]:
-            usage = Usage()
-            openai_usage(json_object(payload, self.name), usage)
-            return payload, usage
-
         return await self._upstream.exchange(
-            "/chat/completions",
+            path,
             request,
             key,
             stream=stream,
             upstream_model=upstream_model,
             events=lambda response: OpenAIStream(response, self.name, keep_usage=keep_usage),
-            answer=answer,
+            answer=self._answer,
         )
 
-    async def messages(self, body: dict[str, Any], *, upstream_model: str, key: str | None) -> RouteResult:
+    async def messages(
+        self, body: dict[str, Any], *, upstream_model: str, key: str | None, priority: int = 0
+    ) -> RouteResult:
         raise BadRequest("/v1/messages serves anthropic routes only", code="unsupported_endpoint")

@@ -30,12 +30,29 @@ class Route(Protocol):
     kind: str
 
     async def chat_completions(
-        self, body: dict[str, Any], *, upstream_model: str, key: str | None
+        self, body: dict[str, Any], *, upstream_model: str, key: str | None, priority: int = 0
     ) -> RouteResult:
-        """``/v1/chat/completions``: ``body`` is the caller's parsed JSON; the answer is OpenAI-shaped."""
+        """``/v1/chat/completions``: ``body`` is the caller's parsed JSON; the answer is OpenAI-shaped.
+
+        ``priority`` orders a local model's queue (lower first; from the caller's role); upstreams ignore it.
+        """
         ...
 
-    async def messages(self, body: dict[str, Any], *, upstream_model: str, key: str | None) -> RouteResult:
+    async def completions(
+        self, body: dict[str, Any], *, upstream_model: str, key: str | None, priority: int = 0
+    ) -> RouteResult:
+        """``/v1/completions`` (legacy text completions); routes that cannot serve it raise BadRequest."""
+        ...
+
+    async def embeddings(
+        self, body: dict[str, Any], *, upstream_model: str, key: str | None, priority: int = 0
+    ) -> RouteResult:
+        """``/v1/embeddings``; routes that cannot serve it raise BadRequest."""
+        ...
+
+    async def messages(
+        self, body: dict[str, Any], *, upstream_model: str, key: str | None, priority: int = 0
+    ) -> RouteResult:
         """``/v1/messages`` (Anthropic Messages API); routes that cannot serve it raise BadRequest."""
         ...
 

@@ -244,3 +244,27 @@ def _wait_records(h: GatewayHarness, count: int, timeout: float = 5.0) -> list[d
         if len(records) >= count or time.monotonic() > deadline:
             return records
         time.sleep(0.01)
+
+
+def test_completions_and_embeddings_pass_through_to_openai_routes(
+    harness: GatewayHarness, upstream: FakeUpstream
+) -> None:
+    token = harness.issue("radiology-bot")
+    with _openai(harness, token) as client:
+        completion = client.completions.create(model="openai/gpt-3.5-turbo-instruct", prompt="say hi")
+        assert completion.choices[0].text == "Hello from gpt-3.5-turbo-instruct"
+        streamed = "".join(
+            c.choices[0].text
+            for c in client.completions.create(
+                model="openai/gpt-3.5-turbo-instruct", prompt="hi", stream=True
+            )
+            if c.choices
+        )
+        assert streamed == "Hello from gpt-3.5-turbo-instruct"
+        vectors = client.embeddings.create(model="openai/text-embedding-3-small", input=["one two", "three"])
+        assert [v.embedding for v in vectors.data] == [[0.25, -0.5, 0.125]] * 2
+        assert upstream.requests[-1][1] == "/v1/embeddings"
+        with pytest.raises(openai.BadRequestError):
+            client.embeddings.create(model="anthropic/claude-sonnet-4-5", input="x")
+    responses = [r for r in _wait_records(harness, 8) if r["type"] == "response"]
+    assert [r["tokens_in"] for r in responses][-1] == 3  # the embedding's prompt tokens, as reported

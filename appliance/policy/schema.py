@@ -133,6 +133,8 @@ class Role(_Frozen):
     models: list[str]
     """Globs over ``provider/model`` (``*`` and ``?``); provider is a route name or ``*``."""
     default_data_class: DataClass = "phi"
+    priority: int = Field(0, ge=-1000, le=1000)
+    """Place in a local model's queue: lower runs sooner (a radiology assistant before a batch job)."""
 
     @field_validator("models")
     @classmethod

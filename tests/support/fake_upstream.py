@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import signal
 import ssl
+import struct
 import sys
 import threading
 from collections import deque
@@ -449,6 +451,9 @@ class FakeUpstream:
         else:
             self.requests.append(ReceivedRequest(method.decode(), path.decode(), headers, body))
         close = not keep_alive
+        if method == b"POST" and (path.endswith(b"/v1/embeddings") or path.endswith(b"/v1/completions")):
+            self._legacy(conn, path, body, keep_alive)
+            return
         if method != b"POST" or not (path.endswith(b"/chat/completions") or path.endswith(b"/messages")):
             conn.write(
                 _json_response(404, _error_body("openai", 404, "not found"), close=close),
@@ -480,6 +485,50 @@ class FakeUpstream:
         if self.fast and len(self._cache) < _CACHE_LIMIT:
             self._cache[(path, body, keep_alive)] = response
         conn.write(response, keep_alive=keep_alive)
+
+    def _legacy(self, conn: _Connection, path: bytes, body: bytes, keep_alive: bool) -> None:
+        """``/v1/embeddings`` and ``/v1/completions``: enough of OpenAI's shapes for the SDK to parse."""
+        req = json.loads(body)
+        model = str(req.get("model", ""))
+        close = not keep_alive
+        if path.endswith(b"/embeddings"):
+            inputs = req["input"] if isinstance(req["input"], list) else [req["input"]]
+            vector = [0.25, -0.5, 0.125]
+            if req.get("encoding_format") == "base64":
+                encoded: Any = base64.b64encode(struct.pack("<3f", *vector)).decode()
+            else:
+                encoded = vector
+            words = sum(_words(text) for text in inputs)
+            data = [{"object": "embedding", "index": i, "embedding": encoded} for i in range(len(inputs))]
+            answer = {
+                "object": "list",
+                "data": data,
+                "model": model,
+                "usage": {"prompt_tokens": words, "total_tokens": words},
+            }
+            conn.write(_json_response(200, _dumps(answer), close=close), keep_alive=keep_alive)
+            return
+        pieces = _pieces(model)
+        usage = {"prompt_tokens": _words(req.get("prompt")), "completion_tokens": len(pieces)}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        base = {"id": "cmpl-fake01", "object": "text_completion", "created": _CREATED, "model": model}
+        if req.get("stream") is not True:
+            choice = {"text": "".join(pieces), "index": 0, "logprobs": None, "finish_reason": "stop"}
+            conn.write(
+                _json_response(200, _dumps(dict(base, choices=[choice], usage=usage)), close=close),
+                keep_alive=keep_alive,
+            )
+            return
+        events = [
+            b"data: "
+            + _dumps(dict(base, choices=[{"text": p, "index": 0, "logprobs": None, "finish_reason": None}]))
+            + b"\n\n"
+            for p in pieces
+        ]
+        events.append(b"data: " + _dumps(dict(base, choices=[], usage=usage)) + b"\n\n")
+        events.append(b"data: [DONE]\n\n")
+        head = _head(200, b"text/event-stream", length=None, close=close)
+        conn.write(head + b"".join(_chunk(event) for event in events) + _LAST_CHUNK, keep_alive=keep_alive)
 
     def _fail(
         self, conn: _Connection, kind: str, model: str, headers: dict[str, str], keep_alive: bool
