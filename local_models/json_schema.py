@@ -1,0 +1,350 @@
+"""Structured output on local routes: OpenAI's ``response_format`` turned into a llama.cpp grammar.
+
+llama-cpp-python silently ignores ``{"type": "json_schema", ...}``; here it becomes GBNF text through
+llama_cpp's own schema converter (``llama_cpp.llama_grammar.json_schema_to_gbnf``), with one repair: the
+converter's string characters admit raw control characters, which JSON forbids, so that rule is narrowed.
+``validate_against`` checks a value against the subset of JSON Schema the converter honours.
+
+Owns: reading ``response_format``, the limits put on a schema before conversion, the grammar text, and the
+proof that llama.cpp can parse it (``grammar_compiles``).
+
+Never: fetches a remote ``$ref`` (the appliance is air-gapped; llama_cpp's fetch guard is an ``assert``,
+which ``python -O`` strips); returns a grammar llama.cpp cannot parse (llama-cpp-python would then add a
+NULL sampler: unconstrained output or a crash); accepts a repetition bound that would make llama.cpp's
+recursive grammar parser overflow a thread stack.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import llama_cpp
+from llama_cpp.llama_grammar import PRIMITIVE_RULES, json_schema_to_gbnf
+
+from appliance import errors
+
+PARAM = "response_format"
+MAX_DEPTH = 32
+"""Deepest nesting of subschemas accepted."""
+MAX_REPEAT = 256
+"""Largest minItems/maxItems/minLength/maxLength: each unit nests one group in the grammar, and llama.cpp
+parses nested groups recursively (about 600 overflow a 256 KiB thread stack)."""
+MAX_GRAMMAR_CHARS = 512 * 1024
+
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_REPEAT_KEYS = ("minItems", "maxItems", "minLength", "maxLength")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+# The converter's JSON string character is [^"\\]: raw newlines and other control characters would make
+# the output invalid JSON. JSON (RFC 8259 §7) needs them escaped, as llama.cpp's own json.gbnf has it.
+_LOOSE_CHAR_RULE = "char ::= " + PRIMITIVE_RULES["char"].content
+_STRICT_CHAR_RULE = _LOOSE_CHAR_RULE.replace(r'[^"\\]', r'[^"\\\x7F\x00-\x1F]', 1)
+
+
+def _repair(gbnf: str) -> str:
+    return "\n".join(_STRICT_CHAR_RULE if line == _LOOSE_CHAR_RULE else line for line in gbnf.split("\n"))
+
+
+JSON_OBJECT_GBNF = _repair(json_schema_to_gbnf(json.dumps({"type": "object"})))
+"""Any JSON object (``response_format: {"type": "json_object"}``), one optional space between tokens."""
+
+
+def grammar_compiles(gbnf: str) -> bool:
+    """Whether llama.cpp parses ``gbnf`` (root rule ``root``); no model is needed for the check.
+
+    ``LlamaGrammar.from_string`` in llama-cpp-python 0.3.x only stores the text; this asks llama.cpp.
+    """
+    sampler = llama_cpp.llama_sampler_init_grammar(None, gbnf.encode("utf-8"), b"root")
+    if not sampler:
+        return False
+    llama_cpp.llama_sampler_free(sampler)
+    return True
+
+
+def _bad(message: str) -> errors.BadRequest:
+    return errors.BadRequest(message, code="invalid_response_format", param=PARAM)
+
+
+def grammar_for(response_format: object) -> str | None:
+    """GBNF for a chat/completions ``response_format``; ``None`` when the output is free text.
+
+    Accepts ``{"type": "text"}``, ``{"type": "json_object"}`` (with llama-cpp-python's optional
+    ``"schema"`` extension) and OpenAI's ``{"type": "json_schema", "json_schema": {"name", "schema",
+    "strict", "description"}}``. Anything else raises ``BadRequest`` (param ``response_format``).
+    """
+    if response_format is None:
+        return None
+    if not isinstance(response_format, Mapping):
+        raise _bad('response_format must be an object such as {"type": "json_object"}')
+    kind = response_format.get("type")
+    if kind == "text":
+        _only_keys(response_format, {"type"}, "response_format")
+        return None
+    if kind == "json_object":
+        _only_keys(response_format, {"type", "schema"}, "response_format")
+        if "schema" not in response_format:
+            return JSON_OBJECT_GBNF
+        return _schema_grammar(response_format["schema"], "response_format.schema")
+    if kind == "json_schema":
+        _only_keys(response_format, {"type", "json_schema"}, "response_format")
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, Mapping):
+            raise _bad("response_format.json_schema must be an object with a name and a schema")
+        _only_keys(spec, {"name", "schema", "strict", "description"}, "response_format.json_schema")
+        name = spec.get("name")
+        if name is not None and (not isinstance(name, str) or _NAME_RE.match(name) is None):
+            raise _bad("response_format.json_schema.name must be 1-64 letters, digits, '_' or '-'")
+        if spec.get("strict") is not None and not isinstance(spec.get("strict"), bool):
+            raise _bad("response_format.json_schema.strict must be true or false")
+        if spec.get("description") is not None and not isinstance(spec.get("description"), str):
+            raise _bad("response_format.json_schema.description must be a string")
+        if "schema" not in spec:
+            raise _bad("response_format.json_schema.schema is required: the JSON Schema of the output")
+        return _schema_grammar(spec["schema"], "response_format.json_schema.schema")
+    raise _bad(f"response_format.type must be 'text', 'json_object' or 'json_schema', not {_short(kind)}")
+
+
+def _short(value: object) -> str:
+    text = json.dumps(value) if isinstance(value, str | int | float | bool | None) else type(value).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _only_keys(obj: Mapping[Any, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(str(k) for k in obj if k not in allowed)
+    if unknown:
+        raise _bad(f"{where}: unknown field {_short(unknown[0])} (allowed: {', '.join(sorted(allowed))})")
+
+
+def _schema_grammar(schema: object, where: str) -> str:
+    if not isinstance(schema, Mapping):
+        raise _bad(f"{where} must be a JSON Schema object")
+    _check_schema(schema, where, 0)
+    try:
+        text = json.dumps(schema, allow_nan=False)
+        gbnf = _repair(json_schema_to_gbnf(text))
+    except Exception as exc:  # the converter signals with assert, KeyError, TypeError…
+        detail = str(exc).splitlines()[0][:200] if str(exc) else exc.__class__.__name__
+        raise _bad(f"{where} cannot be turned into a grammar: {detail}") from exc
+    if len(gbnf) > MAX_GRAMMAR_CHARS:
+        raise _bad(f"{where} is too large: its grammar exceeds {MAX_GRAMMAR_CHARS} characters")
+    if not grammar_compiles(gbnf):
+        raise _bad(f"{where} is not supported: llama.cpp cannot parse the grammar made from it")
+    return gbnf
+
+
+def _check_schema(node: Mapping[Any, Any], where: str, depth: int) -> None:
+    """Refuse what the converter would fetch, loop on, or blow up into a huge grammar."""
+    if depth > MAX_DEPTH:
+        raise _bad(f"{where}: the schema nests deeper than {MAX_DEPTH} levels")
+    ref = node.get("$ref")
+    if ref is not None and (not isinstance(ref, str) or not ref.startswith("#/")):
+        raise _bad(f"{where}.$ref: only local references ('#/...') are supported")
+    kind = node.get("type")
+    if kind is not None and not isinstance(kind, str | list):
+        raise _bad(f"{where}.type must be a string or a list of strings")
+    for key in _REPEAT_KEYS:
+        if key in node:
+            bound = node[key]
+            if isinstance(bound, bool) or not isinstance(bound, int) or not 0 <= bound <= MAX_REPEAT:
+                raise _bad(f"{where}.{key} must be an integer from 0 to {MAX_REPEAT}")
+    for low, high in (("minItems", "maxItems"), ("minLength", "maxLength")):
+        if low in node and high in node and node[low] > node[high]:
+            raise _bad(f"{where}: {low} is greater than {high}")
+    if "enum" in node and (not isinstance(node["enum"], list) or not node["enum"]):
+        raise _bad(f"{where}.enum must be a non-empty list")
+    properties = node.get("properties", {})
+    if "required" in node and "allOf" not in node:  # with allOf the converter takes required from the parts
+        required = node["required"]
+        if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+            raise _bad(f"{where}.required must be a list of property names")
+        missing = [r for r in required if not isinstance(properties, Mapping) or r not in properties]
+        if missing:
+            raise _bad(f"{where}.required names {_short(missing[0])}, which is not in properties")
+    for key in _SUBSCHEMA_MAPS:
+        if key in node:
+            children = node[key]
+            if not isinstance(children, Mapping):
+                raise _bad(f"{where}.{key} must be an object of schemas")
+            for name, child in children.items():
+                _check_child(child, f"{where}.{key}.{name}", depth)
+    for key in _SUBSCHEMA_LISTS:
+        if key in node:
+            children = node[key]
+            if not isinstance(children, list) or not children:
+                raise _bad(f"{where}.{key} must be a non-empty list of schemas")
+            for i, child in enumerate(children):
+                _check_child(child, f"{where}.{key}[{i}]", depth)
+    if "items" in node:
+        items = node["items"]
+        if isinstance(items, list):
+            for i, child in enumerate(items):
+                _check_child(child, f"{where}.items[{i}]", depth)
+        else:
+            _check_child(items, f"{where}.items", depth)
+    extra = node.get("additionalProperties")
+    if extra is not None and not isinstance(extra, bool):
+        _check_child(extra, f"{where}.additionalProperties", depth)
+
+
+def _check_child(child: object, where: str, depth: int) -> None:
+    if not isinstance(child, Mapping):
+        raise _bad(f"{where} must be a schema object")
+    _check_schema(child, where, depth + 1)
+
+
+# --- validation -------------------------------------------------------------------------------------
+
+
+def validate_against(schema: dict[str, Any], value: object) -> list[str]:
+    """Errors (``"$.path: reason"``) of ``value`` against ``schema``; empty when it conforms.
+
+    Covers what the converter turns into grammar: type (or a list of types), properties, required,
+    additionalProperties, items / prefixItems, minItems/maxItems, minLength/maxLength, enum, const,
+    anyOf/oneOf/allOf and local ``$ref``. Other keywords are ignored, as JSON Schema does.
+    """
+    found: list[str] = []
+    _validate(schema, value, "$", schema, found, 0)
+    return found
+
+
+def _type_of(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number" if math.isfinite(value) else "non-finite number (not JSON)"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list | tuple):
+        return "array"
+    if isinstance(value, Mapping):
+        return "object"
+    return type(value).__name__
+
+
+def _is_type(value: object, kind: object) -> bool:
+    if isinstance(value, float) and kind == "integer" and math.isfinite(value):
+        return value.is_integer()  # JSON has one number type: 2.0 is an integer
+    actual = _type_of(value)
+    return actual == kind or (actual == "integer" and kind == "number")
+
+
+def _json_equal(a: object, b: object) -> bool:
+    """Equality as JSON means it: true is not 1, 1 equals 1.0, objects ignore key order."""
+    ta, tb = _type_of(a), _type_of(b)
+    if {ta, tb} <= {"integer", "number"}:
+        return a == b
+    if ta != tb:
+        return False
+    if ta == "array":
+        assert isinstance(a, list | tuple) and isinstance(b, list | tuple)
+        return len(a) == len(b) and all(_json_equal(x, y) for x, y in zip(a, b, strict=True))
+    if ta == "object":
+        assert isinstance(a, Mapping) and isinstance(b, Mapping)
+        return a.keys() == b.keys() and all(_json_equal(a[k], b[k]) for k in a)
+    return a == b
+
+
+def _resolve(root: dict[str, Any], ref: str) -> Any:
+    target: Any = root
+    for part in ref.removeprefix("#/").split("/"):
+        part = part.replace("~1", "/").replace("~0", "~")
+        if not isinstance(target, Mapping) or part not in target:
+            return None
+        target = target[part]
+    return target
+
+
+def _validate(
+    schema: Any, value: object, path: str, root: dict[str, Any], found: list[str], depth: int
+) -> None:
+    if depth > 100:
+        found.append(f"{path}: the schema or value nests too deeply to check")
+        return
+    if schema is True or schema == {}:
+        return
+    if schema is False:
+        found.append(f"{path}: no value is allowed here")
+        return
+    if not isinstance(schema, Mapping):
+        found.append(f"{path}: the schema here is not an object")
+        return
+    if "$ref" in schema:
+        target = _resolve(root, str(schema["$ref"]))
+        if target is None:
+            found.append(f"{path}: unresolvable $ref {schema['$ref']!r}")
+        else:
+            _validate(target, value, path, root, found, depth + 1)
+        return  # like the converter: $ref replaces its siblings
+
+    kinds = schema.get("type")
+    if kinds is not None:
+        allowed = [kinds] if isinstance(kinds, str) else list(kinds)
+        if not any(_is_type(value, k) for k in allowed):
+            found.append(f"{path}: expected {' or '.join(map(str, allowed))}, got {_type_of(value)}")
+            return
+    if "const" in schema and not _json_equal(value, schema["const"]):
+        found.append(f"{path}: expected {json.dumps(schema['const'])}")
+    if "enum" in schema and not any(_json_equal(value, option) for option in schema["enum"]):
+        found.append(f"{path}: {_short(value)} is not one of {json.dumps(schema['enum'])[:200]}")
+
+    for key in ("anyOf", "oneOf"):
+        if key in schema:
+            matches = sum(1 for option in schema[key] if not _subcheck(option, value, path, root, depth))
+            if matches == 0:
+                found.append(f"{path}: matches none of the {key} alternatives")
+            elif key == "oneOf" and matches > 1:
+                found.append(f"{path}: matches {matches} of the oneOf alternatives, not exactly one")
+    for option in schema.get("allOf", []):
+        _validate(option, value, path, root, found, depth + 1)
+
+    if isinstance(value, Mapping):
+        properties = schema.get("properties", {})
+        for name in schema.get("required", []):
+            if name not in value:
+                found.append(f"{path}: missing required property {name!r}")
+        extra = schema.get("additionalProperties", True)
+        for name, item in value.items():
+            where = f"{path}.{name}"
+            if name in properties:
+                _validate(properties[name], item, where, root, found, depth + 1)
+            elif extra is False:
+                found.append(f"{path}: property {name!r} is not allowed")
+            elif isinstance(extra, Mapping):
+                _validate(extra, item, where, root, found, depth + 1)
+    elif isinstance(value, list | tuple):
+        _check_bounds(schema, len(value), "minItems", "maxItems", "items", path, found)
+        items = schema.get("items")
+        prefix = schema.get("prefixItems", items if isinstance(items, list) else [])
+        rest = None if isinstance(items, list) else items
+        for i, item in enumerate(value):
+            if i < len(prefix):
+                _validate(prefix[i], item, f"{path}[{i}]", root, found, depth + 1)
+            elif rest is not None:
+                _validate(rest, item, f"{path}[{i}]", root, found, depth + 1)
+    elif isinstance(value, str):
+        _check_bounds(schema, len(value), "minLength", "maxLength", "characters", path, found)
+
+
+def _check_bounds(
+    schema: Mapping[str, Any], size: int, low_key: str, high_key: str, unit: str, path: str, found: list[str]
+) -> None:
+    low, high = schema.get(low_key), schema.get(high_key)
+    if isinstance(low, int) and size < low:
+        found.append(f"{path}: {size} {unit}, fewer than {low_key} {low}")
+    if isinstance(high, int) and size > high:
+        found.append(f"{path}: {size} {unit}, more than {high_key} {high}")
+
+
+def _subcheck(schema: Any, value: object, path: str, root: dict[str, Any], depth: int) -> list[str]:
+    errors_here: list[str] = []
+    _validate(schema, value, path, root, errors_here, depth + 1)
+    return errors_here
