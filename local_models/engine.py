@@ -1,0 +1,271 @@
+"""The in-process llama.cpp engine: which local models are loaded, and the way requests reach them.
+
+Owns: ``LocalEngine`` — loading and unloading models (a ``ModelWorker`` thread per ``Llama`` instance: one
+for generation, and a second, embedding-mode instance started on the first embeddings request), the memory
+budget across loaded instances (estimated by file size; the least recently used idle model is unloaded to
+make room), the idle unload check, per-request deadlines while queued, and the ``status`` for ``/health``.
+The gateway codes against ``GenerationRequest``, ``Generation`` and this class only.
+
+Must never: touch a ``Llama`` object itself (workers own them), block the event loop (loading, inference
+and freeing happen on the workers' threads), unload a model that has a request running or queued to make
+room for another, or fork the process (llama.cpp's threads and memory do not survive it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from appliance import errors
+from local_models.generation import Generation, GenerationRequest
+from local_models.worker import EmbeddingJob, ModelWorker
+
+__all__ = ["Generation", "GenerationRequest", "LocalEngine"]
+
+
+@dataclass(eq=False)
+class _Model:
+    """One loaded model: its generation worker and, once embeddings were asked for, its embedding worker."""
+
+    name: str
+    path: Path
+    n_ctx: int
+    generator: ModelWorker
+    embedder: ModelWorker | None = None
+
+    def workers(self) -> list[ModelWorker]:
+        return [w for w in (self.generator, self.embedder) if w is not None]
+
+    def size_bytes(self) -> int:
+        return sum(w.size_bytes for w in self.workers())
+
+    def busy(self) -> bool:
+        return any(w.busy() for w in self.workers())
+
+    def last_used(self) -> float:
+        return max(w.last_used for w in self.workers())
+
+    def ready(self) -> bool:
+        return all(w.state == "ready" for w in self.workers())
+
+
+class LocalEngine:
+    """Local models served in this process; see the module docstring for the rules it keeps."""
+
+    def __init__(
+        self,
+        *,
+        queue_size: int = 16,
+        idle_unload_s: float = 600.0,
+        memory_budget_bytes: int | None = None,
+        n_threads: int | None = None,
+    ) -> None:
+        """``idle_unload_s`` of 0, less or ``math.inf`` disables idle unloading; ``memory_budget_bytes``
+        None means no budget."""
+        self.queue_size = queue_size
+        self.idle_unload_s = idle_unload_s
+        self.memory_budget_bytes = memory_budget_bytes
+        self.n_threads = n_threads
+        self._models: dict[str, _Model] = {}
+        self._placement = asyncio.Lock()  # budget decisions and registrations happen one at a time
+        self._idle_task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # ---- loading ----
+
+    async def load(self, model: str, path: Path, n_ctx: int) -> None:
+        """Load ``model`` from ``path`` on a new worker thread; a loaded (or loading) model is left alone."""
+        loop = asyncio.get_running_loop()
+        async with self._placement:
+            if self._closed:
+                raise errors.Unavailable("the local engine is shut down", code="model_not_loaded")
+            entry = self._models.get(model)
+            if entry is None:
+                size = self._file_size(model, path)
+                await self._make_room(size, keep=model)
+                worker = self._worker(model, path, n_ctx, embedding=False, loop=loop)
+                entry = self._models[model] = _Model(model, path, n_ctx, worker)
+                worker.start()
+                self._watch_idle()
+        await self._await_ready(model, entry, entry.generator)
+
+    async def unload(self, model: str) -> None:
+        """Free the model's instances; a running request ends with ``Unavailable``, queued ones too."""
+        entry = self._models.pop(model, None)
+        if entry is not None:
+            await self._stop(entry)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._idle_task is not None:
+            self._idle_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._idle_task
+            self._idle_task = None
+        entries = list(self._models.values())
+        self._models.clear()
+        await asyncio.gather(*(self._stop(entry) for entry in entries))
+
+    # ---- requests ----
+
+    async def generate(self, model: str, request: GenerationRequest) -> Generation:
+        """Queue a request; iterate the returned handle for its text. Raises ``RateLimited`` when the
+        model's queue is full and ``Unavailable`` when the model is not loaded."""
+        worker = self._entry(model).generator
+        loop = asyncio.get_running_loop()
+        gen = Generation(request, loop)
+        worker.submit(gen)
+        gen.on_cancel(worker.withdraw)
+        if request.deadline is not None:
+            # A request still queued at its deadline ends then, not when the worker reaches it.
+            delay = max(0.0, request.deadline - time.monotonic())
+            loop.call_later(delay, worker.withdraw, gen, "timeout")
+        return gen
+
+    async def embed(self, model: str, inputs: list[str]) -> tuple[list[list[float]], int]:
+        """Embed each input with the model's embedding-mode instance (started on first use)."""
+        entry = self._entry(model)
+        loop = asyncio.get_running_loop()
+        worker = entry.embedder
+        if worker is None:
+            async with self._placement:
+                entry = self._entry(model)
+                worker = entry.embedder
+                if worker is None:
+                    await self._make_room(self._file_size(model, entry.path), keep=model)
+                    worker = entry.embedder = self._worker(
+                        model, entry.path, entry.n_ctx, embedding=True, loop=loop
+                    )
+                    worker.start()
+        await self._await_ready(model, entry, worker)
+        job = EmbeddingJob(inputs, loop, loop.create_future())
+        worker.submit(job)
+        try:
+            return await asyncio.shield(job.future)
+        except asyncio.CancelledError:
+            job.cancelled = True
+            worker.withdraw(job)
+            raise
+
+    def is_loaded(self, model: str) -> bool:
+        """True while the model is loading or ready (requests for it are accepted)."""
+        entry = self._models.get(model)
+        return entry is not None and entry.generator.state in ("loading", "ready")
+
+    def status(self) -> dict[str, Any]:
+        """Per model: ``state`` (loading | ready | failed), queue depth, whether a request is running, idle
+        seconds, estimated memory, and the same for the embedding instance once it exists."""
+        out: dict[str, Any] = {}
+        for name, entry in self._models.items():
+            row: dict[str, Any] = dict(entry.generator.snapshot())
+            row["n_ctx"] = entry.n_ctx
+            row["memory_bytes"] = entry.size_bytes()
+            row["embedding"] = entry.embedder.snapshot() if entry.embedder is not None else None
+            out[name] = row
+        return out
+
+    # ---- internals ----
+
+    def _entry(self, model: str) -> _Model:
+        entry = self._models.get(model)
+        if entry is None or entry.generator.state in ("failed", "stopped"):
+            raise errors.Unavailable(f"local model {model} is not loaded", code="model_not_loaded")
+        return entry
+
+    def _worker(
+        self, model: str, path: Path, n_ctx: int, *, embedding: bool, loop: asyncio.AbstractEventLoop
+    ) -> ModelWorker:
+        return ModelWorker(
+            name=model,
+            path=path,
+            n_ctx=n_ctx,
+            embedding=embedding,
+            queue_size=self.queue_size,
+            n_threads=self.n_threads,
+            loop=loop,
+        )
+
+    @staticmethod
+    def _file_size(model: str, path: Path) -> int:
+        try:
+            return path.stat().st_size
+        except OSError as exc:
+            raise errors.Unavailable(
+                f"local model {model}: its file cannot be read", code="model_load_failed"
+            ) from exc
+
+    async def _await_ready(self, model: str, entry: _Model, worker: ModelWorker) -> None:
+        try:
+            await asyncio.shield(worker.ready)
+        except errors.GatewayError:
+            self._forget(model, entry, worker)
+            raise
+        except Exception as exc:
+            self._forget(model, entry, worker)
+            raise errors.Unavailable(f"local model {model} failed to load", code="model_load_failed") from exc
+
+    def _forget(self, model: str, entry: _Model, worker: ModelWorker) -> None:
+        if worker is entry.embedder:
+            entry.embedder = None
+        elif self._models.get(model) is entry:
+            del self._models[model]
+
+    async def _make_room(self, size: int, *, keep: str) -> None:
+        """Unload least recently used idle models until ``size`` more bytes fit the budget, or refuse."""
+        budget = self.memory_budget_bytes
+        if budget is None:
+            return
+        used = sum(entry.size_bytes() for entry in self._models.values())
+        if used + size <= budget:
+            return
+        evict: list[_Model] = []
+        idle = sorted(
+            (e for name, e in self._models.items() if name != keep and e.ready() and not e.busy()),
+            key=_Model.last_used,
+        )
+        for entry in idle:
+            evict.append(entry)
+            used -= entry.size_bytes()
+            if used + size <= budget:
+                break
+        if used + size > budget:
+            raise errors.Unavailable(
+                f"loading {keep} needs {size} bytes; the local model memory budget of {budget} bytes "
+                "is taken by models in use",
+                code="memory_budget",
+            )
+        for entry in evict:
+            del self._models[entry.name]
+        await asyncio.gather(*(self._stop(entry) for entry in evict))
+
+    async def _stop(self, entry: _Model) -> None:
+        unloaded = errors.Unavailable(f"local model {entry.name} was unloaded", code="model_unloaded")
+        workers = entry.workers()
+        for worker in workers:
+            worker.stop(unloaded)
+        await asyncio.gather(*(asyncio.shield(worker.stopped) for worker in workers))
+
+    def _watch_idle(self) -> None:
+        if self._idle_task is None and 0 < self.idle_unload_s < math.inf:
+            self._idle_task = asyncio.get_running_loop().create_task(
+                self._unload_idle(), name="local model idle unload"
+            )
+
+    async def _unload_idle(self) -> None:
+        period = min(max(self.idle_unload_s / 4, 0.05), 30.0)
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for name, entry in list(self._models.items()):
+                if entry.ready() and not entry.busy() and now - entry.last_used() >= self.idle_unload_s:
+                    async with self._placement:
+                        if self._models.get(name) is entry and not entry.busy():
+                            del self._models[name]
+                        else:
+                            continue
+                    await self._stop(entry)

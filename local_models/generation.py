@@ -1,0 +1,183 @@
+"""One generation request and its handle: the bridge between a model's worker thread and the event loop.
+
+Owns: ``GenerationRequest`` (what to generate), ``Generation`` (the caller's handle: async text pieces,
+exact usage, finish reason, cancel) and the bounded hand-over between the two threads. The worker appends
+pieces under a lock and wakes the loop with ``loop.call_soon_threadsafe`` only when the consumer is
+waiting; once ``BUFFER_PIECES`` pieces are unread it blocks until the consumer catches up, is cancelled,
+or the deadline passes.
+
+Must never: touch a ``Llama`` object (only the worker thread does), block the event loop (the lock is held
+for a few list operations only), or let a slow consumer make the worker run ahead without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+BUFFER_PIECES = 64
+"""Unread pieces a worker may run ahead of its consumer before it waits."""
+
+FinishReason = Literal["stop", "length", "cancelled", "timeout"]
+
+
+@dataclass
+class GenerationRequest:
+    kind: Literal["chat", "completion"]
+    messages: list[dict[str, Any]] | None = None
+    """chat: OpenAI messages; content is a string (or a list of text parts)."""
+    prompt: str | None = None
+    """completion: the prompt text."""
+    max_tokens: int | None = None
+    """None: until the context window is full."""
+    temperature: float = 0.8
+    """0 (or less) samples greedily."""
+    top_p: float = 0.95
+    seed: int | None = None
+    """None: a random seed per request."""
+    stop: list[str] = field(default_factory=list)
+    grammar: str | None = None
+    """GBNF text (``response_format`` is converted to it elsewhere)."""
+    logit_bias: dict[int, float] | None = None
+    """OpenAI ``logit_bias``: token id -> bias added to its logit (-100 bans, +100 all but forces)."""
+    priority: int = 0
+    """Lower runs sooner (from the role's policy); FIFO within one priority."""
+    deadline: float | None = None
+    """``time.monotonic()`` by which generation must end; past it the stream ends with ``"timeout"``."""
+
+
+class Generation:
+    """The handle of one request: iterate it for text pieces, or await ``text()``.
+
+    ``prompt_tokens`` is known once the worker has tokenized the prompt; ``completion_tokens`` and
+    ``finish_reason`` are final once iteration has ended. Errors found on the worker (a bad grammar, a
+    prompt longer than the context) are raised by the iteration, before any piece. If the task consuming
+    the stream is cancelled while it waits, the generation is cancelled too: nobody else can read it.
+    """
+
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> None:
+        self.request = request
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.finish_reason: FinishReason | None = None
+        self.started_at: float | None = None
+        """``time.monotonic()`` when a worker took it from the queue (None while queued)."""
+        self.cancelled = False
+        """Read by the worker between tokens and from the abort callback during prompt processing."""
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._space = threading.Condition(self._lock)
+        self._pieces: deque[str] = deque()
+        self._ended = False
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._wake_pending = False
+        self._on_cancel: Callable[[Generation], object] | None = None
+        self._abort_error: BaseException | None = None
+
+    # ---- consumer side (event loop) ----
+
+    def __aiter__(self) -> Generation:
+        return self
+
+    async def __anext__(self) -> str:
+        while True:
+            with self._lock:
+                if self._pieces:
+                    piece = self._pieces.popleft()
+                    if len(self._pieces) == BUFFER_PIECES - 1:
+                        self._space.notify()
+                    return piece
+                if self._ended:
+                    if self._error is not None:
+                        raise self._error
+                    raise StopAsyncIteration
+                waiter = self._waiter = self._loop.create_future()
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                self.cancel()
+                raise
+
+    async def text(self) -> str:
+        return "".join([piece async for piece in self])
+
+    def cancel(self) -> None:
+        """The client is gone: a queued request is dropped, a running one stops within a token or a
+        prompt batch node, and its worker moves on to the next request at once. Idempotent."""
+        if self.cancelled or self._ended:
+            return
+        self.cancelled = True
+        with self._lock:
+            self._space.notify_all()
+        if self._on_cancel is not None:
+            self._on_cancel(self)
+
+    def abort(self, error: BaseException) -> None:
+        """Stop like ``cancel``, but the consumer gets ``error`` (e.g. the model is being unloaded)."""
+        self._abort_error = error
+        self.cancel()
+
+    def on_cancel(self, callback: Callable[[Generation], object]) -> None:
+        """Called (on the loop) by the first ``cancel``: the queue drops the request if it has not started."""
+        self._on_cancel = callback
+
+    @property
+    def done(self) -> bool:
+        return self._ended
+
+    # ---- producer side (worker thread; ``finish`` also from the loop for a request that never ran) ----
+
+    def expired(self) -> bool:
+        deadline = self.request.deadline
+        return deadline is not None and time.monotonic() >= deadline
+
+    def should_stop(self) -> bool:
+        return self.cancelled or self.expired()
+
+    def put(self, piece: str) -> None:
+        """Hand one piece to the consumer; waits while ``BUFFER_PIECES`` are unread (backpressure)."""
+        with self._lock:
+            self._pieces.append(piece)
+            self._wake_locked()
+            deadline = self.request.deadline
+            while len(self._pieces) >= BUFFER_PIECES and not self.cancelled:
+                if deadline is None:
+                    self._space.wait()
+                    continue
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._space.wait(left)
+
+    def finish(self, reason: FinishReason | None, error: BaseException | None = None) -> None:
+        """The end of the stream; usage and reason are final. Only the first call counts."""
+        with self._lock:
+            if self._ended:
+                return
+            if reason == "cancelled" and self._abort_error is not None:
+                reason, error = None, self._abort_error
+            self.finish_reason = reason
+            self._error = error
+            self._ended = True
+            self._wake_locked()
+
+    def _wake_locked(self) -> None:
+        if self._waiter is not None and not self._wake_pending:
+            self._wake_pending = True
+            try:
+                self._loop.call_soon_threadsafe(self._wake)
+            except RuntimeError:  # the loop is closed: nobody is left to read, so stop generating
+                self.cancelled = True
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._wake_pending = False
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
