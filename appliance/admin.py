@@ -2,6 +2,8 @@
 
     GET  /admin/status            policy, ledger, local models, counters (what /health shows, and more)
     POST /admin/policy/reload     look for a new policy or trust file now, not at the next tick
+    POST /admin/models/load       {"model": "local/<name>"}: verify the pinned file and load it
+    POST /admin/models/unload     {"model": "local/<name>"}
 
 Owns: the socket (``<home>/admin.sock``, mode 0600 inside the 0700 home: only the appliance's own user
 can connect, so the file mode is the authentication), the routes above, and ``AdminClient`` used by the
@@ -33,6 +35,10 @@ class AdminTarget(Protocol):
 
     def reload_policy(self) -> dict[str, Any]: ...
 
+    async def load_model(self, model: str) -> dict[str, Any]: ...
+
+    async def unload_model(self, model: str) -> dict[str, Any]: ...
+
     def record_admin(self, detail: str) -> None: ...
 
 
@@ -42,6 +48,8 @@ class AdminApi:
         self._routes: dict[str, tuple[str, Callable[[Request, Responder], Awaitable[None]]]] = {
             "/admin/status": ("GET", self._status),
             "/admin/policy/reload": ("POST", self._reload),
+            "/admin/models/load": ("POST", self._load),
+            "/admin/models/unload": ("POST", self._unload),
         }
 
     async def handle(self, request: Request, responder: Responder) -> None:
@@ -59,6 +67,18 @@ class AdminApi:
     async def _reload(self, request: Request, responder: Responder) -> None:
         result = self._target.reload_policy()
         self._target.record_admin("policy_reload via admin socket")
+        await _send(responder, result)
+
+    async def _load(self, request: Request, responder: Responder) -> None:
+        model = _model_of(await request.body())
+        result = await self._target.load_model(model)
+        self._target.record_admin(f"model_load {model} via admin socket")
+        await _send(responder, result)
+
+    async def _unload(self, request: Request, responder: Responder) -> None:
+        model = _model_of(await request.body())
+        result = await self._target.unload_model(model)
+        self._target.record_admin(f"model_unload {model} via admin socket")
         await _send(responder, result)
 
 

@@ -28,6 +28,7 @@ from appliance.policy import dsse, importer
 from appliance.policy import keys as policy_keys
 from appliance.policy.engine import summarize_change
 from appliance.policy.schema import Policy, parse_policy
+from local_models.registry import ModelRegistry
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -274,6 +275,62 @@ def policy_history(home: Path | None) -> None:
         rows = vault.policies.history()
     for row in rows:
         click.echo(json.dumps(row, default=str))
+
+
+# -- local models --------------------------------------------------------------------------------------
+
+
+@main.group("models")
+def models_group() -> None:
+    """Local GGUF models, pinned by SHA-256 in the policy, files in <home>/models."""
+
+
+def _registry(home: Path | None) -> ModelRegistry:
+    target = _home(home)
+    with target.open_vault() as vault:
+        active = vault.policies.current()
+    if active is None:
+        raise OperatorError("no policy has been imported: no local model is pinned")
+    policy = Policy.model_validate_json(dsse.parse_envelope(active.envelope).payload)
+    return ModelRegistry(target.models_dir, dict(policy.models))
+
+
+@models_group.command("list")
+@home_option
+def models_list(home: Path | None) -> None:
+    """The local models the policy in force pins, and whether their files are present."""
+    for row in _registry(home).listing():
+        size = f"{row['size_bytes']} bytes" if row["present"] else "MISSING"
+        click.echo(f"{row['name']}\t{row['file']}\t{size}\tsha256 {row['sha256']}")
+
+
+@models_group.command("verify")
+@home_option
+def models_verify(home: Path | None) -> None:
+    """Hash every pinned file; exit 1 if any is missing or differs from its pin."""
+    results = _registry(home).verify_all()
+    for model, outcome in results:
+        click.echo(f"{model}: {outcome}")
+    if any(outcome != "ok" for _, outcome in results):
+        raise OperatorError("some local models do not match the policy's pins")
+
+
+@models_group.command("load")
+@home_option
+@click.argument("model")
+def models_load(home: Path | None, model: str) -> None:
+    """Verify and load MODEL (local/<name>) in the running gateway."""
+    doc = AdminClient(_home(home).admin_socket).call("POST", "/admin/models/load", {"model": model})
+    click.echo(f"{doc['model']} loaded")
+
+
+@models_group.command("unload")
+@home_option
+@click.argument("model")
+def models_unload(home: Path | None, model: str) -> None:
+    """Unload MODEL from the running gateway (it loads again on its next request)."""
+    doc = AdminClient(_home(home).admin_socket).call("POST", "/admin/models/unload", {"model": model})
+    click.echo(f"{doc['model']} unloaded")
 
 
 # -- trust -----------------------------------------------------------------------------------------------

@@ -49,6 +49,21 @@ class UpstreamSettings(_Strict):
     """PEM bundle of the site's private CA, for upstreams behind an inspecting proxy."""
 
 
+class LocalSettings(_Strict):
+    queue_size: int = Field(16, ge=1)
+    """Requests waiting for one local model before more are refused with 429."""
+    idle_unload_s: float = Field(600.0, ge=0)
+    """A local model unused this long is unloaded (0: never)."""
+    memory_budget_mb: int | None = Field(None, ge=1)
+    """Memory all loaded local models may take together, estimated from their file sizes; none: no limit."""
+    preload: list[str] = Field(default_factory=list)
+    """``local/<name>`` models loaded (and their pins verified) when the gateway starts."""
+    request_timeout_s: float = Field(300.0, gt=0)
+    """A local generation still running after this long is stopped."""
+    n_threads: int | None = Field(None, ge=1)
+    """CPU threads per local model (default: llama.cpp's choice)."""
+
+
 class PolicySettings(_Strict):
     reload_interval_s: float = Field(1.0, gt=0)
     """How often the server looks for a newly imported policy or a changed trust file."""
@@ -63,6 +78,8 @@ class Settings(_Strict):
     """Connections to upstream providers."""
     policy: PolicySettings = Field(default_factory=PolicySettings)
     """Policy reloading."""
+    local: LocalSettings = Field(default_factory=LocalSettings)
+    """In-process local models."""
 
     def masked(self) -> str:
         """The settings as TOML-like text for operators; this model holds no secrets to mask."""

@@ -1,8 +1,9 @@
 """The embedded demo: a gateway home that serves on defaults with no operator steps.
 
-Owns: the demo policy (site ``demo-site``, organization ``demo``, roles ``clinician`` and ``billing``), the
-demo authoring key kept inside the demo home, re-signing the policy when it nears expiry, and the demo
-caller's token (kept in ``demo-token.txt``, 0600, so a second start prints the same token).
+Owns: the demo policy (site ``demo-site``, organization ``demo``, roles ``clinician`` and ``billing``, the
+tiny generated model ``local/demo`` pinned by its SHA-256), the demo authoring key kept inside the demo
+home, re-signing the policy when it nears expiry or stops pinning the model file, and the demo caller's
+token (kept in ``demo-token.txt``, 0600, so a second start prints the same token).
 Never: runs against a real home. A real site authors its policy elsewhere and imports it from removable
 media; the demo key exists only so that one command can start a working gateway.
 """
@@ -19,14 +20,17 @@ from appliance.errors import OperatorError
 from appliance.home import Home
 from appliance.policy import dsse, importer
 from appliance.policy import keys as policy_keys
+from local_models.registry import hash_file
+from local_models.tiny import write_tiny_model
 
 DEMO_SITE = "demo-site"
 DEMO_CALLER = ("demo-app", "demo", "clinician")
+DEMO_MODEL_FILE = "demo.gguf"
 _LIFETIME = timedelta(days=90)
 _RENEW_BEFORE = timedelta(days=7)
 
 
-def demo_policy(version: int, now: datetime) -> dict[str, Any]:
+def demo_policy(version: int, now: datetime, model_sha256: str) -> dict[str, Any]:
     return {
         "version": version,
         "issued_at": _iso(now - timedelta(minutes=1)),
@@ -47,6 +51,7 @@ def demo_policy(version: int, now: datetime) -> dict[str, Any]:
                 "data_classes": ["phi", "deidentified", "public"],
             },
         },
+        "models": {"local/demo": {"file": DEMO_MODEL_FILE, "sha256": model_sha256, "n_ctx": 2048}},
         "organizations": {
             "demo": {
                 "roles": {
@@ -56,6 +61,7 @@ def demo_policy(version: int, now: datetime) -> dict[str, Any]:
             }
         },
         "pricing": {
+            "local/demo": {"input_per_mtok": 0.0, "output_per_mtok": 0.0},
             "openai/gpt-4o": {"input_per_mtok": 2.5, "output_per_mtok": 10.0},
             "openai/gpt-4o-mini": {"input_per_mtok": 0.15, "output_per_mtok": 0.6},
             "anthropic/claude-sonnet-4-5": {"input_per_mtok": 3.0, "output_per_mtok": 15.0},
@@ -78,12 +84,19 @@ def prepare(home: Home, now: datetime | None = None) -> tuple[str, list[str]]:
     trust = home.trust()
     keyid = trust.add(Path(f"{author}.pub"))
     trust.save()
+    model_path = home.models_dir / DEMO_MODEL_FILE
+    if model_path.exists():
+        with model_path.open("rb") as fh:
+            model_sha256 = hash_file(fh.fileno())
+    else:
+        model_sha256 = write_tiny_model(model_path, size="tiny")
+        done.append(f"tiny demo model generated: {model_path}")
     with home.open_vault() as vault:
         active = vault.policies.current()
         current = vault.policies.current_version()
-        if active is None or _expires_soon(active.envelope, now):
+        if active is None or _stale(active.envelope, now, model_sha256):
             version = (current or 0) + 1
-            payload = json.dumps(demo_policy(version, now), indent=2).encode()
+            payload = json.dumps(demo_policy(version, now, model_sha256), indent=2).encode()
             envelope = dsse.sign(payload, [policy_keys.load_signing_key(Path(f"{author}.key"))])
             verified = importer.verify_bundle(
                 envelope, trust, site=DEMO_SITE, current_version=current, now=now
@@ -109,10 +122,12 @@ def prepare(home: Home, now: datetime | None = None) -> tuple[str, list[str]]:
     return token, done
 
 
-def _expires_soon(envelope: bytes, now: datetime) -> bool:
+def _stale(envelope: bytes, now: datetime, model_sha256: str) -> bool:
+    """Re-sign when the demo policy nears expiry or does not pin the demo model file as it is."""
     policy = json.loads(dsse.parse_envelope(envelope).payload)
     expires = datetime.fromisoformat(policy["expires_at"].replace("Z", "+00:00"))
-    return bool(expires - now < _RENEW_BEFORE)
+    pinned = policy.get("models", {}).get("local/demo", {}).get("sha256")
+    return bool(expires - now < _RENEW_BEFORE) or pinned != model_sha256
 
 
 def _iso(moment: datetime) -> str:

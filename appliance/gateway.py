@@ -26,6 +26,7 @@ from appliance.http import HttpLimits, HttpServer
 from appliance.http.server import Rejection, install_event_loop_policy
 from appliance.pipeline import Pipeline
 from appliance.policy_state import PolicyKeeper
+from local_models.runtime import LocalRuntime
 from routes.client import UpstreamClient
 
 log = logging.getLogger("phi.gateway")
@@ -45,6 +46,8 @@ class Gateway:
         self._client: UpstreamClient | None = None
         self.admin: HttpServer | None = None
         self._started = time.monotonic()
+        self.local: LocalRuntime | None = None
+        self._preload: asyncio.Task[None] | None = None
 
     async def start(
         self, host: str | None = None, port: int | None = None, *, sock: socket.socket | None = None
@@ -56,7 +59,10 @@ class Gateway:
             connect_timeout_s=settings.upstream.connect_timeout_s,
             ca_file=settings.upstream.ca_file,
         )
-        self.keeper = keeper = PolicyKeeper(vault.policies, self.home.trust_path, settings.site, self._client)
+        self.local = LocalRuntime(self.home.models_dir, settings.local)
+        self.keeper = keeper = PolicyKeeper(
+            vault.policies, self.home.trust_path, settings.site, self._client, self.local
+        )
         keeper.start(settings.policy.reload_interval_s)
         pipeline = Pipeline(vault.tokens, vault.keys, vault.ledger, keeper)
         api = Api(pipeline, keeper, vault.ledger)
@@ -67,6 +73,8 @@ class Gateway:
             host or settings.server.host, settings.server.port if port is None else port, sock=sock
         )
         await self._start_admin()
+        if settings.local.preload:
+            self._preload = asyncio.get_running_loop().create_task(self.local.preload(), name="preload")
         state = keeper.current
         log.info(
             "phi-gateway listening on %s:%d; policy %s",
@@ -105,6 +113,7 @@ class Gateway:
                 "stdout_lines_dropped": vault.ledger.dropped_lines if vault else 0,
             },
             "http": {"in_flight": server.in_flight if server else 0},
+            "local_models": self.local.status() if self.local else {},
         }
 
     def reload_policy(self) -> dict[str, Any]:
@@ -113,6 +122,21 @@ class Gateway:
         swapped = self.keeper.refresh(force=True)
         state = self.keeper.current
         return {"swapped": swapped, "version": state.version if state else None, "reason": self.keeper.reason}
+
+    async def load_model(self, model: str) -> dict[str, Any]:
+        local = self._require_local()
+        key = await local.ensure_loaded(model)
+        return {"model": key, **local.status().get(key, {})}
+
+    async def unload_model(self, model: str) -> dict[str, Any]:
+        local = self._require_local()
+        await local.unload(model)
+        return {"model": model, "state": "not loaded"}
+
+    def _require_local(self) -> LocalRuntime:
+        if self.local is None:
+            raise Unavailable("the gateway is not serving")
+        return self.local
 
     def record_admin(self, detail: str) -> None:
         if self.vault is not None:
@@ -127,6 +151,10 @@ class Gateway:
             await self.server.shutdown()
         if self.keeper is not None:
             await self.keeper.stop()
+        if self._preload is not None:
+            self._preload.cancel()
+        if self.local is not None:
+            await self.local.close()
         if self._client is not None:
             await self._client.aclose()
         if self.vault is not None:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,8 +23,10 @@ from appliance.policy.engine import PolicyEngine
 from appliance.policy.schema import Policy
 from appliance.policy.store import PolicyStore, load_active
 from appliance.policy.trust import TrustStore
+from local_models.runtime import LocalRuntime
 from routes.client import UpstreamClient
-from routes.table import RouteTable
+from routes.local import LocalRoute
+from routes.table import Route, RouteTable
 
 log = logging.getLogger("phi.policy")
 
@@ -39,8 +43,16 @@ class PolicyState:
 
 
 class PolicyKeeper:
-    def __init__(self, store: PolicyStore, trust_path: Path, site: str, client: UpstreamClient) -> None:
+    def __init__(
+        self,
+        store: PolicyStore,
+        trust_path: Path,
+        site: str,
+        client: UpstreamClient,
+        local: LocalRuntime | None = None,
+    ) -> None:
         self._store = store
+        self._local = local
         self._trust_path = trust_path
         self._site = site
         self._client = client
@@ -76,9 +88,13 @@ class PolicyKeeper:
         return True
 
     def _build(self, policy: Policy) -> PolicyState:
-        return PolicyState(
-            policy=policy, engine=PolicyEngine(policy), routes=RouteTable(policy.routes, self._client)
-        )
+        runtime = self._local
+        local: Callable[[str], Route] | None = None
+        if runtime is not None:
+            runtime.use_policy(dict(policy.models))
+            local = functools.partial(LocalRoute, runtime=runtime)
+        routes = RouteTable(policy.routes, self._client, local=local)
+        return PolicyState(policy=policy, engine=PolicyEngine(policy), routes=routes)
 
     def start(self, interval_s: float) -> None:
         self.refresh()

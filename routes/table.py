@@ -7,7 +7,7 @@ engine's) and never touch provider keys (the pipeline fetches them from the vaul
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
 from appliance.errors import NotFound
@@ -61,8 +61,13 @@ class RouteTable:
     """Routes by provider name, built from the policy's ``routes`` section."""
 
     def __init__(
-        self, specs: Mapping[str, RouteSpecLike], client: UpstreamClient, *, local: Route | None = None
+        self,
+        specs: Mapping[str, RouteSpecLike],
+        client: UpstreamClient,
+        *,
+        local: Callable[[str], Route] | None = None,
     ) -> None:
+        """``local(name)`` builds the route for a policy route of kind "local" (in-process models)."""
         self._routes: dict[str, Route] = {}
         for name, spec in specs.items():
             if spec.kind == "openai":
@@ -71,7 +76,7 @@ class RouteTable:
                 self._routes[name] = AnthropicRoute(name, spec, client)
             elif spec.kind == "local":
                 if local is not None:
-                    self._routes[name] = local
+                    self._routes[name] = local(name)
             else:
                 raise ValueError(f"route {name}: unknown kind {spec.kind!r}")
         self._local_names = frozenset(name for name, spec in specs.items() if spec.kind == "local")

@@ -18,7 +18,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from appliance.errors import BadRequest, NotFound, RateLimited, UpstreamError, UpstreamTimeout
 from routes.client import UpstreamClient
 from routes.result import EVENT_STREAM, JSON, RouteResult, Usage
-from routes.table import Route, RouteTable
+from routes.table import RouteTable
 from routes.usage import MAX_EVENT, SSEScanner, event_fields, split_events
 from tests.support.fake_upstream import (
     BIG_JSON_CONTENT,
@@ -453,26 +453,22 @@ def test_route_table_resolve() -> None:
     run(scenario)
 
 
-def test_route_table_registers_a_local_route() -> None:
+def test_route_table_builds_a_local_route_per_local_route_name() -> None:
     class Local:
-        name = "local"
         kind = "local"
 
-        async def chat_completions(
-            self, body: dict[str, Any], *, upstream_model: str, key: str | None
-        ) -> RouteResult:
-            raise NotImplementedError
-
-        async def messages(
-            self, body: dict[str, Any], *, upstream_model: str, key: str | None
-        ) -> RouteResult:
-            raise NotImplementedError
+        def __init__(self, name: str) -> None:
+            self.name = name
 
     async def main() -> None:
         async with UpstreamClient() as client:
-            local: Route = Local()
-            table = RouteTable({"local": Spec("local", None, "none")}, client, local=local)
-            assert table.resolve("local/tiny") == (local, "tiny")
+            table = RouteTable(
+                {"local": Spec("local", None, "none"), "gpu": Spec("local", None, "none")},
+                client,
+                local=Local,
+            )
+            route, model = table.resolve("gpu/tiny")
+            assert (route.name, model) == ("gpu", "tiny") and table.resolve("local/x")[0].name == "local"
             with pytest.raises(ValueError, match="needs a base_url"):
                 RouteTable({"x": Spec("openai", None, "bearer")}, client)
             with pytest.raises(ValueError, match="unknown kind"):

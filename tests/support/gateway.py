@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from appliance.config import LocalSettings
 from appliance.gateway import Gateway
 from appliance.home import Home
 from appliance.http.limits import HttpLimits
@@ -127,11 +128,18 @@ class GatewayHarness:
 
     # -- the server --
 
-    def start(self, limits: HttpLimits | None = None, reload_interval_s: float = 0.1) -> str:
+    def start(
+        self,
+        limits: HttpLimits | None = None,
+        reload_interval_s: float = 0.1,
+        local: LocalSettings | None = None,
+    ) -> str:
         settings = self.home.settings()
         settings.policy.reload_interval_s = reload_interval_s
         if limits is not None:
             settings.server.limits = limits
+        if local is not None:
+            settings.local = local
         self.gateway = Gateway(self.home, settings, audit_out=self.audit)
         loop = _new_loop()
         self._loop = loop

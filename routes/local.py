@@ -1,0 +1,297 @@
+"""The route for ``local/<name>``: in-process llama.cpp models, answered in OpenAI's wire format.
+
+Owns: turning an OpenAI request (chat, completions, embeddings) into a ``GenerationRequest`` for the
+engine (sampling parameters, stop strings, ``response_format`` as a grammar, the role's priority, the
+deadline), and the engine's text back into OpenAI JSON or SSE chunks, with exact usage.
+Never: touches a ``Llama`` object (the engine's worker threads do); lets a generation run on after its
+caller has gone (``aclose`` cancels it).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import struct
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any, Literal
+
+from appliance.errors import BadRequest
+from local_models.engine import Generation, GenerationRequest
+from local_models.json_schema import grammar_for
+from local_models.runtime import LocalRuntime
+from routes.result import EVENT_STREAM, JSON, RouteResult, Usage
+
+_FINISH = {"stop": "stop", "length": "length", "timeout": "length", "cancelled": "stop"}
+_UNSUPPORTED = ("tools", "functions", "logprobs", "top_logprobs", "audio", "modalities")
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + _dumps(obj) + b"\n\n"
+
+
+class LocalStream:
+    """SSE bytes for one generation; usage is final once the stream has ended."""
+
+    def __init__(self, generation: Generation, frame: Any, usage: Usage, include_usage: bool) -> None:
+        self._generation = generation
+        self._frame = frame
+        self.usage = usage
+        self._iter = self._events(include_usage)
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        return await self._iter.__anext__()
+
+    async def _events(self, include_usage: bool) -> AsyncGenerator[bytes, None]:
+        frame = self._frame
+        yield _sse(frame.start())
+        async for piece in self._generation:
+            if piece:
+                yield _sse(frame.piece(piece))
+        generation = self._generation
+        self.usage.tokens_in = generation.prompt_tokens
+        self.usage.tokens_out = generation.completion_tokens
+        self.usage.reported = True
+        yield _sse(frame.end(_FINISH.get(generation.finish_reason or "stop", "stop")))
+        if include_usage:
+            yield _sse(frame.usage(self.usage))
+        yield b"data: [DONE]\n\n"
+
+    async def aclose(self) -> None:
+        self._generation.cancel()
+        await self._iter.aclose()
+
+
+class _ChatFrame:
+    def __init__(self, model: str) -> None:
+        self.base = {
+            "id": f"chatcmpl-{os.urandom(12).hex()}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": model,
+            "system_fingerprint": None,
+        }
+
+    def _choice(self, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+        return dict(
+            self.base, choices=[{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+        )
+
+    def start(self) -> dict[str, Any]:
+        return self._choice({"role": "assistant", "content": ""}, None)
+
+    def piece(self, text: str) -> dict[str, Any]:
+        return self._choice({"content": text}, None)
+
+    def end(self, finish: str) -> dict[str, Any]:
+        return self._choice({}, finish)
+
+    def usage(self, usage: Usage) -> dict[str, Any]:
+        return dict(self.base, choices=[], usage=_usage(usage))
+
+
+class _CompletionFrame:
+    def __init__(self, model: str) -> None:
+        self.base = {
+            "id": f"cmpl-{os.urandom(12).hex()}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model,
+        }
+
+    def _choice(self, text: str, finish: str | None) -> dict[str, Any]:
+        return dict(
+            self.base, choices=[{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]
+        )
+
+    def start(self) -> dict[str, Any]:
+        return self._choice("", None)
+
+    def piece(self, text: str) -> dict[str, Any]:
+        return self._choice(text, None)
+
+    def end(self, finish: str) -> dict[str, Any]:
+        return self._choice("", finish)
+
+    def usage(self, usage: Usage) -> dict[str, Any]:
+        return dict(self.base, choices=[], usage=_usage(usage))
+
+
+def _usage(usage: Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.tokens_in,
+        "completion_tokens": usage.tokens_out,
+        "total_tokens": usage.tokens_in + usage.tokens_out,
+    }
+
+
+class LocalRoute:
+    """A route of kind "local"; one per policy route name, all sharing the gateway's runtime."""
+
+    kind = "local"
+
+    def __init__(self, name: str, runtime: LocalRuntime) -> None:
+        self.name = name
+        self._runtime = runtime
+
+    async def chat_completions(
+        self, body: dict[str, Any], *, upstream_model: str, key: str | None, priority: int = 0
+    ) -> RouteResult:
+        messages = body.get("messages") or []
+        for message in messages:
+            if not isinstance(message, dict) or not isinstance(message.get("content", ""), str | None):
+                raise BadRequest("local models take text messages (content as a string)", param="messages")
+        request = self._request(body, priority, kind="chat")
+        request.messages = [
+            {"role": m.get("role", "user"), "content": m.get("content") or ""} for m in messages
+        ]
+        return await self._generate(body, upstream_model, request, _ChatFrame, chat=True)
+
+    async def completions(
+        self, body: dict[str, Any], *, upstream_model: str, key: str | None, priority: int = 0
+    ) -> RouteResult:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise BadRequest("local models take one prompt per request", param="prompt")
+            prompt = prompt[0]
+        request = self._request(body, priority, kind="completion")
+        request.prompt = str(prompt)
+        return await self._generate(body, upstream_model, request, _CompletionFrame, chat=False)
+
+    async def embeddings(
+        self, body: dict[str, Any], *, upstream_model: str, key: str | None, priority: int = 0
+    ) -> RouteResult:
+        raw = body.get("input")
+        inputs = [raw] if isinstance(raw, str) else list(raw or [])
+        encoding = body.get("encoding_format", "float")
+        if encoding not in ("float", "base64"):
+            raise BadRequest("'encoding_format' must be 'float' or 'base64'", param="encoding_format")
+        model = await self._runtime.ensure_loaded(f"{self.name}/{upstream_model}")
+        vectors, tokens = await self._runtime.engine.embed(model, inputs)
+        data = [
+            {"object": "embedding", "index": i, "embedding": _encode(vector, encoding)}
+            for i, vector in enumerate(vectors)
+        ]
+        usage = Usage(tokens_in=tokens, tokens_out=0, reported=True)
+        answer = {
+            "object": "list",
+            "data": data,
+            "model": f"{self.name}/{upstream_model}",
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+        return RouteResult(200, JSON, _dumps(answer), None, usage, upstream_model)
+
+    async def messages(
+        self, body: dict[str, Any], *, upstream_model: str, key: str | None, priority: int = 0
+    ) -> RouteResult:
+        raise BadRequest("/v1/messages serves anthropic routes only", code="unsupported_endpoint")
+
+    def _request(
+        self, body: dict[str, Any], priority: int, *, kind: Literal["chat", "completion"]
+    ) -> GenerationRequest:
+        for name in _UNSUPPORTED:
+            if body.get(name):
+                raise BadRequest(f"'{name}' is not supported by local models", param=name)
+        if body.get("n", 1) != 1:
+            raise BadRequest("local models return one choice ('n' must be 1)", param="n")
+        stop = body.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
+            raise BadRequest("'stop' must be a string or up to 4 strings", param="stop")
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+            raise BadRequest("'max_tokens' must be a positive integer", param="max_tokens")
+        return GenerationRequest(
+            kind=kind,
+            max_tokens=max_tokens,
+            temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+            top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
+            seed=body.get("seed") if isinstance(body.get("seed"), int) else None,
+            stop=stop,
+            grammar=grammar_for(body.get("response_format")),
+            logit_bias=_logit_bias(body.get("logit_bias")),
+            priority=priority,
+            deadline=time.monotonic() + self._runtime.settings.request_timeout_s,
+        )
+
+    async def _generate(
+        self,
+        body: dict[str, Any],
+        upstream_model: str,
+        request: GenerationRequest,
+        frame_type: Any,
+        *,
+        chat: bool,
+    ) -> RouteResult:
+        model = await self._runtime.ensure_loaded(f"{self.name}/{upstream_model}")
+        generation = await self._runtime.engine.generate(model, request)
+        shown = f"{self.name}/{upstream_model}"
+        usage = Usage()
+        if body.get("stream") is True:
+            options = body.get("stream_options")
+            include_usage = isinstance(options, dict) and options.get("include_usage") is True
+            stream = LocalStream(generation, frame_type(shown), usage, include_usage)
+            return RouteResult(200, EVENT_STREAM, None, stream, usage, upstream_model)
+        try:
+            text = await generation.text()
+        except BaseException:
+            generation.cancel()
+            raise
+        usage.tokens_in, usage.tokens_out, usage.reported = (
+            generation.prompt_tokens,
+            generation.completion_tokens,
+            True,
+        )
+        finish = _FINISH.get(generation.finish_reason or "stop", "stop")
+        base = {"created": int(time.time()), "model": shown, "usage": _usage(usage)}
+        if chat:
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": finish,
+            }
+            answer = dict(
+                base, id=f"chatcmpl-{os.urandom(12).hex()}", object="chat.completion", choices=[choice]
+            )
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            answer = dict(base, id=f"cmpl-{os.urandom(12).hex()}", object="text_completion", choices=[choice])
+        return RouteResult(200, JSON, _dumps(answer), None, usage, upstream_model)
+
+
+def _number(body: dict[str, Any], name: str, default: float, low: float, high: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, int | float) or isinstance(value, bool) or not low <= value <= high:
+        raise BadRequest(f"'{name}' must be a number from {low} to {high}", param=name)
+    return float(value)
+
+
+def _logit_bias(value: object) -> dict[int, float] | None:
+    """OpenAI's ``logit_bias``: token ids (as strings) to a bias from -100 to 100."""
+    if value is None:
+        return None
+    try:
+        bias = {int(token): float(amount) for token, amount in value.items()}  # type: ignore[attr-defined]
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise BadRequest("'logit_bias' maps token ids to numbers", param="logit_bias") from exc
+    if len(bias) > 1024 or any(not -100 <= amount <= 100 for amount in bias.values()):
+        raise BadRequest("'logit_bias' takes at most 1024 entries, each from -100 to 100", param="logit_bias")
+    return bias
+
+
+def _encode(vector: list[float], encoding: str) -> list[float] | str:
+    if encoding == "float":
+        return vector
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
