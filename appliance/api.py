@@ -23,6 +23,7 @@ from appliance.http import Request, Responder
 from appliance.ledger import Ledger
 from appliance.pipeline import Exchange, Pipeline
 from appliance.policy_state import PolicyKeeper
+from local_models.runtime import LocalRuntime
 
 _JSON = [(b"Content-Type", b"application/json")]
 _Handler = Callable[[Request, Responder], Awaitable[None]]
@@ -38,8 +39,11 @@ def render_anthropic_error(error: GatewayError) -> bytes:
 
 
 class Api:
-    def __init__(self, pipeline: Pipeline, keeper: PolicyKeeper, ledger: Ledger) -> None:
+    def __init__(
+        self, pipeline: Pipeline, keeper: PolicyKeeper, ledger: Ledger, local: LocalRuntime | None = None
+    ) -> None:
         self._pipeline = pipeline
+        self._local = local
         self._keeper = keeper
         self._ledger = ledger
         self._started = time.monotonic()
@@ -116,6 +120,10 @@ class Api:
                 "reason": self._keeper.reason,
             },
             "ledger": {"writable": ledger_ok, "stdout_lines_dropped": self._ledger.dropped_lines},
+            "local_models": {
+                model: row.get("state", "not loaded")
+                for model, row in (self._local.status() if self._local else {}).items()
+            },
             "uptime_s": round(time.monotonic() - self._started, 1),
         }
         body = json.dumps(doc, separators=(",", ":")).encode()

@@ -121,6 +121,8 @@ def demo_cmd(home: Path, host: str, port: int) -> None:
     click.echo(
         f"\nPhi Gateway demo on http://{host}:{port}/v1 (home {target.root})\n"
         f"  curl -s http://{host}:{port}/v1/models -H 'Authorization: Bearer {token}'\n"
+        f"  curl -s http://{host}:{port}/v1/chat/completions -H 'Authorization: Bearer {token}' "
+        f'-d \'{{"model": "local/demo", "messages": [{{"role": "user", "content": "hi"}}]}}\'\n'
         f"  OpenAI SDK: OpenAI(base_url='http://{host}:{port}/v1', api_key='{token}')\n"
         f"token: {token}\n",
         err=True,

@@ -65,7 +65,7 @@ class Gateway:
         )
         keeper.start(settings.policy.reload_interval_s)
         pipeline = Pipeline(vault.tokens, vault.keys, vault.ledger, keeper)
-        api = Api(pipeline, keeper, vault.ledger)
+        api = Api(pipeline, keeper, vault.ledger, self.local)
         self.server = server = HttpServer(
             api.handle, settings.server.limits, on_reject=self._record_rejection
         )

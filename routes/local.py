@@ -252,20 +252,21 @@ class LocalRoute:
             True,
         )
         finish = _FINISH.get(generation.finish_reason or "stop", "stop")
-        base = {"created": int(time.time()), "model": shown, "usage": _usage(usage)}
         if chat:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": finish,
-            }
-            answer = dict(
-                base, id=f"chatcmpl-{os.urandom(12).hex()}", object="chat.completion", choices=[choice]
-            )
+            ident, kind = f"chatcmpl-{os.urandom(12).hex()}", "chat.completion"
+            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-            answer = dict(base, id=f"cmpl-{os.urandom(12).hex()}", object="text_completion", choices=[choice])
+            ident, kind = f"cmpl-{os.urandom(12).hex()}", "text_completion"
+            choice = {"index": 0, "text": text}
+        choice.update(logprobs=None, finish_reason=finish)
+        answer = {
+            "id": ident,
+            "object": kind,
+            "created": int(time.time()),
+            "model": shown,
+            "choices": [choice],
+            "usage": _usage(usage),
+        }
         return RouteResult(200, JSON, _dumps(answer), None, usage, upstream_model)
 
 
