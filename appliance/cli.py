@@ -322,8 +322,7 @@ def models_verify(home: Path | None) -> None:
 @click.argument("model")
 def models_load(home: Path | None, model: str) -> None:
     """Verify and load MODEL (local/<name>) in the running gateway."""
-    doc = AdminClient(_home(home).admin_socket).call("POST", "/admin/models/load", {"model": model})
-    click.echo(f"{doc['model']} loaded")
+    _model_verb(home, model, "load")
 
 
 @models_group.command("unload")
@@ -331,8 +330,12 @@ def models_load(home: Path | None, model: str) -> None:
 @click.argument("model")
 def models_unload(home: Path | None, model: str) -> None:
     """Unload MODEL from the running gateway (it loads again on its next request)."""
-    doc = AdminClient(_home(home).admin_socket).call("POST", "/admin/models/unload", {"model": model})
-    click.echo(f"{doc['model']} unloaded")
+    _model_verb(home, model, "unload")
+
+
+def _model_verb(home: Path | None, model: str, verb: str) -> None:
+    doc = AdminClient(_home(home).admin_socket).call("POST", f"/admin/models/{verb}", {"model": model})
+    click.echo(f"{doc['model']} {verb}ed")
 
 
 # -- trust -----------------------------------------------------------------------------------------------

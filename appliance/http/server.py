@@ -59,29 +59,21 @@ class HttpServer:
         sock: socket.socket | None = None,
     ) -> None:
         """Start listening on ``host:port``, or on an already bound ``sock``."""
-        if self._server is not None:
-            raise RuntimeError("server already started")
-        loop = asyncio.get_running_loop()
-        state = self._state
-
-        def factory() -> HttpProtocol:
-            return HttpProtocol(state)
-
+        loop, factory = self._listener()
         if sock is not None:
             self._server = await loop.create_server(factory, sock=sock, backlog=2048)
         else:
             self._server = await loop.create_server(factory, host, port, reuse_address=True, backlog=2048)
 
-    async def start_unix(self, path: str) -> None:
-        """Start listening on a unix socket at ``path`` (replacing a stale one), mode 0600."""
+    def _listener(self) -> tuple[asyncio.AbstractEventLoop, Callable[[], HttpProtocol]]:
         if self._server is not None:
             raise RuntimeError("server already started")
-        loop = asyncio.get_running_loop()
         state = self._state
+        return asyncio.get_running_loop(), lambda: HttpProtocol(state)
 
-        def factory() -> HttpProtocol:
-            return HttpProtocol(state)
-
+    async def start_unix(self, path: str) -> None:
+        """Start listening on a unix socket at ``path`` (replacing a stale one), mode 0600."""
+        loop, factory = self._listener()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         old_umask = os.umask(0o177)  # created 0600: only the appliance's own user may connect
