@@ -10,6 +10,7 @@ Never: overwrites an existing key; loosens a file mode; keeps anything secret ou
       appliance.key/.pub    0600  Ed25519 key of this appliance (signs ledger checkpoints)
       trust.json            the policy-authoring keys this appliance trusts, and the threshold
       vault.db              SQLite: hashed tokens, sealed provider keys, policies, the audit ledger
+      vault.db.changes      bumped when tokens or provider keys change, so a running gateway may cache them
       models/               local GGUF files, pinned by SHA-256 in the policy
       admin.sock            0600  the running gateway's operator API (unix socket; never on the network)
 """

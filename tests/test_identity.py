@@ -226,3 +226,49 @@ def test_import_cllama_does_not_revive_a_revoked_token(store: TokenStore, tmp_pa
 def test_import_cllama_requires_a_directory(store: TokenStore, tmp_path: Path) -> None:
     with pytest.raises(OperatorError, match="not a directory"):
         store.import_cllama(tmp_path / "absent", org="stmarys", role="billing")
+
+
+def test_a_cached_check_sees_a_revocation_by_another_process_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "vault.db"
+    with Database(path, MIGRATIONS) as server_db, Database(path, MIGRATIONS) as cli_db:
+        server, cli = TokenStore(server_db), TokenStore(cli_db)
+        token = cli.issue("radiology-bot", "stmarys", "radiology")
+        for _ in range(3):  # the second and third checks are answered from memory
+            assert server.authenticate(f"Bearer {token}", None).id == "radiology-bot"
+        assert cli.revoke("radiology-bot") == 1
+        with pytest.raises(Forbidden):
+            server.authenticate(f"Bearer {token}", None)
+
+
+def test_a_change_made_behind_the_cli_is_seen_within_the_cache_age(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    from appliance import identity
+
+    monkeypatch.setattr(identity, "MAX_AGE_S", 0.05)
+    path = tmp_path / "vault.db"
+    with Database(path, MIGRATIONS) as db:
+        store = TokenStore(db)
+        token = store.issue("radiology-bot", "stmarys", "radiology")
+        store.authenticate(f"Bearer {token}", None)
+        with sqlite3.connect(path) as raw:  # no change mark: a crashed command, or a hand edit
+            raw.execute("UPDATE tokens SET revoked_at = '2026-01-01T00:00:00.000Z'")
+        import time
+
+        time.sleep(0.06)
+        with pytest.raises(Forbidden):
+            store.authenticate(f"Bearer {token}", None)
+
+
+def test_a_cached_token_still_expires_on_time(store: TokenStore) -> None:
+    import time
+
+    token = store.issue(
+        "radiology-bot", "stmarys", "radiology", expires_at=datetime.now(UTC) + timedelta(seconds=0.3)
+    )
+    assert store.authenticate(f"Bearer {token}", None).id == "radiology-bot"
+    time.sleep(0.35)
+    with pytest.raises(Forbidden):
+        store.authenticate(f"Bearer {token}", None)

@@ -161,3 +161,16 @@ def test_vault_file_never_contains_the_secret(keys: ProviderKeys, tmp_path: Path
     assert b"provider_keys" in raw
     assert SECRET.encode() not in raw
     assert SECRET.encode().hex().encode() not in raw
+
+
+def test_a_cached_key_follows_a_change_made_by_another_process(tmp_path: Path, master: MasterKey) -> None:
+    path = tmp_path / "shared.db"
+    with Database(path, MIGRATIONS) as server_db, Database(path, MIGRATIONS) as cli_db:
+        server, cli = ProviderKeys(server_db, master), ProviderKeys(cli_db, master)
+        cli.set("openai", "sk-first-0000000000")
+        assert server.get("openai") == "sk-first-0000000000"
+        assert server.get("openai") == "sk-first-0000000000"  # from memory
+        cli.set("openai", "sk-second-000000000")
+        assert server.get("openai") == "sk-second-000000000"
+        assert cli.remove("openai")
+        assert server.get("openai") is None

@@ -13,11 +13,13 @@ from __future__ import annotations
 import hashlib
 import re
 import sqlite3
+import time
 from typing import Any
 
 import sqlite_utils
 
 from appliance.errors import OperatorError
+from appliance.vault.change_mark import MAX_AGE_S, ChangeMark, Mark
 from appliance.vault.db import Database, Migration
 from appliance.vault.sealing import MasterKey
 
@@ -56,6 +58,11 @@ class ProviderKeys:
     def __init__(self, db: Database, master: MasterKey) -> None:
         self._db = db
         self._master = master
+        # Route name -> (key, when opened): answered from memory while the vault's change mark is unchanged
+        # (keys set/remove bump it, in any process) and for at most MAX_AGE_S.
+        self._mark = ChangeMark(db.path)
+        self._seen: Mark = None
+        self._cache: dict[str, tuple[str | None, float]] = {}
 
     def set(self, name: str, secret: str) -> str:
         """Seal ``secret`` as route ``name``'s key (replacing any previous one); return its fingerprint."""
@@ -80,14 +87,23 @@ class ProviderKeys:
             )
 
         self._db.write(write)
+        self._mark.bump()
         return fp
 
     def get(self, name: str) -> str | None:
-        """Route ``name``'s key in clear, or None when none is set (hot path: one read, one AES-GCM open)."""
+        """Route ``name``'s key in clear, or None when none is set (hot path: usually from memory)."""
+        now = time.monotonic()
+        mark = self._mark.read()
+        if mark != self._seen:
+            self._cache.clear()
+            self._seen = mark
+        cached = self._cache.get(name)
+        if cached is not None and now - cached[1] < MAX_AGE_S:
+            return cached[0]
         row = self._db.reader().execute("SELECT sealed FROM provider_keys WHERE name = ?", (name,)).fetchone()
-        if row is None:
-            return None
-        return self._master.open(row[0], _aad(name)).decode()
+        key = None if row is None else self._master.open(row[0], _aad(name)).decode()
+        self._cache[name] = (key, now)
+        return key
 
     def list(self) -> list[dict[str, Any]]:
         """Every key's name, fingerprint and timestamps, by name; never the key."""
@@ -103,6 +119,7 @@ class ProviderKeys:
         removed: bool = self._db.write(
             lambda conn: conn.execute("DELETE FROM provider_keys WHERE name = ?", (name,)).rowcount > 0
         )
+        self._mark.bump()
         return removed
 
     def __repr__(self) -> str:
