@@ -3,7 +3,10 @@
 Owns: ``LocalEngine`` — loading and unloading models (a ``ModelWorker`` thread per ``Llama`` instance: one
 for generation, and a second, embedding-mode instance started on the first embeddings request), the memory
 budget across loaded instances (estimated by file size; the least recently used idle model is unloaded to
-make room), the idle unload check, per-request deadlines while queued, and the ``status`` for ``/health``.
+make room), the idle unload check, per-request deadlines while queued (a timer per request, cancelled
+when the request ends so that no finished request is kept alive by it), and the ``status`` for
+``/health``. The embedding instance is loaded only from the very file the generation instance was loaded
+from (same ``file_identity``).
 The gateway codes against ``GenerationRequest``, ``Generation`` and this class only.
 
 Must never: touch a ``Llama`` object itself (workers own them), block the event loop (loading, inference
@@ -78,8 +81,13 @@ class LocalEngine:
 
     # ---- loading ----
 
-    async def load(self, model: str, path: Path, n_ctx: int) -> None:
-        """Load ``model`` from ``path`` on a new worker thread; a loaded (or loading) model is left alone."""
+    async def load(
+        self, model: str, path: Path, n_ctx: int, *, identity: tuple[int, ...] | None = None
+    ) -> None:
+        """Load ``model`` from ``path`` on a new worker thread; a loaded (or loading) model is left alone.
+
+        ``identity``: the ``registry.file_identity`` the file had when it was verified; the load is refused
+        (``model_file_changed``) if the file is not that file any more, before or during the load."""
         loop = asyncio.get_running_loop()
         async with self._placement:
             if self._closed:
@@ -88,7 +96,9 @@ class LocalEngine:
             if entry is None:
                 size = self._file_size(model, path)
                 await self._make_room(size, keep=model)
-                worker = self._worker(model, path, n_ctx, embedding=False, loop=loop)
+                worker = self._worker(
+                    model, path, n_ctx, embedding=False, loop=loop, expect_identity=identity or None
+                )
                 entry = self._models[model] = _Model(model, path, n_ctx, worker)
                 worker.start()
                 self._watch_idle()
@@ -122,13 +132,21 @@ class LocalEngine:
         worker.submit(gen)
         gen.on_cancel(worker.withdraw)
         if request.deadline is not None:
-            # A request still queued at its deadline ends then, not when the worker reaches it.
+            # A request still queued at its deadline fails then, not when the worker reaches it. The timer
+            # holds the request (and its prompt): it goes as soon as the request ends.
             delay = max(0.0, request.deadline - time.monotonic())
-            loop.call_later(delay, worker.withdraw, gen, "timeout")
+            timer = loop.call_later(delay, worker.expire, gen)
+            gen.when_done(timer.cancel)
         return gen
 
-    async def embed(self, model: str, inputs: list[str]) -> tuple[list[list[float]], int]:
-        """Embed each input with the model's embedding-mode instance (started on first use)."""
+    async def embed(
+        self, model: str, inputs: list[str], *, priority: int = 0, deadline: float | None = None
+    ) -> tuple[list[list[float]], int]:
+        """Embed each input with the model's embedding-mode instance (started on first use).
+
+        ``priority`` orders the embedding queue like ``GenerationRequest.priority``; past ``deadline``
+        (``time.monotonic()``) the call raises ``UpstreamTimeout`` (code ``local_timeout``), whether the
+        request is still queued (it is dropped) or running (its result is discarded)."""
         entry = self._entry(model)
         loop = asyncio.get_running_loop()
         worker = entry.embedder
@@ -139,14 +157,27 @@ class LocalEngine:
                 if worker is None:
                     await self._make_room(self._file_size(model, entry.path), keep=model)
                     worker = entry.embedder = self._worker(
-                        model, entry.path, entry.n_ctx, embedding=True, loop=loop
+                        model,
+                        entry.path,
+                        entry.n_ctx,
+                        embedding=True,
+                        loop=loop,
+                        expect_identity=entry.generator.identity,
                     )
                     worker.start()
         await self._await_ready(model, entry, worker)
-        job = EmbeddingJob(inputs, loop, loop.create_future())
+        job = EmbeddingJob(inputs, loop, loop.create_future(), priority=priority, deadline=deadline)
         worker.submit(job)
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
-            return await asyncio.shield(job.future)
+            return await asyncio.wait_for(asyncio.shield(job.future), timeout)
+        except TimeoutError:
+            job.cancelled = True
+            if worker.expire(job):
+                return await job.future  # already failed with the queued timeout
+            raise errors.UpstreamTimeout(
+                f"embeddings with local model {model} ran past the request deadline", code="local_timeout"
+            ) from None
         except asyncio.CancelledError:
             job.cancelled = True
             worker.withdraw(job)
@@ -178,7 +209,14 @@ class LocalEngine:
         return entry
 
     def _worker(
-        self, model: str, path: Path, n_ctx: int, *, embedding: bool, loop: asyncio.AbstractEventLoop
+        self,
+        model: str,
+        path: Path,
+        n_ctx: int,
+        *,
+        embedding: bool,
+        loop: asyncio.AbstractEventLoop,
+        expect_identity: tuple[int, ...] | None = None,
     ) -> ModelWorker:
         return ModelWorker(
             name=model,
@@ -188,6 +226,7 @@ class LocalEngine:
             queue_size=self.queue_size,
             n_threads=self.n_threads,
             loop=loop,
+            expect_identity=expect_identity,
         )
 
     @staticmethod

@@ -48,7 +48,9 @@ class GenerationRequest:
     priority: int = 0
     """Lower runs sooner (from the role's policy); FIFO within one priority."""
     deadline: float | None = None
-    """``time.monotonic()`` by which generation must end; past it the stream ends with ``"timeout"``."""
+    """``time.monotonic()`` by which generation must end. Reached while running: the stream ends with
+    ``"timeout"`` (the text so far is a partial answer). Reached while still queued: the iteration raises
+    ``UpstreamTimeout`` (code ``local_timeout``), as no answer was started."""
 
 
 class Generation:
@@ -78,6 +80,7 @@ class Generation:
         self._waiter: asyncio.Future[None] | None = None
         self._wake_pending = False
         self._on_cancel: Callable[[Generation], object] | None = None
+        self._on_done: list[Callable[[], object]] = []
         self._abort_error: BaseException | None = None
 
     # ---- consumer side (event loop) ----
@@ -127,6 +130,15 @@ class Generation:
         """Called (on the loop) by the first ``cancel``: the queue drops the request if it has not started."""
         self._on_cancel = callback
 
+    def when_done(self, callback: Callable[[], object]) -> None:
+        """Call ``callback`` on the loop once the stream has ended (finished, cancelled or failed); at once
+        (on the loop's next turn) if it already has. The engine cancels the deadline timer with it."""
+        with self._lock:
+            if not self._ended:
+                self._on_done.append(callback)
+                return
+        self._loop.call_soon(callback)
+
     @property
     def done(self) -> bool:
         return self._ended
@@ -165,7 +177,13 @@ class Generation:
             self.finish_reason = reason
             self._error = error
             self._ended = True
+            on_done, self._on_done = self._on_done, []
             self._wake_locked()
+        for callback in on_done:
+            try:
+                self._loop.call_soon_threadsafe(callback)
+            except RuntimeError:  # the loop is closed: its timers are gone with it
+                break
 
     def _wake_locked(self) -> None:
         if self._waiter is not None and not self._wake_pending:

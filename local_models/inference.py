@@ -9,7 +9,9 @@ llama.cpp abort callback that stops prompt processing when a request is cancelle
 Must never: be used from any thread but the one that created it (a ``Llama`` is not thread-safe); use
 llama-cpp-python's high-level streaming (it holds back all text after an invalid UTF-8 token); fork; or
 leave the abort callback installed while tokens are generated (it runs on every graph node, and between
-tokens the loop checks for itself).
+tokens the loop checks for itself); or map the GGUF file (``use_mmap``): the file was hashed before the
+load, and a mapped file overwritten in place would change the running weights, truncated would SIGBUS
+the process. The weights are copied into memory once, at load.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class LoadedModel:
                 n_threads=n_threads,
                 n_threads_batch=n_threads,
                 embedding=embedding,
+                use_mmap=False,  # see the module docstring: the file may change after the check
                 verbose=False,
             )
         except (ValueError, RuntimeError, OSError) as exc:

@@ -11,7 +11,10 @@ proof that llama.cpp can parse it (``grammar_compiles``).
 Never: fetches a remote ``$ref`` (the appliance is air-gapped; llama_cpp's fetch guard is an ``assert``,
 which ``python -O`` strips); returns a grammar llama.cpp cannot parse (llama-cpp-python would then add a
 NULL sampler: unconstrained output or a crash); accepts a repetition bound that would make llama.cpp's
-recursive grammar parser overflow a thread stack.
+recursive grammar parser overflow a thread stack, nor a ``pattern`` quantifier (``{n}``, ``{n,}``,
+``{n,m}``) above it: the converter spells each repetition out, so ``a{0,100000000}`` alone would take
+seconds and gigabytes before any size check could run; nor a ``pattern`` with a stray ``]`` or ``}``,
+on which the converter loops for ever.
 """
 
 from __future__ import annotations
@@ -31,8 +34,11 @@ PARAM = "response_format"
 MAX_DEPTH = 32
 """Deepest nesting of subschemas accepted."""
 MAX_REPEAT = 256
-"""Largest minItems/maxItems/minLength/maxLength: each unit nests one group in the grammar, and llama.cpp
-parses nested groups recursively (about 600 overflow a 256 KiB thread stack)."""
+"""Largest minItems/maxItems/minLength/maxLength and ``pattern`` repeat count: each unit nests one group
+in the grammar, and llama.cpp parses nested groups recursively (about 600 overflow a 256 KiB thread
+stack)."""
+MAX_PATTERN_REPEATS = 16 * MAX_REPEAT
+"""Largest sum of the repeat counts of one ``pattern``: the converter's output grows with it."""
 MAX_GRAMMAR_CHARS = 512 * 1024
 
 _SUBSCHEMA_MAPS = ("properties", "$defs", "definitions")
@@ -155,6 +161,8 @@ def _check_schema(node: Mapping[Any, Any], where: str, depth: int) -> None:
     for low, high in (("minItems", "maxItems"), ("minLength", "maxLength")):
         if low in node and high in node and node[low] > node[high]:
             raise _bad(f"{where}: {low} is greater than {high}")
+    if "pattern" in node:
+        _check_pattern(node["pattern"], f"{where}.pattern")
     if "enum" in node and (not isinstance(node["enum"], list) or not node["enum"]):
         raise _bad(f"{where}.enum must be a non-empty list")
     properties = node.get("properties", {})
@@ -189,6 +197,56 @@ def _check_schema(node: Mapping[Any, Any], where: str, depth: int) -> None:
     extra = node.get("additionalProperties")
     if extra is not None and not isinstance(extra, bool):
         _check_child(extra, f"{where}.additionalProperties", depth)
+
+
+def _check_pattern(pattern: object, where: str) -> None:
+    """Bound the ``{n}``, ``{n,}`` and ``{n,m}`` quantifiers of a pattern, read as the converter reads them
+    (``llama_grammar.SchemaConverter._visit_pattern``): a backslash escapes the next character, a
+    character class runs to the first unescaped ``]``, and any other ``{`` opens a quantifier up to the
+    next ``}``, whose comma-separated bounds go through ``int``. A ``]`` or ``}`` outside those is refused:
+    the converter would loop on it for ever."""
+    if not isinstance(pattern, str):
+        raise _bad(f"{where} must be a string")
+    total = 0
+    i, length = 0, len(pattern)
+    while i < length:
+        c = pattern[i]
+        if c == "\\":
+            i += 2
+        elif c == "[":
+            i += 1
+            while i < length and pattern[i] != "]":
+                i += 2 if pattern[i] == "\\" else 1
+            i += 1
+        elif c == "{":
+            end = pattern.find("}", i)
+            if end < 0:
+                raise _bad(f"{where}: unbalanced '{{' at index {i}")
+            total += _repeat_count(pattern[i : end + 1], where)
+            if total > MAX_PATTERN_REPEATS:
+                raise _bad(f"{where}: its repeat counts add up to more than {MAX_PATTERN_REPEATS}")
+            i = end + 1
+        elif c in "]}":
+            raise _bad(f"{where}: unmatched {c!r} at index {i} (escape it as '\\{c}')")
+        else:
+            i += 1
+
+
+def _repeat_count(quantifier: str, where: str) -> int:
+    """The largest count a ``{...}`` quantifier spells out (its upper bound, else its lower one)."""
+    bounds = [part.strip() for part in quantifier[1:-1].split(",")]
+    try:
+        if len(bounds) == 1:
+            counts = [int(bounds[0])]
+        elif len(bounds) == 2:
+            counts = [int(part) for part in bounds if part]
+        else:
+            raise ValueError(quantifier)
+    except ValueError:  # also a number too long for int(): refused, never converted
+        raise _bad(f"{where}: invalid quantifier {_short(quantifier)}") from None
+    if any(not 0 <= count <= MAX_REPEAT for count in counts):
+        raise _bad(f"{where}: quantifier {_short(quantifier)} repeats more than {MAX_REPEAT} times")
+    return max(counts, default=0)
 
 
 def _check_child(child: object, where: str, depth: int) -> None:

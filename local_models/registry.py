@@ -48,6 +48,9 @@ class LocalModel:
     n_ctx: int
     model: str = ""
     """The full id as the policy spells it (``local/demo``); defaults to ``local/<name>``."""
+    identity: tuple[int, ...] = ()
+    """After ``verify``: ``file_identity`` of the file as it was hashed (empty before). Whoever loads the
+    file re-stats it after loading and refuses it if the identity differs: it changed after the check."""
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -61,7 +64,8 @@ _hash_cache: dict[str, tuple[_StatKey, str]] = {}
 _hash_cache_lock = threading.Lock()
 
 
-def _stat_key(st: os.stat_result) -> _StatKey:
+def file_identity(st: os.stat_result) -> _StatKey:
+    """``(st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns)``: equal only while the file is unchanged."""
     # ctime as well as mtime: mtime can be set back by anyone who can write the file, ctime cannot.
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
@@ -155,7 +159,7 @@ class ModelRegistry:
         return real, st
 
     def _digest(self, entry: LocalModel, real: Path, before: os.stat_result) -> str:
-        key = _stat_key(before)
+        key = file_identity(before)
         with _hash_cache_lock:
             cached = _hash_cache.get(str(real))
         if cached is not None and cached[0] == key:
@@ -171,10 +175,10 @@ class ModelRegistry:
             ) from exc
         try:
             opened = os.fstat(fd)
-            if not stat.S_ISREG(opened.st_mode) or _stat_key(opened) != key:
+            if not stat.S_ISREG(opened.st_mode) or file_identity(opened) != key:
                 raise self._changed(entry)
             digest = hash_file(fd)
-            if _stat_key(os.fstat(fd)) != key:
+            if file_identity(os.fstat(fd)) != key:
                 raise self._changed(entry)
         finally:
             os.close(fd)
@@ -205,7 +209,12 @@ class ModelRegistry:
                 code="model_hash_mismatch",
             )
         return LocalModel(
-            name=entry.name, path=real, sha256=entry.sha256, n_ctx=entry.n_ctx, model=entry.model
+            name=entry.name,
+            path=real,
+            sha256=entry.sha256,
+            n_ctx=entry.n_ctx,
+            model=entry.model,
+            identity=file_identity(before),
         )
 
     def verify_all(self) -> list[tuple[str, str]]:

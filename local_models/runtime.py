@@ -1,8 +1,13 @@
 """Local models inside a running gateway: which files the policy pins, and which are loaded.
 
 Owns: the ``ModelRegistry`` of the policy in force (replaced when a policy is imported), the process-wide
-``LocalEngine``, loading on first use or at start (``preload``), and the per-model lock that makes two
-first requests share one load. A model is loaded only after its file's SHA-256 matches the policy.
+``LocalEngine``, loading on first use, at start (``preload``) or on command, and retiring instances the
+policy no longer pins. An engine instance is keyed by model *and* pin (``local/x@<sha256 prefix>``): a new
+pin loads a new instance beside the old one, and the old one is unloaded only once it is idle, so requests
+in flight finish on the model they started with.
+A model is loaded only after its file's SHA-256 matches the policy, and only if the file is still the one
+that was hashed once it has been read into memory (weights are not memory-mapped: a file changed later
+cannot reach a loaded model).
 Never: loads a file the policy does not pin, or whose hash differs; touches a ``Llama`` object (the
 engine's worker threads own them).
 """
@@ -22,6 +27,12 @@ from local_models.registry import LocalModelSpecLike, ModelRegistry
 
 log = logging.getLogger("phi.local")
 
+_RETIRE_POLL_S = 0.5
+
+
+def instance_key(model: str, sha256: str) -> str:
+    return f"{model}@{sha256[:16]}"
+
 
 class LocalRuntime:
     def __init__(self, models_dir: Path, settings: LocalSettings) -> None:
@@ -35,39 +46,42 @@ class LocalRuntime:
             memory_budget_bytes=budget * 1024 * 1024 if budget else None,
             n_threads=settings.n_threads,
         )
-        self._loaded: dict[str, str] = {}  # model -> sha256 it was loaded with
         self._locks: dict[str, asyncio.Lock] = {}
+        self._retiring: dict[str, asyncio.Task[None]] = {}
 
     def use_policy(self, specs: dict[str, LocalModelSpecLike]) -> None:
-        """A new policy: its pins apply from now on (a model loaded under an old pin is reloaded on use)."""
+        """A new policy: its pins apply from now on; instances it no longer pins retire once idle."""
         self.registry = ModelRegistry(self._models_dir, specs)
+        wanted = {instance_key(model, spec.sha256) for model, spec in specs.items()}
+        for key in self.engine.status():
+            if key not in wanted:
+                self._retire(key)
 
     async def ensure_loaded(self, model: str) -> str:
-        """Load ``local/<name>`` if needed (verifying its pin first); returns the engine's model key."""
+        """Load the pinned instance of ``model`` if needed; returns the engine's key for it."""
         entry = self.registry.get(model)
-        key = entry.model
-        if self._loaded.get(key) == entry.sha256 and self.engine.is_loaded(key):
+        key = instance_key(entry.model, entry.sha256)
+        if self.engine.is_loaded(key):
             return key
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
-            if self._loaded.get(key) == entry.sha256 and self.engine.is_loaded(key):
+            if self.engine.is_loaded(key):
                 return key
             started = time.monotonic()
-            verified = await asyncio.to_thread(self.registry.verify, key)
-            if key in self._loaded:  # loaded under another pin: replace it
-                await self.engine.unload(key)
-            await self.engine.load(key, verified.path, verified.n_ctx)
-            self._loaded[key] = verified.sha256
-            log.info("loaded %s (%s) in %.2f s", key, verified.path.name, time.monotonic() - started)
+            verified = await asyncio.to_thread(self.registry.verify, entry.model)
+            # The engine refuses the file if it is no longer the one hashed, or changes while it is read.
+            await self.engine.load(key, verified.path, verified.n_ctx, identity=verified.identity)
+            log.info("loaded %s (%s) in %.2f s", entry.model, verified.path.name, time.monotonic() - started)
         return key
 
     async def unload(self, model: str) -> None:
+        """Unload every instance of ``model`` (it loads again on its next request)."""
         entry = self.registry.get(model)
-        key = entry.model
-        if key not in self._loaded and not self.engine.is_loaded(key):
-            raise NotFound(f"{key} is not loaded", code="model_not_loaded")
-        await self.engine.unload(key)
-        self._loaded.pop(key, None)
+        keys = [key for key in self.engine.status() if key.split("@", 1)[0] == entry.model]
+        if not keys:
+            raise NotFound(f"{entry.model} is not loaded", code="model_not_loaded")
+        for key in keys:
+            await self.engine.unload(key)
 
     async def preload(self) -> None:
         for model in self.settings.preload:
@@ -77,8 +91,33 @@ class LocalRuntime:
                 log.error("preloading %s failed: %s", model, exc)
 
     def status(self) -> dict[str, Any]:
+        """Each pinned model's current instance (or "not loaded"), and instances still retiring."""
         engine = self.engine.status()
-        return {model: engine.get(model, {"state": "not loaded"}) for model in self.registry.names()}
+        out: dict[str, Any] = {}
+        for model in self.registry.names():
+            entry = self.registry.get(model)
+            out[model] = engine.get(instance_key(entry.model, entry.sha256), {"state": "not loaded"})
+        for key in self._retiring:
+            if key in engine:
+                out[key] = {**engine[key], "state": "retiring"}
+        return out
 
     async def close(self) -> None:
+        for task in self._retiring.values():
+            task.cancel()
         await self.engine.close()
+
+    def _retire(self, key: str) -> None:
+        if key not in self._retiring:
+            self._retiring[key] = asyncio.get_running_loop().create_task(self._retire_when_idle(key))
+
+    async def _retire_when_idle(self, key: str) -> None:
+        try:
+            while (row := self.engine.status().get(key)) is not None:
+                if not row.get("active") and not row.get("queue_depth"):
+                    await self.engine.unload(key)
+                    log.info("retired %s: the policy no longer pins it", key)
+                    break
+                await asyncio.sleep(_RETIRE_POLL_S)
+        finally:
+            self._retiring.pop(key, None)

@@ -3,7 +3,10 @@
 Owns: one thread per loaded ``Llama`` instance, which creates the instance, runs queued jobs one at a time
 (lower ``priority`` first, first come first served within a priority), and frees the instance when it
 stops; the queue bound (``RateLimited`` with an estimated ``retry_after`` when full); dropping queued jobs
-that are cancelled, expire or are unloaded before they start; and the worker's load state for ``/health``.
+that are cancelled, expire or are unloaded before they start (one that expires in the queue fails with
+``UpstreamTimeout``: it never got an answer); refusing to load a file that is not the one its caller
+vouched for (``expect_identity``) or that changed during the load; and the worker's load state for
+``/health``.
 
 Must never: let any other thread touch the ``Llama`` (it is created, used and closed on this thread only),
 block the event loop (loop-side methods take the queue lock for a few list operations), or run a job
@@ -15,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +29,7 @@ from typing import Any, Literal
 from appliance import errors
 from local_models.generation import Generation
 from local_models.inference import LoadedModel
+from local_models.registry import file_identity
 
 WorkerState = Literal["loading", "ready", "failed", "stopped"]
 
@@ -37,7 +42,12 @@ class EmbeddingJob:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[tuple[list[list[float]], int]]
     priority: int = 0
+    deadline: float | None = None
+    """``time.monotonic()`` by which it must have started; past it, still queued, it fails."""
     cancelled: bool = field(default=False)
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
 
 
 Job = Generation | EmbeddingJob
@@ -47,12 +57,19 @@ def _job_priority(job: Job) -> int:
     return job.request.priority if isinstance(job, Generation) else job.priority
 
 
-def _drop(
-    job: Job, error: errors.GatewayError | None, reason: Literal["cancelled", "timeout"] = "cancelled"
-) -> None:
-    """End a job that never ran (from either thread)."""
+def queued_timeout(model: str) -> errors.UpstreamTimeout:
+    """The error of a request whose deadline passed before the model got to it."""
+    return errors.UpstreamTimeout(
+        f"the request waited in the queue for local model {model} until its deadline passed; "
+        "the model is busy, try again later",
+        code="local_timeout",
+    )
+
+
+def _drop(job: Job, error: errors.GatewayError | None) -> None:
+    """End a job that never ran (from either thread); no error: it was cancelled."""
     if isinstance(job, Generation):
-        job.finish(reason if error is None else None, error)
+        job.finish("cancelled" if error is None else None, error)
         return
     failure = error or errors.Unavailable("the embeddings request was cancelled", code="cancelled")
     try:
@@ -79,7 +96,10 @@ class ModelWorker:
         queue_size: int,
         n_threads: int | None,
         loop: asyncio.AbstractEventLoop,
+        expect_identity: tuple[int, ...] | None = None,
     ) -> None:
+        """``expect_identity``: the ``file_identity`` the file must still have (the one another instance
+        of the model was loaded from); None: whatever the file is when the load starts."""
         self.name = name
         self.path = path
         self.n_ctx = n_ctx
@@ -87,6 +107,8 @@ class ModelWorker:
         self.size_bytes = path.stat().st_size
         self.queue_size = queue_size
         self.state: WorkerState = "loading"
+        self.identity: tuple[int, ...] | None = expect_identity
+        """The ``file_identity`` of the file loaded (set once ready)."""
         self.last_used = time.monotonic()
         self.ready: asyncio.Future[None] = loop.create_future()
         self.stopped: asyncio.Future[None] = loop.create_future()
@@ -119,8 +141,9 @@ class ModelWorker:
             self.last_used = time.monotonic()
             self._cond.notify()
 
-    def withdraw(self, job: Job, reason: Literal["cancelled", "timeout"] = "cancelled") -> bool:
-        """Drop a job that has not started yet; False if it is running or done (it stops by itself)."""
+    def withdraw(self, job: Job, error: errors.GatewayError | None = None) -> bool:
+        """Drop a job that has not started yet, ending it with ``error`` (none: cancelled); False if it is
+        running or done (it stops by itself)."""
         with self._cond:
             for i, entry in enumerate(self._heap):
                 if entry[2] is job:
@@ -130,8 +153,12 @@ class ModelWorker:
                     break
             else:
                 return False
-        _drop(job, None, reason)
+        _drop(job, error)
         return True
+
+    def expire(self, job: Job) -> bool:
+        """The job's deadline passed: if it is still queued, it fails with ``queued_timeout``."""
+        return self.withdraw(job, queued_timeout(self.name))
 
     def stop(self, error: errors.GatewayError) -> None:
         """Stop after the running job, which is told to stop now; queued jobs end with ``error``."""
@@ -173,7 +200,7 @@ class ModelWorker:
 
     def _main(self) -> None:
         try:
-            model = LoadedModel(self.path, self.n_ctx, embedding=self.embedding, n_threads=self._n_threads)
+            model = self._load()
         except BaseException as exc:
             self.state = "failed"
             self._to_loop(self._settle, self.ready, exc)
@@ -189,6 +216,33 @@ class ModelWorker:
             self.state = "stopped"
             self._to_loop(self._settle, self.stopped, None)
 
+    def _load(self) -> LoadedModel:
+        """Load the file, refusing it if it is not (or stops being, during the load) the expected one.
+
+        ``LoadedModel`` copies the weights into memory: once this returns, the file no longer matters."""
+        changed = errors.Unavailable(
+            f"local model {self.name}: its file changed after it was checked; refusing to load it",
+            code="model_file_changed",
+        )
+        try:
+            before = file_identity(os.stat(self.path))
+        except OSError as exc:
+            raise errors.Unavailable(
+                f"local model {self.name}: its file cannot be read", code="model_load_failed"
+            ) from exc
+        if self.identity is not None and before != self.identity:
+            raise changed
+        model = LoadedModel(self.path, self.n_ctx, embedding=self.embedding, n_threads=self._n_threads)
+        try:
+            after = file_identity(os.stat(self.path))
+        except OSError:
+            after = None
+        if after != before:
+            model.close()
+            raise changed
+        self.identity = before
+        return model
+
     def _serve(self, model: LoadedModel) -> None:
         while True:
             with self._cond:
@@ -202,6 +256,7 @@ class ModelWorker:
             try:
                 self._run(model, job)
             finally:
+                del job  # an idle worker must not keep its last request (and its prompt) alive
                 ended = time.monotonic()
                 with self._cond:
                     self._active = None
@@ -211,6 +266,9 @@ class ModelWorker:
                     self._seconds_per_job = took if previous is None else 0.8 * previous + 0.2 * took
 
     def _run(self, model: LoadedModel, job: Job) -> None:
+        if job.expired():  # taken from the queue after its deadline, before the timer could drop it
+            _drop(job, queued_timeout(self.name))
+            return
         if isinstance(job, Generation):
             job.started_at = time.monotonic()
             model.generate(job)

@@ -6,9 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
+import os
 import random
+import shutil
+import subprocess
+import sys
 import time
+import weakref
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,6 +29,7 @@ from local_models import inference
 from local_models.decode import CompletionText, StopScanner, Utf8Stream
 from local_models.engine import Generation, GenerationRequest, LocalEngine
 from local_models.generation import BUFFER_PIECES
+from local_models.registry import file_identity
 from local_models.tiny import BYTE_OFFSET, CHAT_TEMPLATE, CONTROL_TOKENS, END_OF_TURN, write_tiny_model
 
 T = TypeVar("T")
@@ -77,11 +84,16 @@ def no_eog(reference: Llama) -> dict[int, float]:
 
 @contextlib.asynccontextmanager
 async def loaded(
-    path: Path, *, name: str = MODEL, n_ctx: int = N_CTX, **options: Any
+    path: Path,
+    *,
+    name: str = MODEL,
+    n_ctx: int = N_CTX,
+    identity: tuple[int, ...] | None = None,
+    **options: Any,
 ) -> AsyncIterator[LocalEngine]:
     engine = LocalEngine(n_threads=1, **options)
     try:
-        await engine.load(name, path, n_ctx)
+        await engine.load(name, path, n_ctx, identity=identity)
         yield engine
     finally:
         await engine.close()
@@ -463,26 +475,82 @@ def test_higher_priority_runs_first_fifo_within_a_priority(tiny: Path) -> None:
     assert high.started_at < low1.started_at < low2.started_at
 
 
-def test_deadline_ends_running_and_queued_requests(tiny: Path, no_eog: dict[int, float]) -> None:
-    async def main() -> tuple[Generation, Generation, float]:
+def test_deadline_reached_in_the_queue_is_a_timeout_error(tiny: Path) -> None:
+    async def main() -> tuple[Generation, errors.UpstreamTimeout, errors.UpstreamTimeout, Generation]:
         async with loaded(tiny) as engine:
             busy = await stalled(engine)
             queued = await engine.generate(MODEL, completion(max_tokens=3, deadline=time.monotonic() + 0.1))
-            await drain(queued)
+            with pytest.raises(errors.UpstreamTimeout) as iterated:
+                await drain(queued)
+            # Taken from the queue after its deadline but before its timer fired: the worker refuses it too.
+            worker = engine._entry(MODEL).generator
+            late = Generation(
+                completion(max_tokens=3, deadline=time.monotonic() - 1), asyncio.get_running_loop()
+            )
+            worker.submit(late)
             busy.cancel()
+            with pytest.raises(errors.UpstreamTimeout) as popped:
+                await late.text()
+            after = await engine.generate(MODEL, completion(max_tokens=3))  # the worker carries on
+            await after.text()
+            return queued, iterated.value, popped.value, after
+
+    queued, iterated, popped, after = run(main())
+    assert queued.started_at is None and queued.finish_reason is None
+    for error in (iterated, popped):
+        assert error.status == 504 and error.code == "local_timeout"
+        assert "waited in the queue for local model local/tiny" in error.message
+    assert after.finish_reason in ("length", "stop")
+
+
+def test_deadline_reached_while_running_ends_with_the_partial_text(
+    tiny: Path, no_eog: dict[int, float]
+) -> None:
+    async def main() -> tuple[Generation, str, float]:
+        async with loaded(tiny) as engine:
             started = time.monotonic()
             running = await engine.generate(
                 MODEL, completion(max_tokens=None, logit_bias=no_eog, deadline=started + 0.05)
             )
-            async for _ in running:
+            pieces = []
+            async for piece in running:
+                pieces.append(piece)
                 await asyncio.sleep(0.001)  # a slow reader: the worker waits on backpressure, then times out
-            return queued, running, time.monotonic() - started
+            return running, "".join(pieces), time.monotonic() - started
 
-    queued, running, took = run(main())
-    assert queued.finish_reason == "timeout" and queued.started_at is None
+    running, text, took = run(main())
     assert running.finish_reason == "timeout"
-    assert 0 < running.completion_tokens < N_CTX - running.prompt_tokens
+    assert text and 0 < running.completion_tokens < N_CTX - running.prompt_tokens
     assert took < 2.0
+
+
+def test_deadline_timers_do_not_keep_ended_requests_alive(tiny: Path) -> None:
+    async def main() -> list[weakref.ref[Generation]]:
+        refs = []
+        async with loaded(tiny) as engine:
+            far = time.monotonic() + 300
+            for i in range(8):  # finished
+                gen = await engine.generate(MODEL, completion(f"note {i}", max_tokens=2, deadline=far))
+                await gen.text()
+                refs.append(weakref.ref(gen))
+            busy = await stalled(engine)
+            queued = await engine.generate(MODEL, completion(max_tokens=2, deadline=far))
+            queued.cancel()  # cancelled while queued
+            refs.append(weakref.ref(queued))
+            busy.cancel()
+            failed = await engine.generate(MODEL, completion(grammar="root ::= nothing", deadline=far))
+            with pytest.raises(errors.BadRequest):
+                await failed.text()
+            refs.append(weakref.ref(failed))
+            del gen, queued, failed, busy
+            await until(lambda: not engine.status()[MODEL]["active"])  # the worker is done with the last
+            for _ in range(3):
+                await asyncio.sleep(0)  # the timers are cancelled on the loop, from the end of each request
+            gc.collect()
+            return refs
+
+    refs = run(main())
+    assert [ref() for ref in refs] == [None] * len(refs)
 
 
 def test_backpressure_the_worker_waits_for_a_slow_reader(tiny: Path, no_eog: dict[int, float]) -> None:
@@ -660,3 +728,89 @@ def test_embeddings_one_unit_vector_per_input_with_token_count(tiny: Path, refer
         assert abs(sum(x * x for x in vector) - 1.0) < 1e-4
     assert vectors[0] == pytest.approx(vectors[2]) and vectors[0] != pytest.approx(vectors[1])
     assert status[MODEL]["embedding"]["state"] == "ready"
+
+
+def test_embed_takes_a_priority_and_a_deadline(tiny: Path) -> None:
+    async def main() -> tuple[int, errors.UpstreamTimeout]:
+        async with loaded(tiny) as engine:
+            _, count = await engine.embed(MODEL, ["heart rate"], priority=3, deadline=time.monotonic() + 30)
+            with pytest.raises(errors.UpstreamTimeout) as late:
+                await engine.embed(MODEL, ["heart rate"], deadline=time.monotonic() - 1)
+            return count, late.value
+
+    count, late = run(main())
+    assert count > 0
+    assert late.status == 504 and late.code == "local_timeout"
+
+
+# --- the file under a loaded model ---------------------------------------------------------------
+
+_FILE_PROBE = """
+import asyncio, json, os, sys
+from pathlib import Path
+from local_models.engine import GenerationRequest, LocalEngine
+
+async def main() -> None:
+    path, other = Path(sys.argv[1]), Path(sys.argv[2])
+    engine = LocalEngine(n_threads=1)
+    await engine.load("local/tiny", path, 256)
+    async def ask() -> str:
+        request = GenerationRequest(kind="completion", prompt="The patient", max_tokens=12, temperature=0)
+        return await (await engine.generate("local/tiny", request)).text()
+    texts = [await ask()]
+    with open(path, "r+b") as f:  # overwritten in place, as cp does to an existing file
+        f.write(other.read_bytes())
+    texts.append(await ask())
+    os.truncate(path, 1000)
+    texts.append(await ask())
+    await engine.close()
+    print(json.dumps(texts))
+
+asyncio.run(main())
+"""
+
+
+def test_a_loaded_model_ignores_later_changes_to_its_file(
+    tiny: Path, tiny_others: list[Path], tmp_path: Path
+) -> None:
+    # In a child process: with the file mapped, the truncation kills the process with SIGBUS.
+    path = tmp_path / "tiny.gguf"
+    shutil.copyfile(tiny, path)
+    assert path.stat().st_size == tiny_others[0].stat().st_size
+    done = subprocess.run(
+        [sys.executable, "-c", _FILE_PROBE, str(path), str(tiny_others[0])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    before, overwritten, truncated = json.loads(done.stdout)
+    assert before and overwritten == before and truncated == before
+
+
+def test_instances_load_only_the_file_vouched_for(
+    tiny: Path, tiny_others: list[Path], tmp_path: Path
+) -> None:
+    path = tmp_path / "tiny.gguf"
+    shutil.copyfile(tiny, path)
+    identity = file_identity(path.stat())
+
+    async def main() -> tuple[errors.Unavailable, errors.Unavailable]:
+        async with loaded(path, identity=identity) as engine:  # the file as verified: loads
+            shutil.copyfile(tiny_others[0], tmp_path / "swap.gguf")
+            os.replace(tmp_path / "swap.gguf", path)  # swapped after the generation instance loaded
+            with pytest.raises(errors.Unavailable) as embedder:
+                await engine.embed(MODEL, ["heart rate"])
+            assert engine.is_loaded(MODEL)  # the generation instance is unaffected
+        engine = LocalEngine(n_threads=1)
+        try:
+            with pytest.raises(errors.Unavailable) as stale:
+                await engine.load(MODEL, path, N_CTX, identity=identity)
+            assert not engine.is_loaded(MODEL)
+        finally:
+            await engine.close()
+        return embedder.value, stale.value
+
+    embedder, stale = run(main())
+    assert embedder.code == stale.code == "model_file_changed"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from typing import Any
 
 import llama_cpp
@@ -209,6 +211,72 @@ def test_deep_nesting_is_refused() -> None:
 def test_repetition_at_the_limit_compiles() -> None:
     schema = {"type": "array", "items": {"type": "string", "maxLength": 256}, "maxItems": 256}
     gbnf = grammar_for(as_json_schema(schema))
+    assert gbnf is not None and grammar_compiles(gbnf)
+
+
+# Run in a child process: before the pattern checks, these took gigabytes or never returned at all.
+_PATTERN_PROBE = """
+import json, sys, time
+from appliance import errors
+from local_models.json_schema import grammar_for
+schema = {"type": "string", "pattern": sys.argv[1]}
+started = time.monotonic()
+try:
+    grammar_for({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+    outcome = {"ok": True}
+except errors.BadRequest as exc:
+    outcome = {"ok": False, "code": exc.code, "param": exc.param, "message": exc.message}
+outcome["seconds"] = time.monotonic() - started
+print(json.dumps(outcome))
+"""
+
+
+def pattern_outcome(pattern: str) -> dict[str, Any]:
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _PATTERN_PROBE, pattern], capture_output=True, text=True, timeout=20
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"grammar_for did not return within 20 s for pattern {pattern!r}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    outcome: dict[str, Any] = json.loads(done.stdout)
+    return outcome
+
+
+@pytest.mark.parametrize(
+    ("pattern", "fragment"),
+    [
+        ("^a{0,100000000}$", "repeats more than 256 times"),
+        ("^a{100000000}$", "repeats more than 256 times"),
+        ("^(ab){100000000,}$", "repeats more than 256 times"),
+        ("^[{]{9999}$", "repeats more than 256 times"),
+        ("^a{1,2,3}$", "invalid quantifier"),
+        ("^a{" + "9" * 5000 + "}$", "invalid quantifier"),
+        ("^" + "a{256}" * 20 + "$", "add up to more than"),
+        ("^a}$", "unmatched '}'"),  # the converter loops for ever on a stray } or ]
+        ("^\\{5}$", "unmatched '}'"),  # an escaped { opens no quantifier
+        ("^[]]$", "unmatched ']'"),
+    ],
+)
+def test_pattern_repeats_are_bounded_before_conversion(pattern: str, fragment: str) -> None:
+    outcome = pattern_outcome(pattern)
+    assert not outcome["ok"], outcome
+    assert outcome["code"] == "invalid_response_format" and outcome["param"] == "response_format"
+    assert fragment in outcome["message"]
+    assert outcome["seconds"] < 0.5
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "^[0-9]{3}-[0-9]{2}-[0-9]{4}$",
+        "^[a-f0-9]{8}(-[a-f0-9]{4}){3}-[a-f0-9]{12}$",
+        "^a{,5}b{2,}c{256}$",
+        "^[\\]}{]x\\{\\}$",
+    ],
+)
+def test_legit_patterns_still_compile(pattern: str) -> None:
+    gbnf = grammar_for(as_json_schema({"type": "string", "pattern": pattern}))
     assert gbnf is not None and grammar_compiles(gbnf)
 
 

@@ -13,7 +13,7 @@ import pytest
 from appliance import errors
 from appliance.policy.schema import LocalModelSpec
 from local_models import registry
-from local_models.registry import LocalModel, ModelRegistry
+from local_models.registry import LocalModel, ModelRegistry, file_identity
 
 CONTENT = b"GGUF" + bytes(range(256)) * 9000  # a little over 2 MiB: several 1 MiB reads
 DIGEST = hashlib.sha256(CONTENT).hexdigest()
@@ -86,6 +86,20 @@ def test_good_file_verifies_to_its_real_path(models_dir: Path) -> None:
     model = reg.verify("local/demo")
     assert model.path == (models_dir / "demo.gguf").resolve()
     assert (model.name, model.sha256, model.n_ctx, model.model) == ("demo", DIGEST, 1024, "local/demo")
+
+
+def test_verified_entry_carries_the_identity_of_the_file_hashed(models_dir: Path, hashes: list[int]) -> None:
+    reg = make(models_dir, demo=Spec("demo.gguf", DIGEST))
+    path = models_dir / "demo.gguf"
+    assert reg.get("demo").identity == ()
+    hashed = reg.verify("demo")
+    assert hashed.identity == file_identity(os.stat(path))
+    assert reg.verify("demo").identity == hashed.identity and len(hashes) == 1  # from the cache: the same
+    # Rewritten with the same bytes: the pin still matches, but a loader holding the old identity sees
+    # that the file is not the one that was checked.
+    os.utime(path, ns=(1, 1))
+    assert file_identity(os.stat(path)) != hashed.identity
+    assert reg.verify("demo").identity == file_identity(os.stat(path))
 
 
 def test_hash_mismatch_is_refused_with_both_hashes(models_dir: Path) -> None:
