@@ -125,8 +125,9 @@ class Gateway:
 
     async def load_model(self, model: str) -> dict[str, Any]:
         local = self._require_local()
-        key = await local.ensure_loaded(model)
-        return {"model": key, **local.status().get(key, {})}
+        instance = await local.ensure_loaded(model)
+        name = instance.split("@", 1)[0]
+        return {"model": name, "instance": instance, **local.status().get(name, {})}
 
     async def unload_model(self, model: str) -> dict[str, Any]:
         local = self._require_local()

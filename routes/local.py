@@ -9,6 +9,7 @@ caller has gone (``aclose`` cancels it).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -21,7 +22,7 @@ from appliance.errors import BadRequest
 from local_models.engine import Generation, GenerationRequest
 from local_models.json_schema import grammar_for
 from local_models.runtime import LocalRuntime
-from routes.result import EVENT_STREAM, JSON, RouteResult, Usage
+from routes.result import EVENT_STREAM, JSON, RouteResult, Usage, UsageView
 
 _FINISH = {"stop": "stop", "length": "length", "timeout": "length", "cancelled": "stop"}
 _UNSUPPORTED = ("tools", "functions", "logprobs", "top_logprobs", "audio", "modalities")
@@ -35,14 +36,35 @@ def _sse(obj: Any) -> bytes:
     return b"data: " + _dumps(obj) + b"\n\n"
 
 
-class LocalStream:
-    """SSE bytes for one generation; usage is final once the stream has ended."""
+class LiveUsage:
+    """A generation's usage as it stands: counted by its worker token by token, final once it has ended.
 
-    def __init__(self, generation: Generation, frame: Any, usage: Usage, include_usage: bool) -> None:
+    The pipeline records a stream's outcome the moment the client leaves; reading the counters then
+    counts every token generated so far, delivered or not.
+    """
+
+    reported = True
+
+    def __init__(self, generation: Generation) -> None:
+        self._generation = generation
+
+    @property
+    def tokens_in(self) -> int:
+        return self._generation.prompt_tokens
+
+    @property
+    def tokens_out(self) -> int:
+        return self._generation.completion_tokens
+
+
+class LocalStream:
+    """SSE bytes for one generation, its first text piece already read (errors before it were raised)."""
+
+    def __init__(self, generation: Generation, first: str | None, frame: Any, include_usage: bool) -> None:
         self._generation = generation
         self._frame = frame
-        self.usage = usage
-        self._iter = self._events(include_usage)
+        self.usage = LiveUsage(generation)
+        self._iter = self._events(first, include_usage)
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self
@@ -50,16 +72,16 @@ class LocalStream:
     async def __anext__(self) -> bytes:
         return await self._iter.__anext__()
 
-    async def _events(self, include_usage: bool) -> AsyncGenerator[bytes, None]:
+    async def _events(self, first: str | None, include_usage: bool) -> AsyncGenerator[bytes, None]:
         frame = self._frame
         yield _sse(frame.start())
-        async for piece in self._generation:
-            if piece:
-                yield _sse(frame.piece(piece))
+        if first:
+            yield _sse(frame.piece(first))
+        if first is not None:
+            async for piece in self._generation:
+                if piece:
+                    yield _sse(frame.piece(piece))
         generation = self._generation
-        self.usage.tokens_in = generation.prompt_tokens
-        self.usage.tokens_out = generation.completion_tokens
-        self.usage.reported = True
         yield _sse(frame.end(_FINISH.get(generation.finish_reason or "stop", "stop")))
         if include_usage:
             yield _sse(frame.usage(self.usage))
@@ -125,7 +147,7 @@ class _CompletionFrame:
         return dict(self.base, choices=[], usage=_usage(usage))
 
 
-def _usage(usage: Usage) -> dict[str, int]:
+def _usage(usage: UsageView) -> dict[str, int]:
     return {
         "prompt_tokens": usage.tokens_in,
         "completion_tokens": usage.tokens_out,
@@ -176,7 +198,10 @@ class LocalRoute:
         if encoding not in ("float", "base64"):
             raise BadRequest("'encoding_format' must be 'float' or 'base64'", param="encoding_format")
         model = await self._runtime.ensure_loaded(f"{self.name}/{upstream_model}")
-        vectors, tokens = await self._runtime.engine.embed(model, inputs)
+        deadline = time.monotonic() + self._runtime.settings.request_timeout_s
+        vectors, tokens = await self._runtime.engine.embed(
+            model, inputs, priority=priority, deadline=deadline
+        )
         data = [
             {"object": "embedding", "index": i, "embedding": _encode(vector, encoding)}
             for i, vector in enumerate(vectors)
@@ -217,7 +242,7 @@ class LocalRoute:
             top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
             seed=body.get("seed") if isinstance(body.get("seed"), int) else None,
             stop=stop,
-            grammar=grammar_for(body.get("response_format")),
+            grammar=None,  # built off the event loop in _generate
             logit_bias=_logit_bias(body.get("logit_bias")),
             priority=priority,
             deadline=time.monotonic() + self._runtime.settings.request_timeout_s,
@@ -232,25 +257,30 @@ class LocalRoute:
         *,
         chat: bool,
     ) -> RouteResult:
+        if request.grammar is None and body.get("response_format") is not None:
+            # A schema's grammar can take a while to build: off the event loop.
+            request.grammar = await asyncio.to_thread(grammar_for, body["response_format"])
         model = await self._runtime.ensure_loaded(f"{self.name}/{upstream_model}")
         generation = await self._runtime.engine.generate(model, request)
         shown = f"{self.name}/{upstream_model}"
-        usage = Usage()
         if body.get("stream") is True:
             options = body.get("stream_options")
             include_usage = isinstance(options, dict) and options.get("include_usage") is True
-            stream = LocalStream(generation, frame_type(shown), usage, include_usage)
-            return RouteResult(200, EVENT_STREAM, None, stream, usage, upstream_model)
+            try:  # errors found before the first token (context too long, bad grammar) get their own status
+                first: str | None = await generation.__anext__()
+            except StopAsyncIteration:
+                first = None
+            except BaseException:
+                generation.cancel()
+                raise
+            stream = LocalStream(generation, first, frame_type(shown), include_usage)
+            return RouteResult(200, EVENT_STREAM, None, stream, stream.usage, upstream_model)
         try:
             text = await generation.text()
         except BaseException:
             generation.cancel()
             raise
-        usage.tokens_in, usage.tokens_out, usage.reported = (
-            generation.prompt_tokens,
-            generation.completion_tokens,
-            True,
-        )
+        usage = Usage(generation.prompt_tokens, generation.completion_tokens, True)
         finish = _FINISH.get(generation.finish_reason or "stop", "stop")
         if chat:
             ident, kind = f"chatcmpl-{os.urandom(12).hex()}", "chat.completion"

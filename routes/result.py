@@ -33,6 +33,19 @@ class Usage:
     reported: bool = False
 
 
+class UsageView(Protocol):
+    """What the pipeline reads of a result's usage (a ``Usage``, or a local generation's live counters)."""
+
+    @property
+    def tokens_in(self) -> int: ...
+
+    @property
+    def tokens_out(self) -> int: ...
+
+    @property
+    def reported(self) -> bool: ...
+
+
 @dataclass(slots=True)
 class RouteResult:
     """One answer from a route.
@@ -46,7 +59,7 @@ class RouteResult:
     content_type: bytes
     body: bytes | None
     stream: ByteStream | None
-    usage: Usage
+    usage: UsageView
     upstream_model: str
     extra_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
 

@@ -147,8 +147,21 @@ def test_client_closing_a_stream_stops_generation(local: GatewayHarness) -> None
                 break
         stream.close()
     record = next(r for r in _records(local, 1) if r["model"] == "local/tiny")
-    assert record["detail"] == "client_closed"
-    assert record["tokens_out"] < 200  # stopped long before max_tokens
+    assert record["detail"] == "client_closed" and record["tokens_in"] > 0
+    assert 0 < record["tokens_out"] < 200  # counted, and stopped long before max_tokens
+    _until_idle(local)
+
+
+def _until_idle(h: GatewayHarness) -> None:
+    from appliance.admin import AdminClient
+
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        row = AdminClient(h.home.admin_socket).call("GET", "/admin/status")["local_models"]["local/tiny"]
+        if not row.get("active") and not row.get("queue_depth"):
+            return
+        time.sleep(0.02)
+    raise AssertionError("the model is still busy: the generation did not stop")
 
 
 def test_queue_full_is_429_with_retry_after(
@@ -168,6 +181,8 @@ def test_queue_full_is_429_with_retry_after(
                 client.chat.completions.create(**long)  # type: ignore[call-overload]
             assert err.value.response.headers.get("retry-after")
             first.close()
+        waiting.join(10)
+        _until_idle(h)  # the queued request's client left (5 s timeout) or it ran: nothing is left behind
     finally:
         h.stop()
 
@@ -190,6 +205,41 @@ def _until_queued(h: GatewayHarness) -> None:
             return
         time.sleep(0.02)
     raise AssertionError("the second request never queued")
+
+
+def test_a_new_pin_loads_beside_the_old_instance_which_retires_when_idle(
+    tmp_path: Path, upstream: FakeUpstream, tiny_models: dict[str, tuple[Path, str]]
+) -> None:
+    from appliance.admin import AdminClient
+
+    h = _start(tmp_path, upstream, tiny_models)
+    token = h.issue("radiology-bot")
+    try:
+        with _client(h, token) as client:
+            client.chat.completions.create(
+                model="local/tiny", messages=[{"role": "user", "content": "x"}], max_tokens=2
+            )
+            doc = _local_doc(upstream, tiny_models)
+            doc["version"] = 2
+            doc["models"]["local/tiny"] = {
+                "file": "tiny2.gguf",
+                "sha256": tiny_models["tiny2"][1],
+                "n_ctx": 512,
+            }
+            h.import_policy(doc)
+            time.sleep(0.3)  # the keeper notices the new policy
+            client.chat.completions.create(
+                model="local/tiny", messages=[{"role": "user", "content": "x"}], max_tokens=2
+            )
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            status = AdminClient(h.home.admin_socket).call("GET", "/admin/status")["local_models"]
+            if not any("@" in key for key in status):
+                break
+            time.sleep(0.05)
+        assert status["local/tiny"]["state"] == "ready" and not any("@" in key for key in status)
+    finally:
+        h.stop()
 
 
 def test_a_file_whose_hash_differs_is_refused(
