@@ -1,11 +1,19 @@
 """The import checks a policy bundle must pass before it may be activated.
 
 Owns: ``verify_bundle`` and the order of its checks (size, format, untrusted, unknown_key, signature,
-threshold, schema, expired, not_yet_valid, scope, rollback), each failing with
+threshold, schema, rotation, expired, not_yet_valid, scope, rollback), each failing with
 ``BundleRejected(check, message)`` in words an operator can act on.
 
+Key rotation (TUF §5.3): a payload carrying ``trust`` (a new key set and threshold) passes only when it
+is signed by a threshold of the keys trusted now (checked before the payload is read at all) AND by the
+new set's threshold of the new keys (``rotation``). The verified set comes back as
+``VerifiedBundle.new_trust``; the caller installs it with ``TrustStore.replace`` after activation. A
+bundle signed only by the keys it carries fails like any bundle without the current threshold
+(``unknown_key`` or ``threshold``): its payload, and so its trust set, is never read.
+
 Must never: parse or interpret the payload before the signature threshold is met, count one key twice,
-let a signature choose its own algorithm, or change any state (activation is ``store.PolicyStore``'s).
+let a signature choose its own algorithm, trust a key because the bundle carries it, or change any
+state (activation is ``store.PolicyStore``'s, installing a new trust set ``TrustStore.replace``'s).
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from datetime import UTC, datetime, timedelta
 
 from appliance.errors import BundleRejected
 from appliance.policy.dsse import PAYLOAD_TYPE, Signature, parse_envelope, short_keyid
-from appliance.policy.schema import Policy, parse_policy
+from appliance.policy.schema import Policy, TrustSpec, parse_policy
 from appliance.policy.trust import TrustStore
 
 MAX_BUNDLE_BYTES = 1024 * 1024
@@ -33,6 +41,8 @@ class VerifiedBundle:
     """Hex SHA-256 of the envelope bytes as imported."""
     keyids: list[str]
     """The distinct trusted keys whose signatures verified, sorted."""
+    new_trust: TrustSpec | None = None
+    """The trust set this bundle rotates to (signed by both thresholds); install after activation."""
 
 
 def verify_bundle(
@@ -55,6 +65,8 @@ def verify_bundle(
         )
     keyids = _check_signatures(envelope.pae(), envelope.signatures, trust)
     policy = parse_policy(envelope.payload)
+    if policy.trust is not None:
+        _check_rotation(envelope.pae(), envelope.signatures, policy.trust, trust)
     _check_freshness(policy, now)
     if site not in policy.scope.sites:
         raise BundleRejected(
@@ -69,7 +81,9 @@ def verify_bundle(
             f"policy v{policy.version} is {relation} v{current_version} in force; "
             "a new bundle needs a higher version",
         )
-    return VerifiedBundle(policy, envelope.payload, data, hashlib.sha256(data).hexdigest(), keyids)
+    return VerifiedBundle(
+        policy, envelope.payload, data, hashlib.sha256(data).hexdigest(), keyids, policy.trust
+    )
 
 
 def _check_signatures(message: bytes, signatures: list[Signature], trust: TrustStore) -> list[str]:
@@ -100,6 +114,30 @@ def _check_signatures(message: bytes, signatures: list[Signature], trust: TrustS
             f"{trust.threshold}",
         )
     return sorted(valid)
+
+
+def _check_rotation(message: bytes, signatures: list[Signature], spec: TrustSpec, trust: TrustStore) -> None:
+    """The new trust set must itself sign: ``spec.threshold`` distinct new keys, each valid."""
+    new = TrustStore.from_spec(trust.path, spec)
+    valid: set[str] = set()
+    for sig in signatures:
+        key = new.key(sig.keyid)
+        if key is None:
+            continue
+        if not key.verify(sig.sig, message):
+            raise BundleRejected(
+                "rotation",
+                f"signature by new key {short_keyid(sig.keyid)} does not verify: "
+                "the payload was altered or signed by another key",
+            )
+        valid.add(sig.keyid)
+    if len(valid) < spec.threshold:
+        raise BundleRejected(
+            "rotation",
+            f"the bundle carries a new trust set (threshold {spec.threshold} of {len(spec.keys)} keys) but "
+            f"is signed by {len(valid)} of the new keys; a rotation must be signed by a threshold of the "
+            "current keys and of the new keys",
+        )
 
 
 def _check_freshness(policy: Policy, now: datetime | None) -> None:

@@ -1,8 +1,19 @@
 """The policy document v1: what a valid policy is, field by field and across references.
 
 Owns: the pydantic models of the bundle payload, their name rules, the cross-reference checks (every
-role glob, local model and price names a defined route) and ``parse_policy``, the one strict way to turn
+role glob, forced model, alias, fallback, local model and price names a defined route), the safety rules
+for prompt deny patterns (``check_deny_pattern``), and ``parse_policy``, the one strict way to turn
 verified payload bytes into a ``Policy``.
+
+Deny patterns run on Python's backtracking ``re`` on every request, and bounding the input alone is not
+enough (``\\d+\\s`` over 64 KiB of digits was measured at 25 s), so a pattern is admitted only when its
+work per start position is bounded by construction: no backreferences or conditionals, no unbounded
+repeats (``*``, ``+``, ``{n,}``: write ``{0,64}``), no repeat above 256, and a backtracking cost
+(``check_deny_pattern``) of at most 1024 per role, which refuses nested and alternated repeats. Search
+time is then about text length x cost x (1-15 ns), so a role scans at most ``SCAN_BUDGET // cost``
+characters of message text (never more than 64 KiB) and longer text is denied, fail closed: the worst
+case is about 4 M steps (~60 ms) per request whatever the input; typical patterns (cost below 64)
+scan the full 64 KiB within a few milliseconds (``bench/policy.py`` measures both).
 
 Must never: accept unknown fields (a typo must not pass silently), accept a JSON object with duplicate
 keys (the signer's tool and this parser could read different values), or be handed bytes whose
@@ -11,12 +22,17 @@ signatures have not been checked (``importer.verify_bundle`` calls ``parse_polic
 
 from __future__ import annotations
 
+import fnmatch
+import hashlib
 import json
 import re
+import re._constants as _sre_constants  # the stdlib's own regex parser, read-only, to inspect patterns
+import re._parser as _sre_parser
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import (
     AfterValidator,
     AwareDatetime,
@@ -30,6 +46,7 @@ from pydantic import (
 )
 
 from appliance.errors import BundleRejected
+from appliance.policy.limits_schema import RoleBudgets, RoleLimits, Spend
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 # The model part of "provider/model"; one extra "/" segment admits OpenRouter-style "vendor/model" ids.
@@ -38,8 +55,22 @@ _MODEL_RE = re.compile(MODEL_PATTERN)
 _NAME_RE = re.compile(NAME_PATTERN)
 _FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _GLOB_BODY_RE = re.compile(r"^[A-Za-z0-9._:/*?-]{1,256}$")
+_TOOL_GLOB_RE = re.compile(r"^[A-Za-z0-9_.:*?-]{1,128}$")
 _WILDCARDS = frozenset("*?")
 _MAX_ERRORS_SHOWN = 8
+
+SCAN_LIMIT = 64 * 1024
+"""Hard cap on the characters of message text the deny patterns of one request may scan."""
+SCAN_BUDGET = 1 << 22
+"""Backtracking steps one request's deny patterns may cost: a role scans ``SCAN_BUDGET // cost`` chars."""
+MAX_PATTERN_COST = 1024
+"""Largest total backtracking cost of one role's deny patterns (the role then scans 4 KiB)."""
+MAX_REPEAT = 256
+MAX_PATTERN_LENGTH = 512
+MAX_DENY_PATTERNS = 64
+_REPEATS = (_sre_constants.MAX_REPEAT, _sre_constants.MIN_REPEAT, _sre_constants.POSSESSIVE_REPEAT)
+DATA_CLASS_RANK: dict[str, int] = {"public": 0, "deidentified": 1, "phi": 2}
+"""Strictness: declaring a stricter class than a role's default is always allowed."""
 
 
 def _name(value: str) -> str:
@@ -129,12 +160,76 @@ class LocalModelSpec(_Frozen):
         return value
 
 
+class ToolRules(_Frozen):
+    allow: list[str] = Field(default=[], max_length=256)
+    """Globs over tool/function names a request of the role may carry (``*`` and ``?``)."""
+    on_violation: Literal["deny", "drop"] = "deny"
+    """A tool outside ``allow``: deny the request (403), or drop the tool and go on (an intervention)."""
+
+    @field_validator("allow")
+    @classmethod
+    def _check_globs(cls, globs: list[str]) -> list[str]:
+        for glob in globs:
+            if _TOOL_GLOB_RE.match(glob) is None:
+                raise ValueError(f"{glob[:70]!r} is not a tool name glob (1-128 of A-Z a-z 0-9 _ . : - * ?)")
+        return globs
+
+
+class DenyPattern(_Frozen):
+    id: Name
+    """Named in the 403 message and the audit record (the pattern itself is never shown)."""
+    pattern: str = Field(min_length=1, max_length=MAX_PATTERN_LENGTH)
+    """A Python ``re`` pattern searched over the request's message text; see ``check_deny_pattern``."""
+
+    @field_validator("pattern")
+    @classmethod
+    def _safe(cls, pattern: str) -> str:
+        check_deny_pattern(pattern)
+        return pattern
+
+
+class PromptRules(_Frozen):
+    deny_patterns: list[DenyPattern] = Field(default=[], max_length=MAX_DENY_PATTERNS)
+    """A request whose message text matches any of these is denied (``prompt_denied``)."""
+    max_messages: int | None = Field(None, ge=1, le=100_000)
+    """Most messages one request may carry."""
+    max_chars: int | None = Field(None, ge=1, le=1 << 30)
+    """Most characters of message text, all messages together."""
+    max_tokens: int | None = Field(None, ge=1, le=1 << 24)
+    """Clamp: a request asking for more completion tokens, or naming none, gets this many."""
+
+    @model_validator(mode="after")
+    def _check_patterns(self) -> PromptRules:
+        ids = [p.id for p in self.deny_patterns]
+        if len(set(ids)) != len(ids):
+            raise ValueError("deny_patterns: each id must be unique within the role")
+        cost = sum(check_deny_pattern(p.pattern) for p in self.deny_patterns)
+        if cost > MAX_PATTERN_COST:
+            raise ValueError(
+                f"deny_patterns: backtracking cost {cost} is above {MAX_PATTERN_COST}; narrow the {{m,n}} "
+                "ranges (each variable repeat multiplies the cost by its range)"
+            )
+        return self
+
+
 class Role(_Frozen):
     models: list[str]
     """Globs over ``provider/model`` (``*`` and ``?``); provider is a route name or ``*``."""
     default_data_class: DataClass = "phi"
     priority: int = Field(0, ge=-1000, le=1000)
     """Place in a local model's queue: lower runs sooner (a radiology assistant before a batch job)."""
+    declarable_data_classes: list[DataClass] | None = None
+    """Classes less strict than the default that a caller may declare with ``X-Phi-Data-Class``."""
+    tools: ToolRules | None = None
+    """Which tools a request may carry; absent: any."""
+    prompt: PromptRules | None = None
+    """Deny patterns, message and size caps, the ``max_tokens`` clamp."""
+    force_model: str | None = None
+    """Every request of the role goes to this ``provider/model`` (the cllama primary slot)."""
+    limits: RoleLimits | None = None
+    """Request and token rates (counted by ``appliance.limits``)."""
+    budgets: RoleBudgets | None = None
+    """Spend caps (counted by ``appliance.limits``)."""
 
     @field_validator("models")
     @classmethod
@@ -150,6 +245,38 @@ class Role(_Frozen):
 
 class Organization(_Frozen):
     roles: dict[Name, Role]
+    budgets: Spend | None = None
+    """Spend caps for the whole organization (counted by ``appliance.limits``)."""
+
+
+class TrustKey(_Frozen):
+    keytype: Literal["ed25519"]
+    scheme: Literal["ed25519"]
+    public: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+    """The raw Ed25519 public key, 64 lowercase hex characters."""
+
+
+class TrustSpec(_Frozen):
+    """A new trust set carried by a bundle: installed only if a threshold of the current keys AND of
+    these keys signed it (``importer``); never trusted on its own."""
+
+    threshold: int = Field(ge=1, le=32)
+    keys: dict[str, TrustKey] = Field(min_length=1, max_length=32)
+    """Keyed by keyid: the hex SHA-256 of the raw public key."""
+
+    @model_validator(mode="after")
+    def _check_keys(self) -> TrustSpec:
+        if self.threshold > len(self.keys):
+            raise ValueError(f"threshold {self.threshold} is above the number of keys ({len(self.keys)})")
+        for keyid, key in self.keys.items():
+            raw = bytes.fromhex(key.public)
+            if hashlib.sha256(raw).hexdigest() != keyid:
+                raise ValueError(f"keys.{keyid[:8]}: the keyid is not the SHA-256 of the key")
+            try:
+                Ed25519PublicKey.from_public_bytes(raw)
+            except ValueError as exc:
+                raise ValueError(f"keys.{keyid[:8]}: not an Ed25519 public key") from exc
+        return self
 
 
 class Price(_Frozen):
@@ -166,6 +293,12 @@ class Policy(_Frozen):
     models: dict[str, LocalModelSpec] = {}
     organizations: dict[Name, Organization]
     pricing: dict[str, Price] = {}
+    aliases: dict[Name, str] = {}
+    """Alias name (no ``/``) -> ``provider/model``: a request for the alias goes to the target."""
+    fallbacks: dict[str, list[str]] = {}
+    """``provider/model`` -> ordered alternatives, tried when it is unavailable (filtered per request)."""
+    trust: TrustSpec | None = None
+    """A new trust set (key rotation); see ``TrustSpec``."""
 
     @field_validator("issued_at", "expires_at")
     @classmethod
@@ -185,8 +318,9 @@ class Policy(_Frozen):
                 raise ValueError(f"models: {key!r} must name a route of kind local")
         for org_name, org in self.organizations.items():
             for role_name, role in org.roles.items():
+                path = f"organizations.{org_name}.roles.{role_name}"
                 for i, glob in enumerate(role.models):
-                    where = f"organizations.{org_name}.roles.{role_name}.models[{i}]"
+                    where = f"{path}.models[{i}]"
                     provider = glob.partition("/")[0]
                     if provider == "*":
                         continue
@@ -195,6 +329,20 @@ class Policy(_Frozen):
                         raise ValueError(f"{where}: {glob!r} names undefined route {provider!r}")
                     if route.kind == "local" and not has_wildcard(glob) and glob not in self.models:
                         raise ValueError(f"{where}: {glob!r} names a local model not listed in models")
+                if role.force_model is not None:
+                    self._check_model_ref(f"{path}.force_model", role.force_model)
+                    if not any(fnmatch.fnmatchcase(role.force_model, g) for g in role.models):
+                        raise ValueError(
+                            f"{path}.force_model: {role.force_model!r} is not allowed by the role's models"
+                        )
+        for alias, target in self.aliases.items():
+            self._check_model_ref(f"aliases.{alias}", target)
+        for key, alternatives in self.fallbacks.items():
+            self._check_model_ref("fallbacks", key)
+            if len(set(alternatives)) != len(alternatives) or key in alternatives:
+                raise ValueError(f"fallbacks.{key}: alternatives must be distinct and differ from the key")
+            for i, alternative in enumerate(alternatives):
+                self._check_model_ref(f"fallbacks.{key}[{i}]", alternative)
         for key in self.pricing:
             parts = split_model(key)
             if parts is None:
@@ -202,6 +350,80 @@ class Policy(_Frozen):
             if parts[0] not in self.routes:
                 raise ValueError(f"pricing: {key!r} names undefined route {parts[0]!r}")
         return self
+
+    def _check_model_ref(self, where: str, model: str) -> None:
+        """A concrete ``provider/model`` named by the policy: a defined route, a listed local model."""
+        parts = split_model(model)
+        if parts is None:
+            raise ValueError(f"{where}: {model[:70]!r} is not a valid 'provider/model' name")
+        route = self.routes.get(parts[0])
+        if route is None:
+            raise ValueError(f"{where}: {model!r} names undefined route {parts[0]!r}")
+        if route.kind == "local" and model not in self.models:
+            raise ValueError(f"{where}: {model!r} names a local model not listed in models")
+
+
+def check_deny_pattern(pattern: str) -> int:
+    """Compile-check ``pattern`` and return its backtracking cost; ``ValueError`` if it is unsafe.
+
+    The cost bounds the paths a match attempt at one position can take: a sequence multiplies its items'
+    costs, an alternation adds its branches', a repeat ``{m,n}`` of a body costing ``c`` counts
+    ``c**m + ... + c**n`` (its range, ``n - m + 1``, when ``c`` is 1). Nested and alternated repeats, the
+    classic catastrophic shapes, blow through the cap and are refused; search time is about
+    text length x cost.
+    """
+    try:
+        parsed = _sre_parser.parse(pattern)
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise ValueError(f"{pattern[:70]!r} is not a valid regular expression: {exc}") from exc
+    return _cost(parsed, pattern)
+
+
+def scan_limit(prompt: PromptRules) -> int:
+    """Characters of message text a role's deny patterns scan; longer text is denied (fail closed)."""
+    cost = sum(check_deny_pattern(p.pattern) for p in prompt.deny_patterns)
+    return SCAN_LIMIT if cost == 0 else min(SCAN_LIMIT, SCAN_BUDGET // cost)
+
+
+def _cost(items: Any, pattern: str) -> int:
+    total = 1
+    for op, av in items:
+        if op in _REPEATS:
+            low, high, body = av
+            if high == _sre_constants.MAXREPEAT:
+                raise ValueError(
+                    f"{pattern[:70]!r}: unbounded repeats (*, +, {{n,}}) take quadratic time over a "
+                    "long prompt; give an upper bound, e.g. {0,64}"
+                )
+            if high > MAX_REPEAT:
+                raise ValueError(f"{pattern[:70]!r}: a repeat may allow at most {MAX_REPEAT}")
+            inner = _cost(body, pattern)
+            if inner == 1:
+                total *= high - low + 1
+            else:
+                paths = 0
+                for k in range(low, high + 1):
+                    paths += inner**k
+                    if paths > MAX_PATTERN_COST:
+                        break
+                total *= paths
+        elif op is _sre_constants.BRANCH:
+            total *= sum(_cost(branch, pattern) for branch in av[1])
+        elif op is _sre_constants.SUBPATTERN:
+            total *= _cost(av[3], pattern)
+        elif op in (_sre_constants.ASSERT, _sre_constants.ASSERT_NOT):
+            total *= _cost(av[1], pattern)
+        elif op is _sre_constants.ATOMIC_GROUP:
+            total *= _cost(av, pattern)
+        elif op in (_sre_constants.GROUPREF, _sre_constants.GROUPREF_EXISTS):
+            raise ValueError(f"{pattern[:70]!r}: backreferences and conditionals are not allowed")
+        if total > MAX_PATTERN_COST:
+            raise ValueError(
+                f"{pattern[:70]!r}: backtracking cost above {MAX_PATTERN_COST} (nested, alternated or "
+                "wide repeats); narrow the {m,n} ranges or use a character class"
+            )
+    return total
 
 
 def parse_policy(payload: bytes) -> Policy:

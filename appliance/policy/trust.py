@@ -1,7 +1,9 @@
 """The appliance's trust anchors for policy bundles: ``<home>/trust.json``.
 
 Owns: which public keys may sign policy bundles, the signature threshold, the scheme pinned to each key,
-and the atomic rewrite of the file. Trust lives only here, never inside a bundle (TUF §5.3, §6.1).
+and the atomic rewrite of the file. Trust lives only here, never inside a bundle (TUF §5.3, §6.1): a
+bundle's ``trust`` set is installed (``replace``) only after ``importer`` found it signed by a threshold
+of the keys in this file and by its own threshold of the new keys.
 
 Must never: verify a signature with any scheme but the one pinned to its key, trust a keyid that is not
 the SHA-256 of its key, load an entry whose scheme it does not know, or leave a half-written file.
@@ -25,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from appliance.errors import OperatorError
 from appliance.policy.dsse import keyid_of, short_keyid
 from appliance.policy.keys import load_public_key, public_from_entry, public_json
+from appliance.policy.schema import TrustSpec
 
 FORMAT_VERSION = 1
 
@@ -87,6 +90,28 @@ class TrustStore:
             keys[keyid] = TrustedKey(keyid, str(entry["scheme"]), public, str(entry.get("added_at", "")))
         return cls(path, keys, threshold)
 
+    @classmethod
+    def from_spec(cls, path: Path, spec: TrustSpec) -> TrustStore:
+        """An in-memory store holding a bundle's trust set (checked by the schema: keyid = SHA-256)."""
+        return cls(path, _keys_of(spec, {}, _now()), spec.threshold)
+
+    def replace(self, spec: TrustSpec) -> None:
+        """Install a verified rotation: exactly ``spec``'s keys and threshold, saved atomically.
+
+        Keys kept from the old set keep their ``added_at``. On a write error nothing changes.
+        """
+        previous = (self._keys, self._threshold)
+        self._keys, self._threshold = _keys_of(spec, self._keys, _now()), spec.threshold
+        try:
+            self.save()
+        except BaseException:
+            self._keys, self._threshold = previous
+            raise
+
+    def matches(self, spec: TrustSpec) -> bool:
+        """Whether ``spec`` names exactly the keys and threshold in force (a rotation changing nothing)."""
+        return self._threshold == spec.threshold and set(self._keys) == set(spec.keys)
+
     @property
     def threshold(self) -> int:
         return self._threshold
@@ -105,8 +130,7 @@ class TrustStore:
         """Trust the key in ``pubfile`` (``.pub`` JSON or PEM); adding a trusted key again changes nothing."""
         keyid, public = load_public_key(pubfile)
         if keyid not in self._keys:
-            now = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-            self._keys[keyid] = TrustedKey(keyid, "ed25519", public, now)
+            self._keys[keyid] = TrustedKey(keyid, "ed25519", public, _now())
         return keyid
 
     def resolve(self, prefix: str) -> str:
@@ -176,3 +200,20 @@ class TrustStore:
                     os.close(dir_fd)
         except OSError as exc:
             raise OperatorError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _keys_of(spec: TrustSpec, old: Mapping[str, TrustedKey], now: str) -> dict[str, TrustedKey]:
+    keys: dict[str, TrustedKey] = {}
+    for keyid, entry in spec.keys.items():
+        public = Ed25519PublicKey.from_public_bytes(bytes.fromhex(entry.public))
+        if keyid_of(public) != keyid:  # the schema checked this; a trust anchor is worth checking twice
+            raise OperatorError(
+                f"trust set key {short_keyid(keyid)}: the keyid is not the SHA-256 of the key"
+            )
+        kept = old.get(keyid)
+        keys[keyid] = TrustedKey(keyid, entry.scheme, public, kept.added_at if kept else now)
+    return keys
