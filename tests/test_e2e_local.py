@@ -152,12 +152,12 @@ def test_client_closing_a_stream_stops_generation(local: GatewayHarness) -> None
     _until_idle(local)
 
 
-def _until_idle(h: GatewayHarness) -> None:
+def _until_idle(h: GatewayHarness, model: str = "local/tiny") -> None:
     from appliance.admin import AdminClient
 
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        row = AdminClient(h.home.admin_socket).call("GET", "/admin/status")["local_models"]["local/tiny"]
+        row = AdminClient(h.home.admin_socket).call("GET", "/admin/status")["local_models"][model]
         if not row.get("active") and not row.get("queue_depth"):
             return
         time.sleep(0.02)
@@ -167,10 +167,15 @@ def _until_idle(h: GatewayHarness) -> None:
 def test_queue_full_is_429_with_retry_after(
     tmp_path: Path, upstream: FakeUpstream, tiny_models: dict[str, tuple[Path, str]]
 ) -> None:
-    h = _start(tmp_path, upstream, tiny_models, local=LocalSettings(queue_size=1))
+    # The ~34M-parameter model: its 400 tokens take over a second, so the first request is surely still
+    # running (the tiny model would finish into the socket buffers before the test could look).
+    big = tmp_path / "models" / "big.gguf"
+    big.parent.mkdir()
+    models = {**tiny_models, "big": (big, write_tiny_model(big, size="bench"))}
+    h = _start(tmp_path, upstream, models, local=LocalSettings(queue_size=1))
     token = h.issue("radiology-bot")
     try:
-        long = {"model": "local/tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2000}
+        long = {"model": "local/big", "messages": [{"role": "user", "content": "x"}], "max_tokens": 400}
         with _client(h, token) as client:
             first = client.chat.completions.create(**long, stream=True)  # type: ignore[call-overload]
             next(iter(first))  # running now
@@ -182,7 +187,7 @@ def test_queue_full_is_429_with_retry_after(
             assert err.value.response.headers.get("retry-after")
             first.close()
         waiting.join(10)
-        _until_idle(h)  # the queued request's client left (5 s timeout) or it ran: nothing is left behind
+        _until_idle(h, "local/big")  # the queued request ran or its client left: nothing is left behind
     finally:
         h.stop()
 
@@ -200,8 +205,8 @@ def _until_queued(h: GatewayHarness) -> None:
 
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        status = AdminClient(h.home.admin_socket).call("GET", "/admin/status")["local_models"]["local/tiny"]
-        if status.get("queued", status.get("queue_depth", 0)):
+        status = AdminClient(h.home.admin_socket).call("GET", "/admin/status")["local_models"]["local/big"]
+        if status.get("queue_depth", 0):
             return
         time.sleep(0.02)
     raise AssertionError("the second request never queued")
