@@ -169,6 +169,7 @@ class Ledger:
         "response_sha256",
         "data_class",
         "detail",
+        "rule",
     )
     _FIELD_SET: Final = frozenset(FIELDS)
 

@@ -38,9 +38,10 @@ from appliance.errors import (
 from appliance.http import ClientDisconnected, Request, Responder
 from appliance.identity import Caller, TokenStore
 from appliance.ledger import Ledger
-from appliance.policy.engine import Decision
+from appliance.policy.engine import RequestFacts, Verdict
 from appliance.policy.schema import split_model
 from appliance.policy_state import PolicyKeeper, PolicyState
+from appliance.request_facts import BodyFacts, apply_edits, read_facts
 from appliance.vault.provider_keys import ProviderKeys
 from routes.pricing import cost_usd
 from routes.result import RouteResult
@@ -72,11 +73,11 @@ class Exchange:
     model: str | None = None
     model_label: str | None = None  # what the record says: the model, or a digest if it is no model name
     state: PolicyState | None = None
-    decision: Decision | None = None
+    verdict: Verdict | None = None
     request_sha256: str | None = None
 
     def base_record(self, type_: str) -> dict[str, Any]:
-        caller, decision, state = self.caller, self.decision, self.state
+        caller, verdict, state = self.caller, self.verdict, self.state
         return {
             "type": type_,
             "request_id": self.request.request_id,
@@ -84,9 +85,9 @@ class Exchange:
             "org": caller.org if caller else None,
             "role": caller.role if caller else None,
             "model": self.model_label,
-            "route": decision.route_name if decision else None,
+            "route": verdict.route_name if verdict else None,
             "policy_version": state.version if state else None,
-            "data_class": _role_data_class(state, caller),
+            "data_class": verdict.data_class if verdict else _role_data_class(state, caller),
             "request_sha256": self.request_sha256,
             "latency_ms": round((time.perf_counter() - self.request.received_at) * 1000, 3),
         }
@@ -105,11 +106,23 @@ class Identify:
 
 
 class Police:
-    def __call__(self, state: PolicyState | None, caller: Caller, model: str) -> Decision:
-        decision = self.require_state(state).engine.decide(caller.org, caller.role, model)
-        if not decision.allowed:
-            raise _Denied(decision)
-        return decision
+    def __call__(self, state: PolicyState | None, caller: Caller, model: str, facts: BodyFacts) -> Verdict:
+        verdict = self.require_state(state).engine.evaluate(
+            RequestFacts(
+                org=caller.org,
+                role=caller.role,
+                model=model,
+                data_class=facts.data_class,
+                tools=facts.tools,
+                messages_text_len=facts.text_len,
+                message_count=facts.message_count,
+                text=facts.text,
+                max_tokens=facts.max_tokens,
+            )
+        )
+        if not verdict.allowed:
+            raise _Denied(verdict)
+        return verdict
 
     @staticmethod
     def require_state(state: PolicyState | None) -> PolicyState:
@@ -123,9 +136,9 @@ class Route:
         self._keys = keys
 
     async def __call__(self, ex: Exchange) -> RouteResult:
-        assert ex.state is not None and ex.decision is not None and ex.payload is not None and ex.model
-        route, upstream_model = ex.state.routes.resolve(ex.model)
-        spec = ex.decision.route
+        assert ex.state is not None and ex.verdict is not None and ex.payload is not None and ex.model
+        route, upstream_model = ex.state.routes.resolve(ex.verdict.model)
+        spec = ex.verdict.route
         key = None if spec is None or spec.auth == "none" else self._sealed_key(route.name)
         role = ex.state.engine.role(ex.caller.org, ex.caller.role) if ex.caller else None
         serve = getattr(route, _METHODS[ex.endpoint])
@@ -148,11 +161,22 @@ class Record:
         self._ledger = ledger
 
     async def admitted(self, ex: Exchange) -> None:
-        """The request record; durable before the request is forwarded."""
+        """The request record, and one record per policy action taken on it; durable before forwarding."""
         record = ex.base_record("request")
         record["decision"] = "allowed"
         record["intervention"] = None
-        await self._durable(record)
+        actions = ex.verdict.interventions if ex.verdict else []
+        if not actions:
+            await self._durable(record)
+            return
+        records = [record]
+        for action in actions:
+            acted = ex.base_record("intervention")
+            acted.update(
+                decision="allowed", intervention=action.reason, rule=action.rule, detail=action.detail
+            )
+            records.append(acted)
+        await self._durable_all(records)
 
     async def refused(self, ex: Exchange, error: GatewayError) -> None:
         """A refusal, durable before the caller is told."""
@@ -160,8 +184,10 @@ class Record:
         record = ex.base_record("intervention" if denied else "error")
         record["decision"] = "denied"
         record["status_code"] = error.status
-        record["intervention"] = "policy_denied" if denied else None
-        record["detail"] = error.code  # for a policy refusal, the decision's reason
+        record["intervention"] = _DENIALS.get(error.code, "policy_denied") if denied else None
+        record["detail"] = error.code  # for a policy refusal, the verdict's reason
+        if isinstance(error, _Denied):
+            record["rule"] = error.verdict.rule
         await self._durable(record)
 
     async def listed(self, ex: Exchange, body: bytes) -> None:
@@ -196,8 +222,11 @@ class Record:
         self._ledger.append(record, lazy=True).add_done_callback(_log_failed_outcome)
 
     async def _durable(self, record: dict[str, Any]) -> None:
+        await self._durable_all([record])
+
+    async def _durable_all(self, records: list[dict[str, Any]]) -> None:
         try:
-            await self._ledger.append(record)
+            await asyncio.gather(*(self._ledger.append(record) for record in records))
         except (StorageUnavailable, LedgerUnavailable) as exc:
             raise LedgerUnavailable(
                 "the audit ledger cannot be written; the gateway refuses traffic until it can"
@@ -205,9 +234,20 @@ class Record:
 
 
 class _Denied(PolicyDenied):
-    def __init__(self, decision: Decision) -> None:
-        super().__init__(decision.message, code=decision.reason)
-        self.decision = decision
+    def __init__(self, verdict: Verdict) -> None:
+        super().__init__(verdict.message, code=verdict.reason)
+        self.verdict = verdict
+
+
+# A refusal's intervention, from the verdict's reason (the rest are "policy_denied").
+_DENIALS = {
+    "data_class_denied": "data_class_denied",
+    "data_class_downgrade": "data_class_denied",
+    "tools_denied": "tool_denied",
+    "prompt_denied": "prompt_denied",
+    "too_many_messages": "prompt_denied",
+    "prompt_too_long": "prompt_denied",
+}
 
 
 # -- the chain -------------------------------------------------------------------------------------------
@@ -232,7 +272,12 @@ class Pipeline:
             ex.request_sha256 = hashlib.sha256(body).hexdigest()
             ex.payload, ex.model = _parse_request(body, endpoint)
             ex.model_label = _model_label(ex.model)
-            ex.decision = self.police(ex.state, ex.caller, ex.model)
+            facts = read_facts(ex.payload, request.headers.get("x-phi-data-class"))
+            ex.verdict = verdict = self.police(ex.state, ex.caller, ex.model, facts)
+            if ex.state is not None and ex.model in ex.state.policy.aliases:
+                ex.model_label = ex.model  # a name the policy defines, not caller text
+            clamped = verdict.max_tokens if verdict.max_tokens != facts.max_tokens else None
+            apply_edits(ex.payload, model=verdict.model, drop_tools=verdict.drop_tools, max_tokens=clamped)
         except GatewayError as error:
             await self.refuse(ex, responder, error, render)
             return

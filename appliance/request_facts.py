@@ -2,7 +2,7 @@
 
 Owns: reading, from an OpenAI (chat/completions, completions, embeddings) or Anthropic (messages) body and
 the ``X-Phi-Data-Class`` header, the declared data class, the tool names, the message count, the message
-text (for deny patterns; bounded) and the requested ``max_tokens``; and applying the Police phase's edits
+text (for deny patterns) and the requested ``max_tokens``; and applying the Police phase's edits
 back to the body (tools dropped, ``max_tokens`` clamped, the model replaced).
 Never: keeps or logs the text it reads (it lives only as long as the request).
 """
@@ -15,8 +15,6 @@ from typing import Any
 from appliance.errors import BadRequest
 
 DATA_CLASSES = ("phi", "deidentified", "public")
-TEXT_SCAN_LIMIT = 65536
-"""At most this many characters of message text are scanned by deny patterns (bounded matching time)."""
 
 
 @dataclass(slots=True)
@@ -50,8 +48,8 @@ def read_facts(body: dict[str, Any], header_data_class: str | None) -> BodyFacts
                 _collect_text(message.get("content"), pieces)
     for name in ("prompt", "input"):
         _collect_text(body.get(name), pieces)
+    facts.text = "\n".join(pieces)  # complete: the policy engine bounds its own scan (and denies past it)
     facts.text_len = sum(len(piece) for piece in pieces)
-    facts.text = "\n".join(pieces)[:TEXT_SCAN_LIMIT]
     requested = body.get("max_completion_tokens", body.get("max_tokens"))
     facts.max_tokens = requested if isinstance(requested, int) and not isinstance(requested, bool) else None
     return facts

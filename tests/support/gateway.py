@@ -37,9 +37,22 @@ def policy_doc(upstream: str, version: int = 1, **overrides: Any) -> dict[str, A
         "expires_at": (now + timedelta(days=30)).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "scope": {"sites": [SITE]},
         "routes": {
-            "openai": {"kind": "openai", "base_url": f"{upstream}/v1", "auth": "bearer", "timeout_s": 2},
-            "anthropic": {"kind": "anthropic", "base_url": upstream, "auth": "x-api-key", "timeout_s": 2},
-            "local": {"kind": "local"},
+            # Both clouds are under a BAA here (they may receive PHI); data-class tests add one that is not.
+            "openai": {
+                "kind": "openai",
+                "base_url": f"{upstream}/v1",
+                "auth": "bearer",
+                "timeout_s": 2,
+                "data_classes": ["phi", "deidentified", "public"],
+            },
+            "anthropic": {
+                "kind": "anthropic",
+                "base_url": upstream,
+                "auth": "x-api-key",
+                "timeout_s": 2,
+                "data_classes": ["phi", "deidentified", "public"],
+            },
+            "local": {"kind": "local", "data_classes": ["phi", "deidentified", "public"]},
         },
         "organizations": {
             "stmarys": {
