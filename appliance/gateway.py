@@ -24,6 +24,7 @@ from appliance.errors import Unavailable
 from appliance.home import Home, Vault
 from appliance.http import HttpLimits, HttpServer
 from appliance.http.server import Rejection, install_event_loop_policy
+from appliance.limits import LimitKeeper
 from appliance.pipeline import Pipeline
 from appliance.policy_state import PolicyKeeper
 from local_models.runtime import LocalRuntime
@@ -48,6 +49,7 @@ class Gateway:
         self._started = time.monotonic()
         self.local: LocalRuntime | None = None
         self._preload: asyncio.Task[None] | None = None
+        self.limits: LimitKeeper | None = None
 
     async def start(
         self, host: str | None = None, port: int | None = None, *, sock: socket.socket | None = None
@@ -64,7 +66,10 @@ class Gateway:
             vault.policies, self.home.trust_path, settings.site, self._client, self.local
         )
         keeper.start(settings.policy.reload_interval_s)
-        pipeline = Pipeline(vault.tokens, vault.keys, vault.ledger, keeper)
+        self.limits = LimitKeeper()
+        rebuilt = await asyncio.to_thread(self.limits.rebuild, vault.db)
+        log.info("limits and budgets rebuilt from %d outcome records of this month", rebuilt)
+        pipeline = Pipeline(vault.tokens, vault.keys, vault.ledger, keeper, self.limits)
         api = Api(pipeline, keeper, vault.ledger, self.local)
         self.server = server = HttpServer(
             api.handle, settings.server.limits, on_reject=self._record_rejection

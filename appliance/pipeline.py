@@ -32,12 +32,15 @@ from appliance.errors import (
     NoPolicy,
     OperatorError,
     PolicyDenied,
+    RateLimited,
     StorageUnavailable,
     Unavailable,
+    UpstreamError,
 )
 from appliance.http import ClientDisconnected, Request, Responder
 from appliance.identity import Caller, TokenStore
 from appliance.ledger import Ledger
+from appliance.limits import DEFAULT_MAX_TOKENS, LimitKeeper, LimitReached, Subject, Ticket, estimate_tokens
 from appliance.policy.engine import RequestFacts, Verdict
 from appliance.policy.schema import split_model
 from appliance.policy_state import PolicyKeeper, PolicyState
@@ -74,6 +77,8 @@ class Exchange:
     model_label: str | None = None  # what the record says: the model, or a digest if it is no model name
     state: PolicyState | None = None
     verdict: Verdict | None = None
+    ticket: Ticket | None = None
+    served: str | None = None  # the provider/model that answered (a fallback's, if one did)
     request_sha256: str | None = None
 
     def base_record(self, type_: str) -> dict[str, Any]:
@@ -85,7 +90,9 @@ class Exchange:
             "org": caller.org if caller else None,
             "role": caller.role if caller else None,
             "model": self.model_label,
-            "route": verdict.route_name if verdict else None,
+            "route": self.served.partition("/")[0]
+            if self.served
+            else (verdict.route_name if verdict else None),
             "policy_version": state.version if state else None,
             "data_class": verdict.data_class if verdict else _role_data_class(state, caller),
             "request_sha256": self.request_sha256,
@@ -135,10 +142,28 @@ class Route:
     def __init__(self, keys: ProviderKeys) -> None:
         self._keys = keys
 
-    async def __call__(self, ex: Exchange) -> RouteResult:
-        assert ex.state is not None and ex.verdict is not None and ex.payload is not None and ex.model
-        route, upstream_model = ex.state.routes.resolve(ex.verdict.model)
-        spec = ex.verdict.route
+    async def __call__(
+        self, ex: Exchange, on_fallback: Callable[[str, str, GatewayError], None]
+    ) -> RouteResult:
+        """Serve the verdict's model; if its route is busy or down before answering, the next fallback."""
+        assert ex.verdict is not None
+        models = [ex.verdict.model, *ex.verdict.fallbacks]
+        for index, model in enumerate(models):
+            try:
+                result = await self._serve(ex, model)
+            except (RateLimited, UpstreamError, Unavailable) as error:
+                if index + 1 == len(models):
+                    raise
+                on_fallback(model, models[index + 1], error)
+                continue
+            ex.served = model
+            return result
+        raise AssertionError("unreachable: the last model's error is raised")
+
+    async def _serve(self, ex: Exchange, model: str) -> RouteResult:
+        assert ex.state is not None and ex.payload is not None
+        route, upstream_model = ex.state.routes.resolve(model)
+        spec = ex.state.policy.routes.get(route.name)
         key = None if spec is None or spec.auth == "none" else self._sealed_key(route.name)
         role = ex.state.engine.role(ex.caller.org, ex.caller.role) if ex.caller else None
         serve = getattr(route, _METHODS[ex.endpoint])
@@ -180,15 +205,31 @@ class Record:
 
     async def refused(self, ex: Exchange, error: GatewayError) -> None:
         """A refusal, durable before the caller is told."""
-        denied = isinstance(error, _Denied)
+        denied = isinstance(error, _Denied | LimitReached)
         record = ex.base_record("intervention" if denied else "error")
         record["decision"] = "denied"
         record["status_code"] = error.status
-        record["intervention"] = _DENIALS.get(error.code, "policy_denied") if denied else None
         record["detail"] = error.code  # for a policy refusal, the verdict's reason
+        record["intervention"] = None
         if isinstance(error, _Denied):
+            record["intervention"] = _DENIALS.get(error.code, "policy_denied")
             record["rule"] = error.verdict.rule
+        elif isinstance(error, LimitReached):
+            record["intervention"] = error.code  # rate_limited or budget_exceeded
+            record["rule"] = error.rule
         await self._durable(record)
+
+    def fallback(self, ex: Exchange, frm: str, to: str, error: GatewayError) -> None:
+        """A route failed before answering and the next allowed one is tried: recorded as it happens."""
+        record = ex.base_record("intervention")
+        record.update(
+            decision="allowed",
+            intervention="fallback",
+            rule=f"fallbacks.{frm}",
+            detail=f"{frm} -> {to} after {error.code}",
+            status_code=error.status,
+        )
+        self._ledger.append(record, lazy=True).add_done_callback(_log_failed_outcome)
 
     async def listed(self, ex: Exchange, body: bytes) -> None:
         """A models listing: one record, durable before the answer."""
@@ -212,7 +253,8 @@ class Record:
             usage = result.usage
             record["tokens_in"] = usage.tokens_in
             record["tokens_out"] = usage.tokens_out
-            price = ex.state.engine.price(ex.model) if ex.state and ex.model else None
+            served = ex.served or (ex.verdict.model if ex.verdict else ex.model)
+            price = ex.state.engine.price(served) if ex.state and served else None
             record["cost_usd"] = cost_usd(price, usage.tokens_in, usage.tokens_out)
             if not usage.reported and detail is None:
                 detail = "usage_not_reported"
@@ -254,9 +296,17 @@ _DENIALS = {
 
 
 class Pipeline:
-    def __init__(self, tokens: TokenStore, keys: ProviderKeys, ledger: Ledger, keeper: PolicyKeeper) -> None:
+    def __init__(
+        self,
+        tokens: TokenStore,
+        keys: ProviderKeys,
+        ledger: Ledger,
+        keeper: PolicyKeeper,
+        limits: LimitKeeper | None = None,
+    ) -> None:
         self.identify = Identify(tokens)
         self.police = Police()
+        self.limits = limits or LimitKeeper()
         self.route = Route(keys)
         self.record = Record(ledger)
         self._keeper = keeper
@@ -278,6 +328,7 @@ class Pipeline:
                 ex.model_label = ex.model  # a name the policy defines, not caller text
             clamped = verdict.max_tokens if verdict.max_tokens != facts.max_tokens else None
             apply_edits(ex.payload, model=verdict.model, drop_tools=verdict.drop_tools, max_tokens=clamped)
+            ex.ticket = self._admit(ex, facts)
         except GatewayError as error:
             await self.refuse(ex, responder, error, render)
             return
@@ -287,6 +338,27 @@ class Pipeline:
             await _send_error(ex, responder, error, render)
             return
         await self._forward(ex, responder, render)
+
+    def _admit(self, ex: Exchange, facts: BodyFacts) -> Ticket | None:
+        """Count the request against the role's limits and budgets, reserving its estimated use."""
+        state, caller, verdict = ex.state, ex.caller, ex.verdict
+        assert state is not None and caller is not None and verdict is not None
+        role = state.engine.role(caller.org, caller.role)
+        org = state.policy.organizations.get(caller.org)
+        limits, budgets = (role.limits, role.budgets) if role else (None, None)
+        org_budget = org.budgets if org else None
+        if limits is None and budgets is None and org_budget is None:
+            return None
+        prompt_tokens = -(-facts.text_len // 4)
+        completion = verdict.max_tokens if verdict.max_tokens is not None else DEFAULT_MAX_TOKENS
+        return self.limits.admit(
+            Subject(caller.id, caller.org, caller.role),
+            limits,
+            budgets,
+            org_budget,
+            estimated_tokens=estimate_tokens(facts.text_len, verdict.max_tokens),
+            estimated_cost_usd=cost_usd(state.engine.price(verdict.model), prompt_tokens, completion),
+        )
 
     async def refuse(
         self, ex: Exchange, responder: Responder, error: GatewayError, render: ErrorRenderer
@@ -306,7 +378,7 @@ class Pipeline:
         responder.on_disconnect(lambda: _stop_on_disconnect(out, handler))
         result: RouteResult | None = None
         try:
-            result = await self.route(ex)
+            result = await self.route(ex, lambda frm, to, error: self.record.fallback(ex, frm, to, error))
             out.status = result.status
             if result.stream is None:
                 await self._answer(ex, responder, result, out)
@@ -333,9 +405,21 @@ class Pipeline:
                 out.status = _CLIENT_CLOSED
             # Recorded before aclose(): a cancellation landing there must not skip the record.
             self.record.outcome(ex, out, result)
+            self._settle(ex, result)
             if result is not None:
                 with contextlib.suppress(Exception):
                     await result.aclose()
+
+    def _settle(self, ex: Exchange, result: RouteResult | None) -> None:
+        """Replace the request's reservation with what it used (a stream: what it used until now)."""
+        if ex.ticket is None:
+            return
+        tokens_in, tokens_out = (result.usage.tokens_in, result.usage.tokens_out) if result else (0, 0)
+        served = ex.served or (ex.verdict.model if ex.verdict else None)
+        price = ex.state.engine.price(served) if ex.state and served else None
+        self.limits.settle(
+            ex.ticket, tokens=tokens_in + tokens_out, cost_usd=cost_usd(price, tokens_in, tokens_out)
+        )
 
     async def _answer(self, ex: Exchange, responder: Responder, result: RouteResult, out: _Outcome) -> None:
         body = result.body or b""

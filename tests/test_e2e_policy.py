@@ -141,3 +141,104 @@ def test_an_alias_routes_to_its_model_and_is_recorded(h: GatewayHarness, upstrea
     aliased = _records(h, "intervention", 1)[0]
     assert aliased["intervention"] == "model_aliased" and aliased["rule"] == "aliases.clinical-summary"
     assert aliased["model"] == "clinical-summary" and aliased["route"] == "openai"
+
+
+def _limited(
+    h_path: Path, upstream: FakeUpstream, role_extra: dict[str, Any], **doc_extra: Any
+) -> GatewayHarness:
+    doc = _doc(upstream)
+    doc["organizations"]["stmarys"]["roles"]["capped"] = {"models": ["openai/*"], **role_extra}
+    doc.update(doc_extra)
+    h = GatewayHarness(h_path)
+    h.import_policy(doc)
+    h.set_provider_keys()
+    h.start()
+    return h
+
+
+def test_requests_per_minute_stop_at_the_cap_with_retry_after(tmp_path: Path, upstream: FakeUpstream) -> None:
+    h = _limited(tmp_path, upstream, {"limits": {"per_caller": {"requests_per_min": 3}}})
+    token = h.issue("capped-bot", role="capped")
+    try:
+        with _client(h, token) as client:
+            for _ in range(3):
+                client.chat.completions.create(model="openai/gpt-4o", messages=MESSAGES)  # type: ignore[arg-type]
+            with pytest.raises(openai.RateLimitError) as err:
+                client.chat.completions.create(model="openai/gpt-4o", messages=MESSAGES)  # type: ignore[arg-type]
+        assert int(err.value.response.headers["retry-after"]) >= 1
+        record = _records(h, "intervention", 1)[0]
+        assert record["intervention"] == "rate_limited" and record["status_code"] == 429
+        assert record["rule"] == "organizations.stmarys.roles.capped.limits.per_caller.requests_per_min"
+    finally:
+        h.stop()
+
+
+def test_a_spend_cap_holds_under_64_parallel_requests_and_survives_a_restart(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    import concurrent.futures
+
+    # gpt-4o at 2.5/10 USD per Mtok. Each request reserves ~3 prompt tokens (9 characters / 4) and its
+    # max_tokens (4): 0.0000475 USD; the fake upstream reports 1 + 4 tokens: 0.0000425 USD actually spent.
+    # A cap of 0.0002 USD a day therefore admits 4 requests, and never lets spend pass the cap.
+    cap = 0.0002
+    extra = {"budgets": {"per_caller": {"usd_per_day": cap}}}
+    h = _limited(tmp_path, upstream, extra)
+    token = h.issue("capped-bot", role="capped")
+
+    def one(_: int) -> int:
+        with _client(h, token) as client:
+            try:
+                client.chat.completions.create(model="openai/gpt-4o", messages=MESSAGES, max_tokens=4)  # type: ignore[arg-type]
+            except openai.RateLimitError:
+                return 429
+            return 200
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            statuses = list(pool.map(one, range(64)))
+        admitted = statuses.count(200)
+        assert admitted == 4 and statuses.count(429) == 60, statuses
+        spent = sum(r["cost_usd"] for r in _records(h, "response", admitted))
+        assert spent <= cap
+    finally:
+        h.stop()
+    # A restart rebuilds spend from the ledger: the caller stays capped for the rest of the day.
+    h2 = GatewayHarness.__new__(GatewayHarness)
+    h2.__dict__.update(h.__dict__)
+    h2.audit = type(h.audit)()
+    h2.start()
+    try:
+        with _client(h2, token) as client:
+            for _ in range(6):
+                try:
+                    client.chat.completions.create(model="openai/gpt-4o", messages=MESSAGES, max_tokens=4)  # type: ignore[arg-type]
+                except openai.RateLimitError:
+                    break
+            else:
+                raise AssertionError("the budget was forgotten across the restart")
+    finally:
+        h2.stop()
+
+
+def test_a_route_that_is_down_falls_back_to_the_next_allowed_model(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    h = _limited(
+        tmp_path,
+        upstream,
+        {},
+        fallbacks={"openai/fail-500": ["openai/gpt-4o-mini"]},
+    )
+    token = h.issue("capped-bot", role="capped")
+    try:
+        with _client(h, token) as client:
+            reply = client.chat.completions.create(model="openai/fail-500", messages=MESSAGES)  # type: ignore[arg-type]
+        assert reply.choices[0].message.content == "Hello from gpt-4o-mini"
+        fell = _records(h, "intervention", 1)[0]
+        assert fell["intervention"] == "fallback" and fell["rule"] == "fallbacks.openai/fail-500"
+        assert fell["detail"] == "openai/fail-500 -> openai/gpt-4o-mini after upstream_error"
+        response = _records(h, "response", 1)[0]
+        assert response["status_code"] == 200 and response["cost_usd"] > 0  # priced as gpt-4o-mini
+    finally:
+        h.stop()
