@@ -27,6 +27,7 @@ from appliance.home import Home, Vault, resolve_home
 from appliance.policy import dsse, importer
 from appliance.policy import keys as policy_keys
 from appliance.policy.engine import summarize_change
+from appliance.policy.explain import explain
 from appliance.policy.schema import Policy, parse_policy
 from local_models.registry import ModelRegistry
 
@@ -239,13 +240,59 @@ def policy_import(home: Path | None, bundle: Path) -> None:
             f"policy_import v{vb.policy.version} sha256:{vb.sha256[:16]} "
             f"keys={','.join(k[:16] for k in vb.keyids)}"
         )
+        if vb.new_trust is not None:
+            detail += f" trust_rotation threshold={vb.new_trust.threshold} keys={len(vb.new_trust.keys)}"
         ledger = vault.ledger
         vault.policies.activate(
             vb, also=lambda conn: ledger.record_in(conn, {"type": "admin", "detail": detail})
         )
+    if vb.new_trust is not None:
+        # After the activation: a crash in between leaves the stored bundle verifying against the old set.
+        trust = target.trust()
+        trust.replace(vb.new_trust)
+        click.echo(f"trust rotated: {len(vb.new_trust.keys)} key(s), threshold {vb.new_trust.threshold}")
     click.echo(f"policy v{vb.policy.version} imported and in force (running gateways switch within seconds)")
     for line in summarize_change(old, vb.policy):
         click.echo(f"  {line}")
+
+
+@policy_group.command("explain")
+@home_option
+@click.option("--caller", default=None, help="A caller id: its token's organization and role are used.")
+@click.option("--org", default=None, help="Organization (instead of --caller).")
+@click.option("--role", default=None, help="Role (instead of --caller).")
+@click.option("--model", required=True, help="provider/model or an alias.")
+@click.option("--data-class", type=click.Choice(["phi", "deidentified", "public"]), default=None)
+@click.option("--tools", default="", help="Comma-separated tool names the request would carry.")
+@click.option("--max-tokens", type=int, default=None)
+def policy_explain(
+    home: Path | None,
+    caller: str | None,
+    org: str | None,
+    role: str | None,
+    model: str,
+    data_class: str | None,
+    tools: str,
+    max_tokens: int | None,
+) -> None:
+    """Print what the policy in force decides for such a request, and the rules that decide; sends nothing."""
+    with _home(home).open_vault() as vault:
+        active = vault.policies.current()
+        if caller is not None:
+            rows = [row for row in vault.tokens.list() if row["caller"] == caller]
+            if not rows:
+                raise OperatorError(f"{caller} has no active token")
+            org, role = rows[-1]["org"], rows[-1]["role"]
+    if org is None or role is None:
+        raise OperatorError("name the caller (--caller) or its organization and role (--org and --role)")
+    if active is None:
+        raise OperatorError("no policy has been imported: every request is refused")
+    policy = Policy.model_validate_json(dsse.parse_envelope(active.envelope).payload)
+    names = [name.strip() for name in tools.split(",") if name.strip()]
+    for line in explain(
+        policy, org=org, role=role, model=model, data_class=data_class, tools=names, max_tokens=max_tokens
+    ):
+        click.echo(line)
 
 
 @policy_group.command("reload")

@@ -182,3 +182,72 @@ def test_trust_remove_by_prefix(tmp_path: Path) -> None:
     assert _run("trust", "remove", keyid[:7], "--home", str(home), ok=False).exit_code == 1
     assert keyid in _run("trust", "remove", keyid[:16], "--home", str(home)).stdout
     assert keyid not in _run("trust", "list", "--home", str(home)).stdout
+
+
+def test_policy_explain_names_the_deciding_rule(tmp_path: Path) -> None:
+    home, author = _setup(tmp_path)
+    _run("policy", "import", str(_bundle(tmp_path, author)), "--home", str(home))
+    _run(
+        "token",
+        "issue",
+        "--caller",
+        "billing-bot",
+        "--org",
+        "stmarys",
+        "--role",
+        "billing",
+        "--home",
+        str(home),
+    )
+    allowed = _run(
+        "policy", "explain", "--caller", "billing-bot", "--model", "openai/gpt-4o-mini", "--home", str(home)
+    )
+    assert "allow" in allowed.stdout.lower()
+    denied = _run(
+        "policy",
+        "explain",
+        "--org",
+        "stmarys",
+        "--role",
+        "billing",
+        "--model",
+        "openai/gpt-4o",
+        "--home",
+        str(home),
+    )
+    assert "model_not_allowed" in denied.stdout and "roles.billing.models" in denied.stdout
+    missing = _run("policy", "explain", "--model", "openai/gpt-4o", "--home", str(home), ok=False)
+    assert missing.exit_code == 1 and "--caller" in missing.output
+
+
+def test_a_bundle_rotating_the_trust_set_installs_it(tmp_path: Path) -> None:
+    home, author = _setup(tmp_path)
+    successor = tmp_path / "successor"
+    _run("policy", "keygen", "--out", str(successor))
+    new_pub = json.loads(Path(f"{successor}.pub").read_text())
+    doc = policy_doc("http://127.0.0.1:9", version=1, scope={"sites": ["stmarys-main"]})
+    doc["trust"] = {
+        "threshold": 1,
+        "keys": {new_pub["keyid"]: {"keytype": "ed25519", "scheme": "ed25519", "public": new_pub["public"]}},
+    }
+    source = tmp_path / "rotate.json"
+    source.write_text(json.dumps(doc))
+    alone = tmp_path / "alone.bundle"
+    _run("policy", "sign", str(source), "--key", f"{successor}.key", "--out", str(alone))
+    refused = _run("policy", "import", str(alone), "--home", str(home), ok=False)
+    assert refused.exit_code == 1  # a key carried in a bundle is never trusted on its own
+    both = tmp_path / "both.bundle"
+    _run(
+        "policy",
+        "sign",
+        str(source),
+        "--key",
+        f"{author}.key",
+        "--key",
+        f"{successor}.key",
+        "--out",
+        str(both),
+    )
+    assert "trust rotated" in _run("policy", "import", str(both), "--home", str(home)).stdout
+    listed = _run("trust", "list", "--home", str(home)).stdout
+    assert new_pub["keyid"] in listed and json.loads(Path(f"{author}.pub").read_text())["keyid"] not in listed
