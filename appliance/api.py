@@ -98,6 +98,10 @@ class Api:
             {"id": model, "object": "model", "created": 0, "owned_by": model.split("/", 1)[0]}
             for model in state.engine.allowed_models(caller.org, caller.role)
         ]
+        data += [  # aliases the role may use: an app can ask for "clinical-summary" by name
+            {"id": alias, "object": "model", "created": 0, "owned_by": "alias"}
+            for alias in state.engine.allowed_aliases(caller.org, caller.role)
+        ]
         body = json.dumps({"object": "list", "data": data}, separators=(",", ":")).encode()
         try:
             await pipeline.record.listed(ex, body)

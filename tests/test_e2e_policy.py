@@ -141,6 +141,8 @@ def test_an_alias_routes_to_its_model_and_is_recorded(h: GatewayHarness, upstrea
     aliased = _records(h, "intervention", 1)[0]
     assert aliased["intervention"] == "model_aliased" and aliased["rule"] == "aliases.clinical-summary"
     assert aliased["model"] == "clinical-summary" and aliased["route"] == "openai"
+    with _client(h, token) as client:
+        assert "clinical-summary" in [m.id for m in client.models.list()]
 
 
 def _limited(
