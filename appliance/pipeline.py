@@ -40,7 +40,7 @@ from appliance.errors import (
 from appliance.http import ClientDisconnected, Request, Responder
 from appliance.identity import Caller, TokenStore
 from appliance.ledger import Ledger
-from appliance.limits import DEFAULT_MAX_TOKENS, LimitKeeper, LimitReached, Subject, Ticket, estimate_tokens
+from appliance.limits import DEFAULT_MAX_TOKENS, LimitKeeper, LimitReached, Subject, Ticket
 from appliance.policy.engine import RequestFacts, Verdict
 from appliance.policy.schema import split_model
 from appliance.policy_state import PolicyKeeper, PolicyState
@@ -190,7 +190,11 @@ class Record:
         record = ex.base_record("request")
         record["decision"] = "allowed"
         record["intervention"] = None
-        actions = ex.verdict.interventions if ex.verdict else []
+        actions = [
+            action
+            for action in (ex.verdict.interventions if ex.verdict else [])
+            if not (ex.endpoint == "embeddings" and action.reason == "max_tokens_clamped")
+        ]
         if not actions:
             await self._durable(record)
             return
@@ -222,10 +226,12 @@ class Record:
     def fallback(self, ex: Exchange, frm: str, to: str, error: GatewayError) -> None:
         """A route failed before answering and the next allowed one is tried: recorded as it happens."""
         record = ex.base_record("intervention")
+        primary = ex.verdict.model if ex.verdict else frm
+        position = ex.verdict.fallbacks.index(to) if ex.verdict and to in ex.verdict.fallbacks else 0
         record.update(
             decision="allowed",
             intervention="fallback",
-            rule=f"fallbacks.{frm}",
+            rule=f"fallbacks.{primary}[{position}]",
             detail=f"{frm} -> {to} after {error.code}",
             status_code=error.status,
         )
@@ -327,6 +333,8 @@ class Pipeline:
             if ex.state is not None and ex.model in ex.state.policy.aliases:
                 ex.model_label = ex.model  # a name the policy defines, not caller text
             clamped = verdict.max_tokens if verdict.max_tokens != facts.max_tokens else None
+            if endpoint == "embeddings":  # nothing is generated: no completion limit to clamp or reserve
+                clamped = None
             apply_edits(ex.payload, model=verdict.model, drop_tools=verdict.drop_tools, max_tokens=clamped)
             ex.ticket = self._admit(ex, facts)
         except GatewayError as error:
@@ -334,7 +342,11 @@ class Pipeline:
             return
         try:
             await self.record.admitted(ex)
-        except LedgerUnavailable as error:
+        except BaseException as error:  # nothing was forwarded: give the reservation back
+            if ex.ticket is not None:
+                self.limits.settle(ex.ticket, tokens=0, cost_usd=0.0)
+            if not isinstance(error, LedgerUnavailable):
+                raise
             await _send_error(ex, responder, error, render)
             return
         await self._forward(ex, responder, render)
@@ -350,14 +362,22 @@ class Pipeline:
         if limits is None and budgets is None and org_budget is None:
             return None
         prompt_tokens = -(-facts.text_len // 4)
-        completion = verdict.max_tokens if verdict.max_tokens is not None else DEFAULT_MAX_TOKENS
+        generates = ex.endpoint != "embeddings"
+        completion = (
+            (verdict.max_tokens if verdict.max_tokens is not None else DEFAULT_MAX_TOKENS) if generates else 0
+        )
+        # Reserve what the dearest model that may answer would cost: a fallback must not escape the budget.
+        cost = max(
+            cost_usd(state.engine.price(model), prompt_tokens, completion)
+            for model in (verdict.model, *verdict.fallbacks)
+        )
         return self.limits.admit(
             Subject(caller.id, caller.org, caller.role),
             limits,
             budgets,
             org_budget,
-            estimated_tokens=estimate_tokens(facts.text_len, verdict.max_tokens),
-            estimated_cost_usd=cost_usd(state.engine.price(verdict.model), prompt_tokens, completion),
+            estimated_tokens=prompt_tokens + completion,
+            estimated_cost_usd=cost,
         )
 
     async def refuse(
@@ -413,6 +433,9 @@ class Pipeline:
     def _settle(self, ex: Exchange, result: RouteResult | None) -> None:
         """Replace the request's reservation with what it used (a stream: what it used until now)."""
         if ex.ticket is None:
+            return
+        if result is not None and not result.usage.reported:  # an answer whose usage is unknown: the estimate
+            self.limits.settle(ex.ticket, tokens=ex.ticket.tokens, cost_usd=ex.ticket.cost_usd)
             return
         tokens_in, tokens_out = (result.usage.tokens_in, result.usage.tokens_out) if result else (0, 0)
         served = ex.served or (ex.verdict.model if ex.verdict else None)

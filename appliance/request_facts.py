@@ -27,6 +27,24 @@ class BodyFacts:
     max_tokens: int | None = None
 
 
+# Structural keys whose values are not text anyone wrote (ids, types, binary payloads): not scanned.
+_NOT_TEXT = frozenset(
+    {
+        "role",
+        "type",
+        "id",
+        "tool_call_id",
+        "tool_use_id",
+        "data",
+        "url",
+        "image_url",
+        "media_type",
+        "cache_control",
+        "signature",
+    }
+)
+
+
 def read_facts(body: dict[str, Any], header_data_class: str | None) -> BodyFacts:
     facts = BodyFacts()
     if header_data_class is not None:
@@ -36,39 +54,54 @@ def read_facts(body: dict[str, Any], header_data_class: str | None) -> BodyFacts
                 f"X-Phi-Data-Class must be one of {', '.join(DATA_CLASSES)}", code="invalid_data_class"
             )
         facts.data_class = declared
-    facts.tools = _tool_names(body.get("tools"))
-    pieces: list[str] = []
+    facts.tools = _tool_names(body.get("tools")) + _tool_names(body.get("functions"))  # legacy functions too
     messages = body.get("messages")
     if isinstance(messages, list):
         facts.message_count = len(messages)
-        if isinstance(body.get("system"), str):  # Anthropic's system prompt is text the rules apply to
-            pieces.append(body["system"])
-        for message in messages:
-            if isinstance(message, dict):
-                _collect_text(message.get("content"), pieces)
-    for name in ("prompt", "input"):
+    # Every piece of text a model will read: system prompts in any form, message content and its parts,
+    # tool results and tool-call arguments, prompts and embedding inputs.
+    pieces: list[str] = []
+    for name in ("system", "messages", "prompt", "input"):
         _collect_text(body.get(name), pieces)
     facts.text = "\n".join(pieces)  # complete: the policy engine bounds its own scan (and denies past it)
     facts.text_len = sum(len(piece) for piece in pieces)
-    requested = body.get("max_completion_tokens", body.get("max_tokens"))
-    facts.max_tokens = requested if isinstance(requested, int) and not isinstance(requested, bool) else None
+    requested = [body.get(key) for key in ("max_tokens", "max_completion_tokens")]
+    numbers = [n for n in requested if isinstance(n, int) and not isinstance(n, bool)]
+    facts.max_tokens = max(numbers) if numbers else None  # both sent: the larger is what is at stake
     return facts
 
 
 def apply_edits(body: dict[str, Any], *, model: str, drop_tools: list[str], max_tokens: int | None) -> None:
     """Write the Police phase's decisions into the body that is forwarded."""
     body["model"] = model
-    if drop_tools and isinstance(body.get("tools"), list):
+    if drop_tools:
         dropped = set(drop_tools)
-        kept = [tool for tool in body["tools"] if _tool_name(tool) not in dropped]
-        if kept:
-            body["tools"] = kept
-        else:
-            body.pop("tools", None)
-            body.pop("tool_choice", None)
+        for field_name, choice in (("tools", "tool_choice"), ("functions", "function_call")):
+            listed = body.get(field_name)
+            if not isinstance(listed, list):
+                continue
+            kept = [tool for tool in listed if _tool_name(tool) not in dropped]
+            if kept:
+                body[field_name] = kept
+            else:
+                body.pop(field_name, None)
+            if not kept or _chosen(body.get(choice)) in dropped:
+                body.pop(choice, None)
     if max_tokens is not None:
-        key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-        body[key] = max_tokens
+        written = [key for key in ("max_tokens", "max_completion_tokens") if key in body]
+        for key in written or ["max_tokens"]:
+            body[key] = max_tokens
+
+
+def _chosen(choice: object) -> str | None:
+    """The tool a ``tool_choice``/``function_call`` forces, if it names one."""
+    if not isinstance(choice, dict):
+        return None
+    function = choice.get("function")
+    if isinstance(function, dict) and isinstance(function.get("name"), str):
+        return str(function["name"])
+    name = choice.get("name")
+    return name if isinstance(name, str) else None
 
 
 def _tool_names(tools: object) -> list[str]:
@@ -91,16 +124,19 @@ def _tool_name(tool: object) -> str | None:
     function = tool.get("function")
     if isinstance(function, dict) and isinstance(function.get("name"), str):
         return str(function["name"])  # OpenAI: {"type": "function", "function": {"name": ...}}
-    name = tool.get("name")  # Anthropic: {"name": ..., "input_schema": ...}
+    name = tool.get("name")  # Anthropic, and OpenAI's legacy functions: {"name": ...}
     return name if isinstance(name, str) else None
 
 
-def _collect_text(content: object, pieces: list[str]) -> None:
-    if isinstance(content, str):
-        pieces.append(content)
-    elif isinstance(content, list):
-        for part in content:
-            if isinstance(part, str):
-                pieces.append(part)
-            elif isinstance(part, dict) and isinstance(part.get("text"), str):
-                pieces.append(part["text"])
+def _collect_text(value: object, pieces: list[str], depth: int = 0) -> None:
+    if depth > 32:  # nesting deeper than any real request: refuse rather than skip
+        raise BadRequest("the request is nested too deeply", code="invalid_request")
+    if isinstance(value, str):
+        pieces.append(value)
+    elif isinstance(value, list):
+        for item in value:
+            _collect_text(item, pieces, depth + 1)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if key not in _NOT_TEXT:
+                _collect_text(item, pieces, depth + 1)

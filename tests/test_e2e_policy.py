@@ -238,9 +238,47 @@ def test_a_route_that_is_down_falls_back_to_the_next_allowed_model(
             reply = client.chat.completions.create(model="openai/fail-500", messages=MESSAGES)  # type: ignore[arg-type]
         assert reply.choices[0].message.content == "Hello from gpt-4o-mini"
         fell = _records(h, "intervention", 1)[0]
-        assert fell["intervention"] == "fallback" and fell["rule"] == "fallbacks.openai/fail-500"
+        assert fell["intervention"] == "fallback" and fell["rule"] == "fallbacks.openai/fail-500[0]"
         assert fell["detail"] == "openai/fail-500 -> openai/gpt-4o-mini after upstream_error"
         response = _records(h, "response", 1)[0]
         assert response["status_code"] == 200 and response["cost_usd"] > 0  # priced as gpt-4o-mini
+    finally:
+        h.stop()
+
+
+def test_a_fallback_cannot_escape_the_budget(tmp_path: Path, upstream: FakeUpstream) -> None:
+    # The primary is unpriced (free), its fallback is gpt-4o: the reservation is priced as the dearer.
+    h = _limited(
+        tmp_path,
+        upstream,
+        {"budgets": {"per_caller": {"usd_per_day": 0.0002}}},
+        fallbacks={"openai/fail-500": ["openai/gpt-4o"]},
+    )
+    token = h.issue("capped-bot", role="capped")
+    statuses = []
+    try:
+        with _client(h, token) as client:
+            for _ in range(12):
+                try:
+                    client.chat.completions.create(model="openai/fail-500", messages=MESSAGES, max_tokens=4)  # type: ignore[arg-type]
+                    statuses.append(200)
+                except openai.RateLimitError:
+                    statuses.append(429)
+        assert statuses.count(200) == 4 and statuses[4:] == [429] * 8
+    finally:
+        h.stop()
+
+
+def test_a_forced_model_never_writes_the_callers_text_into_the_ledger(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    h = _limited(tmp_path, upstream, {"force_model": "openai/gpt-4o-mini"})
+    token = h.issue("capped-bot", role="capped")
+    pasted = "John Smith MRN 4471"
+    try:
+        with _client(h, token) as client:
+            client.chat.completions.create(model=pasted, messages=MESSAGES)  # type: ignore[arg-type]
+        forced = _records(h, "intervention", 1)[0]
+        assert forced["intervention"] == "model_forced" and "John" not in h.audit.text
     finally:
         h.stop()

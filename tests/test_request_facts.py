@@ -72,3 +72,57 @@ def test_edits() -> None:
     assert [t["function"]["name"] for t in body["tools"]] == ["lookup_patient"]
     apply_edits(body, model="x", drop_tools=["lookup_patient"], max_tokens=None)
     assert "tools" not in body and "tool_choice" not in body and body["max_tokens"] == 256
+
+
+def test_every_text_a_model_reads_is_scanned() -> None:
+    body = {
+        "system": [{"type": "text", "text": "sys 111-11-1111"}],
+        "messages": [
+            {
+                "role": "assistant",
+                "tool_calls": [
+                    {
+                        "id": "c1",
+                        "type": "function",
+                        "function": {"name": "f", "arguments": '{"ssn": "222-22-2222"}'},
+                    }
+                ],
+            },
+            {
+                "role": "user",
+                "content": [
+                    {"type": "tool_result", "tool_use_id": "t1", "content": "333-33-3333"},
+                    {"type": "tool_result", "content": [{"type": "text", "text": "444"}]},
+                    {"type": "tool_use", "id": "u1", "name": "g", "input": {"q": "555"}},
+                    {"type": "image", "source": {"type": "base64", "data": "AAAA"}},
+                ],
+            },
+        ],
+    }
+    text = read_facts(body, None).text
+    for needle in ("111-11-1111", "222-22-2222", "333-33-3333", "444", "555"):
+        assert needle in text
+    assert "AAAA" not in text and "t1" not in text
+
+
+def test_legacy_functions_count_as_tools_and_are_dropped() -> None:
+    body = {
+        "functions": [{"name": "lookup"}, {"name": "delete_record"}],
+        "function_call": {"name": "delete_record"},
+    }
+    assert read_facts(body, None).tools == ["lookup", "delete_record"]
+    apply_edits(body, model="m", drop_tools=["delete_record"], max_tokens=None)
+    assert body["functions"] == [{"name": "lookup"}] and "function_call" not in body
+
+
+def test_a_tool_choice_naming_a_dropped_tool_goes_too() -> None:
+    body = {"tools": [{"name": "keep"}, {"name": "drop"}], "tool_choice": {"type": "tool", "name": "drop"}}
+    apply_edits(body, model="m", drop_tools=["drop"], max_tokens=None)
+    assert body["tools"] == [{"name": "keep"}] and "tool_choice" not in body
+
+
+def test_both_token_limits_count_and_are_both_clamped() -> None:
+    body = {"max_completion_tokens": 10, "max_tokens": 100_000}
+    assert read_facts(body, None).max_tokens == 100_000
+    apply_edits(body, model="m", drop_tools=[], max_tokens=256)
+    assert body["max_tokens"] == body["max_completion_tokens"] == 256

@@ -300,9 +300,9 @@ class PolicyEngine:
             model, rule = alias
             interventions.append(Intervention("model_aliased", rule, f"{facts.model} -> {model}"))
         if rules.force is not None and model != rules.force:
-            interventions.append(
-                Intervention("model_forced", rules.force_rule, f"{_echo(model)} -> {rules.force}")
-            )
+            # The requested text may be anything the caller typed: name it only if it is a model name.
+            asked = model if split_model(model) is not None else f"a {len(model)}-character model name"
+            interventions.append(Intervention("model_forced", rules.force_rule, f"{asked} -> {rules.force}"))
             model = rules.force
         data_class = facts.data_class if facts.data_class in DATA_CLASS_RANK else rules.default_class
 
