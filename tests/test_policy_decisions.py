@@ -648,7 +648,7 @@ def test_force_model_overrides_the_request(engine: PolicyEngine) -> None:
         ("model_aliased", "aliases.fast"),
         ("model_forced", f"{SM}.triage-bot.force_model"),
     ]
-    assert verdict.interventions[1].detail == "'openai/gpt-4o-mini' -> local/llama-3-8b"
+    assert verdict.interventions[1].detail == "openai/gpt-4o-mini -> local/llama-3-8b"
     same = engine.evaluate(facts("triage-bot", "local/llama-3-8b", max_tokens=100), now=T)
     assert same.allowed and same.interventions == []
 
