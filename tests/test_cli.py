@@ -251,3 +251,36 @@ def test_a_bundle_rotating_the_trust_set_installs_it(tmp_path: Path) -> None:
     assert "trust rotated" in _run("policy", "import", str(both), "--home", str(home)).stdout
     listed = _run("trust", "list", "--home", str(home)).stdout
     assert new_pub["keyid"] in listed and json.loads(Path(f"{author}.pub").read_text())["keyid"] not in listed
+
+
+def test_an_interrupted_rotation_is_completed_by_importing_the_bundle_again(tmp_path: Path) -> None:
+    home, author = _setup(tmp_path)
+    successor = tmp_path / "successor"
+    _run("policy", "keygen", "--out", str(successor))
+    new_pub = json.loads(Path(f"{successor}.pub").read_text())
+    doc = policy_doc("http://127.0.0.1:9", version=1, scope={"sites": ["stmarys-main"]})
+    doc["trust"] = {
+        "threshold": 1,
+        "keys": {new_pub["keyid"]: {"keytype": "ed25519", "scheme": "ed25519", "public": new_pub["public"]}},
+    }
+    source = tmp_path / "rotate.json"
+    source.write_text(json.dumps(doc))
+    both = tmp_path / "both.bundle"
+    _run(
+        "policy",
+        "sign",
+        str(source),
+        "--key",
+        f"{author}.key",
+        "--key",
+        f"{successor}.key",
+        "--out",
+        str(both),
+    )
+    trust_before = (home / "trust.json").read_bytes()
+    _run("policy", "import", str(both), "--home", str(home))
+    (home / "trust.json").write_bytes(trust_before)  # as if the process died before writing the new set
+    assert "completed" in _run("policy", "import", str(both), "--home", str(home)).stdout
+    assert new_pub["keyid"] in _run("trust", "list", "--home", str(home)).stdout
+    again = _run("policy", "import", str(both), "--home", str(home), ok=False)
+    assert again.exit_code == 1 and "already in force" in again.output
