@@ -220,8 +220,8 @@ def test_policy_explain_names_the_deciding_rule(tmp_path: Path) -> None:
     assert missing.exit_code == 1 and "--caller" in missing.output
 
 
-def test_a_bundle_rotating_the_trust_set_installs_it(tmp_path: Path) -> None:
-    home, author = _setup(tmp_path)
+def _rotation(tmp_path: Path) -> tuple[Path, dict[str, str], Path]:
+    """A successor key and a policy document that rotates the trust set to it."""
     successor = tmp_path / "successor"
     _run("policy", "keygen", "--out", str(successor))
     new_pub = json.loads(Path(f"{successor}.pub").read_text())
@@ -232,6 +232,12 @@ def test_a_bundle_rotating_the_trust_set_installs_it(tmp_path: Path) -> None:
     }
     source = tmp_path / "rotate.json"
     source.write_text(json.dumps(doc))
+    return successor, new_pub, source
+
+
+def test_a_bundle_rotating_the_trust_set_installs_it(tmp_path: Path) -> None:
+    home, author = _setup(tmp_path)
+    successor, new_pub, source = _rotation(tmp_path)
     alone = tmp_path / "alone.bundle"
     _run("policy", "sign", str(source), "--key", f"{successor}.key", "--out", str(alone))
     refused = _run("policy", "import", str(alone), "--home", str(home), ok=False)
@@ -255,16 +261,7 @@ def test_a_bundle_rotating_the_trust_set_installs_it(tmp_path: Path) -> None:
 
 def test_an_interrupted_rotation_is_completed_by_importing_the_bundle_again(tmp_path: Path) -> None:
     home, author = _setup(tmp_path)
-    successor = tmp_path / "successor"
-    _run("policy", "keygen", "--out", str(successor))
-    new_pub = json.loads(Path(f"{successor}.pub").read_text())
-    doc = policy_doc("http://127.0.0.1:9", version=1, scope={"sites": ["stmarys-main"]})
-    doc["trust"] = {
-        "threshold": 1,
-        "keys": {new_pub["keyid"]: {"keytype": "ed25519", "scheme": "ed25519", "public": new_pub["public"]}},
-    }
-    source = tmp_path / "rotate.json"
-    source.write_text(json.dumps(doc))
+    successor, new_pub, source = _rotation(tmp_path)
     both = tmp_path / "both.bundle"
     _run(
         "policy",
