@@ -97,16 +97,7 @@ def _check_signatures(message: bytes, signatures: list[Signature], trust: TrustS
         raise BundleRejected(
             "unknown_key", f"the bundle is signed only by keys this appliance does not trust ({seen})"
         )
-    valid: set[str] = set()
-    for sig in known:
-        key = trust.key(sig.keyid)
-        if key is None or not key.verify(sig.sig, message):
-            raise BundleRejected(
-                "signature",
-                f"signature by key {short_keyid(sig.keyid)} does not verify: "
-                "the payload was altered or signed by another key",
-            )
-        valid.add(sig.keyid)
+    valid = _valid_signers(message, known, trust, check="signature", which="key")
     if len(valid) < trust.threshold:
         raise BundleRejected(
             "threshold",
@@ -119,18 +110,7 @@ def _check_signatures(message: bytes, signatures: list[Signature], trust: TrustS
 def _check_rotation(message: bytes, signatures: list[Signature], spec: TrustSpec, trust: TrustStore) -> None:
     """The new trust set must itself sign: ``spec.threshold`` distinct new keys, each valid."""
     new = TrustStore.from_spec(trust.path, spec)
-    valid: set[str] = set()
-    for sig in signatures:
-        key = new.key(sig.keyid)
-        if key is None:
-            continue
-        if not key.verify(sig.sig, message):
-            raise BundleRejected(
-                "rotation",
-                f"signature by new key {short_keyid(sig.keyid)} does not verify: "
-                "the payload was altered or signed by another key",
-            )
-        valid.add(sig.keyid)
+    valid = _valid_signers(message, signatures, new, check="rotation", which="new key")
     if len(valid) < spec.threshold:
         raise BundleRejected(
             "rotation",
@@ -138,6 +118,29 @@ def _check_rotation(message: bytes, signatures: list[Signature], spec: TrustSpec
             f"is signed by {len(valid)} of the new keys; a rotation must be signed by a threshold of the "
             "current keys and of the new keys",
         )
+
+
+def _valid_signers(
+    message: bytes, signatures: list[Signature], store: TrustStore, *, check: str, which: str
+) -> set[str]:
+    """Distinct key ids of ``store`` with a valid signature (each checked with its pinned scheme only).
+
+    A signature by a key of ``store`` that does not verify rejects the bundle, even if enough others do;
+    signatures by keys outside ``store`` are not counted.
+    """
+    valid: set[str] = set()
+    for sig in signatures:
+        key = store.key(sig.keyid)
+        if key is None:
+            continue
+        if not key.verify(sig.sig, message):
+            raise BundleRejected(
+                check,
+                f"signature by {which} {short_keyid(sig.keyid)} does not verify: "
+                "the payload was altered or signed by another key",
+            )
+        valid.add(sig.keyid)
+    return valid
 
 
 def _check_freshness(policy: Policy, now: datetime | None) -> None:
