@@ -55,7 +55,11 @@ def demo_policy(version: int, now: datetime, model_sha256: str) -> dict[str, Any
         "organizations": {
             "demo": {
                 "roles": {
-                    "clinician": {"models": ["local/*", "openai/gpt-4o*", "anthropic/claude-*"]},
+                    # PHI stays local; a clinician who declares de-identified text may use the clouds.
+                    "clinician": {
+                        "models": ["local/*", "openai/gpt-4o*", "anthropic/claude-*"],
+                        "declarable_data_classes": ["deidentified", "public"],
+                    },
                     "billing": {"models": ["local/*", "openai/gpt-4o-mini"]},
                 }
             }
