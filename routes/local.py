@@ -60,7 +60,13 @@ class LiveUsage:
 class LocalStream:
     """SSE bytes for one generation, its first text piece already read (errors before it were raised)."""
 
-    def __init__(self, generation: Generation, first: str | None, frame: Any, include_usage: bool) -> None:
+    def __init__(
+        self,
+        generation: Generation,
+        first: str | None,
+        frame: _ChatFrame | _CompletionFrame,
+        include_usage: bool,
+    ) -> None:
         self._generation = generation
         self._frame = frame
         self.usage = LiveUsage(generation)
@@ -92,59 +98,55 @@ class LocalStream:
         await self._iter.aclose()
 
 
-class _ChatFrame:
+class _Frame:
+    """The chunks of one streamed answer: shared id, time and model; subclasses shape the choice."""
+
+    prefix = ""
+    kind = ""
+
     def __init__(self, model: str) -> None:
-        self.base = {
-            "id": f"chatcmpl-{os.urandom(12).hex()}",
-            "object": "chat.completion.chunk",
-            "created": int(time.time()),
-            "model": model,
-            "system_fingerprint": None,
-        }
-
-    def _choice(self, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
-        return dict(
-            self.base, choices=[{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
-        )
-
-    def start(self) -> dict[str, Any]:
-        return self._choice({"role": "assistant", "content": ""}, None)
-
-    def piece(self, text: str) -> dict[str, Any]:
-        return self._choice({"content": text}, None)
-
-    def end(self, finish: str) -> dict[str, Any]:
-        return self._choice({}, finish)
-
-    def usage(self, usage: Usage) -> dict[str, Any]:
-        return dict(self.base, choices=[], usage=_usage(usage))
-
-
-class _CompletionFrame:
-    def __init__(self, model: str) -> None:
-        self.base = {
-            "id": f"cmpl-{os.urandom(12).hex()}",
-            "object": "text_completion",
+        self.base: dict[str, Any] = {
+            "id": f"{self.prefix}-{os.urandom(12).hex()}",
+            "object": self.kind,
             "created": int(time.time()),
             "model": model,
         }
 
-    def _choice(self, text: str, finish: str | None) -> dict[str, Any]:
-        return dict(
-            self.base, choices=[{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]
-        )
+    def _with(self, choice: dict[str, Any]) -> dict[str, Any]:
+        return dict(self.base, choices=[{"index": 0, **choice, "logprobs": None}])
+
+    def usage(self, usage: UsageView) -> dict[str, Any]:
+        return dict(self.base, choices=[], usage=_usage(usage))
+
+
+class _ChatFrame(_Frame):
+    prefix, kind = "chatcmpl", "chat.completion.chunk"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(model)
+        self.base["system_fingerprint"] = None
 
     def start(self) -> dict[str, Any]:
-        return self._choice("", None)
+        return self._with({"delta": {"role": "assistant", "content": ""}, "finish_reason": None})
 
     def piece(self, text: str) -> dict[str, Any]:
-        return self._choice(text, None)
+        return self._with({"delta": {"content": text}, "finish_reason": None})
 
     def end(self, finish: str) -> dict[str, Any]:
-        return self._choice("", finish)
+        return self._with({"delta": {}, "finish_reason": finish})
 
-    def usage(self, usage: Usage) -> dict[str, Any]:
-        return dict(self.base, choices=[], usage=_usage(usage))
+
+class _CompletionFrame(_Frame):
+    prefix, kind = "cmpl", "text_completion"
+
+    def start(self) -> dict[str, Any]:
+        return self._with({"text": "", "finish_reason": None})
+
+    def piece(self, text: str) -> dict[str, Any]:
+        return self._with({"text": text, "finish_reason": None})
+
+    def end(self, finish: str) -> dict[str, Any]:
+        return self._with({"text": "", "finish_reason": finish})
 
 
 def _usage(usage: UsageView) -> dict[str, int]:
@@ -253,7 +255,7 @@ class LocalRoute:
         body: dict[str, Any],
         upstream_model: str,
         request: GenerationRequest,
-        frame_type: Any,
+        frame_type: type[_ChatFrame] | type[_CompletionFrame],
         *,
         chat: bool,
     ) -> RouteResult:

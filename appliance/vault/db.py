@@ -218,10 +218,6 @@ class Database:
                 self._readers.append(conn)
         return conn
 
-    def utils(self) -> sqlite_utils.Database:
-        """sqlite-utils view over this thread's read connection (listings, introspection)."""
-        return sqlite_utils.Database(self.reader())
-
     # -- internals ---------------------------------------------------------------------------------------
 
     def _require_started(self) -> None:
