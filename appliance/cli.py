@@ -255,9 +255,13 @@ def policy_import(home: Path | None, bundle: Path) -> None:
         if vb.new_trust is not None:
             detail += f" trust_rotation threshold={vb.new_trust.threshold} keys={len(vb.new_trust.keys)}"
         ledger = vault.ledger
-        vault.policies.activate(
-            vb, also=lambda conn: ledger.record_in(conn, {"type": "admin", "detail": detail})
-        )
+
+        def record_and_checkpoint(conn: sqlite3.Connection) -> None:
+            # The import, its record and a signed checkpoint covering it commit together.
+            ledger.record_in(conn, {"type": "admin", "detail": detail})
+            ledger.checkpoint_in(conn, "policy-import")
+
+        vault.policies.activate(vb, also=record_and_checkpoint)
     if vb.new_trust is not None:
         # After the activation: a crash in between leaves the stored bundle verifying against the old set.
         trust = target.trust()
@@ -630,48 +634,8 @@ def token_import_cllama(
             click.echo(f"{caller}: {outcome}")
 
 
-# -- audit -----------------------------------------------------------------------------------------------
+# -- audit: appliance/cli_audit.py ------------------------------------------------------------------------
 
+from appliance.cli_audit import audit_group  # noqa: E402 - it uses this module's options and helpers
 
-@main.group("audit")
-def audit_group() -> None:
-    """The tamper-evident audit ledger."""
-
-
-@audit_group.command("verify")
-@home_option
-def audit_verify(home: Path | None) -> None:
-    """Recompute the hash chain; exit 1 and name the first bad record on any inconsistency."""
-    with _home(home).open_vault() as vault:
-        report = vault.ledger.verify()
-    if not report.ok:
-        raise OperatorError(f"ledger verification FAILED after {report.records} records: {report.message}")
-    if report.records == 0:
-        raise OperatorError("ledger verification FAILED: the ledger is empty (init always writes record 1)")
-    click.echo(f"ok: {report.records} records, chain intact, signed head agrees")
-
-
-@audit_group.command("tail")
-@home_option
-@click.option("-n", "count", default=20, show_default=True)
-def audit_tail(home: Path | None, count: int) -> None:
-    """Print the last N records as JSON lines."""
-    with _home(home).open_vault() as vault:
-        rows = vault.ledger.tail(count)
-    for row in rows:
-        click.echo(json.dumps(row))
-
-
-_PENDING_SHOWN = 100
-
-
-@audit_group.command("pending")
-@home_option
-def audit_pending(home: Path | None) -> None:
-    """Requests forwarded whose outcome was never recorded (e.g. a crash mid-request)."""
-    with _home(home).open_vault() as vault:
-        ids = vault.ledger.pending_outcomes(limit=_PENDING_SHOWN)
-    for request_id in ids:
-        click.echo(request_id)
-    shown = f"the first {len(ids)}" if len(ids) == _PENDING_SHOWN else str(len(ids))
-    click.echo(f"{shown} request(s) without an outcome record", err=True)
+main.add_command(audit_group)

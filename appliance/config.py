@@ -69,6 +69,18 @@ class PolicySettings(_Strict):
     """How often the server looks for a newly imported policy or a changed trust file."""
 
 
+class AuditSettings(_Strict):
+    node: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    """This appliance's name in its ledger's checkpoints, ``phi-gateway.<site>/<node>`` (give each node
+    behind a load balancer its own); default: the first 12 hex digits of the appliance key id. A ledger
+    keeps the name of its first checkpoint."""
+    checkpoint_interval_s: float = Field(300.0, gt=0)
+    """How often a signed checkpoint is stored while records flow (the head is signed every second)."""
+    export_file: Path | None = None
+    """Continuous export: every durable audit line is appended to this file for log shippers to tail;
+    rotation-safe (a renamed or truncated file is noticed and a new one started)."""
+
+
 class Settings(_Strict):
     site: str = Field("unset", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     """This appliance's site id; a policy bundle is accepted only if its scope names it."""
@@ -80,6 +92,8 @@ class Settings(_Strict):
     """Policy reloading."""
     local: LocalSettings = Field(default_factory=LocalSettings)
     """In-process local models."""
+    audit: AuditSettings = Field(default_factory=AuditSettings)
+    """Ledger checkpoints and continuous export."""
 
     def masked(self) -> str:
         """The settings as TOML-like text for operators; this model holds no secrets to mask."""

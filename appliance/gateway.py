@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import sqlite3
 import sys
 import time
 from typing import Any, TextIO
@@ -20,10 +21,11 @@ from typing import Any, TextIO
 from appliance.admin import AdminApi
 from appliance.api import Api
 from appliance.config import Settings
-from appliance.errors import Unavailable
+from appliance.errors import LedgerUnavailable, StorageUnavailable, Unavailable
 from appliance.home import Home, Vault
 from appliance.http import HttpLimits, HttpServer
 from appliance.http.server import Rejection, install_event_loop_policy
+from appliance.ledger_checkpoints import HEAD_INTERVAL_S
 from appliance.limits import LimitKeeper
 from appliance.pipeline import Pipeline
 from appliance.policy_state import PolicyKeeper
@@ -50,6 +52,7 @@ class Gateway:
         self.local: LocalRuntime | None = None
         self._preload: asyncio.Task[None] | None = None
         self.limits: LimitKeeper | None = None
+        self._ticker: asyncio.Task[None] | None = None
 
     async def start(
         self, host: str | None = None, port: int | None = None, *, sock: socket.socket | None = None
@@ -78,6 +81,7 @@ class Gateway:
             host or settings.server.host, settings.server.port if port is None else port, sock=sock
         )
         await self._start_admin()
+        self._ticker = asyncio.get_running_loop().create_task(self._sign_ledger_head(), name="ledger-head")
         if settings.local.preload:
             self._preload = asyncio.get_running_loop().create_task(self.local.preload(), name="preload")
         state = keeper.current
@@ -144,6 +148,16 @@ class Gateway:
             raise Unavailable("the gateway is not serving")
         return self.local
 
+    async def _sign_ledger_head(self) -> None:
+        """Once a second, sign the ledger head if records came since: a quiet moment's records are signed
+        within a second, not at the next busy one (and a stored checkpoint is written when one is due)."""
+        while self.vault is not None:
+            await asyncio.sleep(HEAD_INTERVAL_S)
+            try:
+                await self.vault.ledger.tick()
+            except (StorageUnavailable, LedgerUnavailable, sqlite3.Error) as exc:
+                log.warning("the ledger head could not be signed: %s", exc)
+
     def record_admin(self, detail: str) -> None:
         if self.vault is not None:
             self.vault.ledger.append({"type": "admin", "detail": detail}).add_done_callback(_ignore_result)
@@ -163,7 +177,13 @@ class Gateway:
             await self.local.close()
         if self._client is not None:
             await self._client.aclose()
+        if self._ticker is not None:
+            self._ticker.cancel()
         if self.vault is not None:
+            try:  # what the gateway recorded, signed and kept as it stops
+                await asyncio.to_thread(self.vault.ledger.checkpoint, "shutdown")
+            except (StorageUnavailable, LedgerUnavailable, sqlite3.Error) as exc:
+                log.error("no shutdown checkpoint could be written: %s", exc)
             self.vault.close()
             self.vault = None
 

@@ -17,7 +17,9 @@ Never: overwrites an existing key; loosens a file mode; keeps anything secret ou
 
 from __future__ import annotations
 
+import logging
 import os
+import sqlite3
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +27,10 @@ from typing import TextIO
 
 from appliance import identity, ledger
 from appliance.config import Settings, load_settings, write_settings
-from appliance.errors import OperatorError
+from appliance.errors import GatewayError, OperatorError
 from appliance.identity import TokenStore
 from appliance.ledger import Ledger
-from appliance.ledger_head import HeadSigner
+from appliance.ledger_checkpoints import CheckpointSigner, default_origin
 from appliance.policy import keys as policy_keys
 from appliance.policy import store as policy_store
 from appliance.policy.store import PolicyStore
@@ -37,6 +39,8 @@ from appliance.vault import provider_keys
 from appliance.vault.db import Database, Migration
 from appliance.vault.provider_keys import ProviderKeys
 from appliance.vault.sealing import MasterKey
+
+log = logging.getLogger("phi.home")
 
 DEFAULT_HOME = Path("/var/lib/phi-gateway")
 
@@ -73,7 +77,10 @@ class Vault:
         self.close()
 
     def close(self) -> None:
-        self.ledger.seal_head()  # sign the newest record: a later cut from the end shows in verify
+        try:
+            self.ledger.seal_head()  # sign the head: a later cut from the end shows in verify
+        except (sqlite3.Error, GatewayError) as exc:  # a damaged or full ledger: verify says more
+            log.warning("the ledger head could not be signed at close: %s", exc)
         self.db.close()  # the writer commits everything queued first
         self.ledger.close()
 
@@ -145,6 +152,12 @@ class Home:
     def trust(self) -> TrustStore:
         return TrustStore.load(self.trust_path)
 
+    def _checkpoint_signer(self) -> CheckpointSigner:
+        key = policy_keys.load_signing_key(self.appliance_key)
+        settings = self.settings()
+        origin = default_origin(settings.site, settings.audit.node or key.keyid[:12])
+        return CheckpointSigner(key, origin, checkpoint_interval_s=settings.audit.checkpoint_interval_s)
+
     def open_vault(self, *, audit_out: TextIO | None = None) -> Vault:
         """Open the vault with every migration applied; ``audit_out`` receives each durable audit line."""
         master = MasterKey.load(self.master_key_path)
@@ -154,7 +167,5 @@ class Home:
             tokens=TokenStore(db),
             keys=ProviderKeys(db, master),
             policies=PolicyStore(db),
-            ledger=Ledger(
-                db, out=audit_out, signer=HeadSigner(policy_keys.load_signing_key(self.appliance_key))
-            ),
+            ledger=Ledger(db, out=audit_out, signer=self._checkpoint_signer()),
         )

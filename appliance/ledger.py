@@ -27,20 +27,22 @@ import sqlite3
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Final, TextIO
 
 import sqlite_utils
 
-from appliance import ledger_head
+from appliance import checkpoint as notes
+from appliance import ledger_checkpoints, ledger_tree
 from appliance.audit_stdout import AuditPrinter
 from appliance.errors import LedgerUnavailable, StorageUnavailable
-from appliance.ledger_head import HeadSigner
+from appliance.ledger_checkpoints import CheckpointSigner
+from appliance.ledger_tree import GENESIS as GENESIS
+from appliance.ledger_tree import TreeState, entry_leaf, insert_tiles
+from appliance.ledger_verify import VerifyReport, verify_database
 from appliance.vault.db import Database, Migration
 
 log = logging.getLogger("phi.ledger")
 
-GENESIS: Final = "0" * 64
 TYPES: Final = frozenset({"request", "response", "error", "intervention", "admin"})
 MAX_RECORD_CHARS: Final = 4096
 """A record is a few hundred characters of metadata; anything this large is text that must not be here."""
@@ -54,14 +56,6 @@ _CANONICAL = json.JSONEncoder(
 ).encode
 
 _LAST = "SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1"
-# The ts/type/request_id/claw_id columns copy the record for queries (pending_outcomes); the chain covers
-# only the record, so verify also checks the copies. CASE, unlike AND, never parses invalid JSON.
-_VERIFY = (
-    "SELECT seq, record, prev_hash, hash, CASE WHEN json_valid(record) THEN"
-    " ts IS json_extract(record, '$.ts') AND type IS json_extract(record, '$.type')"
-    " AND request_id IS json_extract(record, '$.request_id') AND claw_id IS json_extract(record, '$.claw_id')"
-    " ELSE 0 END FROM ledger ORDER BY seq"
-)
 _INSERT_HEAD = "INSERT INTO ledger (seq, ts, type, request_id, claw_id, record, prev_hash, hash) VALUES "
 _ROWS_PER_INSERT = 256  # 8 parameters a row: well under SQLite's 32766 bound variables
 
@@ -100,7 +94,8 @@ def _append_only(db: sqlite_utils.Database) -> None:
 MIGRATIONS = [
     Migration("ledger-0001-create", _create_table),
     Migration("ledger-0002-append-only", _append_only),
-    ledger_head.MIGRATION,
+    ledger_tree.MIGRATION,
+    ledger_checkpoints.MIGRATION,
 ]
 
 
@@ -125,15 +120,6 @@ def sha256_hex(data: bytes) -> str:
 def chain_hash(prev_hash: str, record_json: str) -> str:
     """The link: SHA-256 over the previous hash (hex), a newline, and this record's canonical JSON."""
     return hashlib.sha256(f"{prev_hash}\n{record_json}".encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class VerifyReport:
-    ok: bool
-    records: int
-    """Records checked and found good (all of them when ``ok``)."""
-    first_bad_seq: int | None
-    message: str
 
 
 class _Stdout:
@@ -174,11 +160,16 @@ class Ledger:
     _FIELD_SET: Final = frozenset(FIELDS)
 
     def __init__(
-        self, db: Database, out: TextIO | _Stdout | None = STDOUT, *, signer: HeadSigner | None = None
+        self,
+        db: Database,
+        out: TextIO | _Stdout | None = STDOUT,
+        *,
+        signer: CheckpointSigner | None = None,
     ) -> None:
-        """``signer``: the appliance key's head signer; without it no head is signed or required."""
+        """``signer``: the appliance key's checkpoint signer; without it nothing is signed or required."""
         self._db = db
         self._signer = signer
+        self._tree: TreeState | None = None  # the writer thread's; reloaded whenever the file disagrees
         stream: TextIO | None = sys.stdout if isinstance(out, _Stdout) else out
         self._printer = None if stream is None else AuditPrinter(stream)
         self._ok = True  # only the writer thread changes it, so it follows commit order
@@ -243,13 +234,15 @@ class Ledger:
     def write_batch(self, conn: sqlite3.Connection, items: list[tuple[dict[str, Any], str]]) -> list[int]:
         """Chain and insert ``items`` with one SELECT and one multi-row INSERT per chunk; their seqs."""
         try:
-            last = conn.execute(_LAST).fetchone()
-            seq, prev = (0, GENESIS) if last is None else (last[0], last[1])
+            tree = self._tree_in(conn)
+            seq, prev = tree.size, tree.chain
             rows: list[Any] = []
             seqs: list[int] = []
+            leaves: list[bytes] = []
             for ordered, canonical in items:
                 seq += 1
                 digest = chain_hash(prev, canonical)
+                leaves.append(entry_leaf(canonical))
                 rows += (
                     seq,
                     ordered["ts"],
@@ -265,12 +258,29 @@ class Ledger:
             for start in range(0, len(seqs), _ROWS_PER_INSERT):
                 count = min(_ROWS_PER_INSERT, len(seqs) - start)
                 conn.execute(_insert_sql(count), rows[start * 8 : (start + count) * 8])
+            # The state moves before the commit: if the commit fails, the next batch sees the file's
+            # newest record disagree with it and reloads.
+            insert_tiles(conn, tree.extend(leaves, prev))
             if self._signer is not None:
-                self._signer.after_append(conn, seq, prev)
+                self._signer.after_append(conn, tree)
         except sqlite3.Error as exc:
+            self._tree = None
             self._ok = False
             raise LedgerUnavailable(f"the audit ledger cannot be written: {exc}") from exc
         return seqs
+
+    def _tree_in(self, conn: sqlite3.Connection) -> TreeState:
+        """The tree as the file has it now (another process may have appended since this one last did)."""
+        tree = self._tree
+        if tree is None or not tree.matches(conn.execute(_LAST).fetchone()):
+            tree = TreeState.load(conn)
+            if self._signer is not None and self._signer.keep_cut_head(conn, tree.size):
+                log.error(
+                    "the audit ledger holds fewer records than its signed head: records were deleted; "
+                    "the head is kept as evidence, and audit verify reports it"
+                )
+            self._tree = tree
+        return tree
 
     def after_commit(self, items: list[tuple[dict[str, Any], str]], seqs: list[int]) -> None:
         """Hand one audit line per durable record to the stdout printer (which never blocks the writer)."""
@@ -294,10 +304,45 @@ class Ledger:
             self._printer.wait()
 
     def seal_head(self) -> None:
-        """Sign the newest record now (the vault is about to close); no-op without a signer."""
+        """Sign the head now (the vault is about to close); no-op without a signer."""
         signer = self._signer
         if signer is not None:
-            self._db.write(signer.seal)
+            self._db.write(lambda conn: signer.seal(conn, self._tree_in(conn)))
+
+    def head_stale(self) -> bool:
+        """Whether records were appended since this process last signed the head (the gateway's tick)."""
+        tree = self._tree
+        return self._signer is not None and tree is not None and self._signer.stale(tree.size)
+
+    async def tick(self) -> None:
+        """Sign the head if it is behind (called once a second by the gateway, so that records of a
+        quiet moment are signed within a second rather than at the next busy one)."""
+        signer = self._signer
+        if signer is not None and self.head_stale():
+            await self._db.awrite(lambda conn: signer.after_tick(conn, self._tree_in(conn)))
+
+    def checkpoint(self, reason: str) -> str:
+        """Sign and store a checkpoint of the ledger as it is now (blocking); returns the note text."""
+        signer = self._require_signer()
+        note: str = self._db.write(lambda conn: signer.store(conn, self._tree_in(conn), reason))
+        return note
+
+    def checkpoint_in(self, conn: sqlite3.Connection, reason: str) -> str:
+        """Store a checkpoint inside a write the caller is already in (a policy import and its record)."""
+        return self._require_signer().store(conn, self._tree_in(conn), reason)
+
+    def verifier(self) -> notes.Verifier:
+        """The verifier key of this ledger's checkpoints (what an auditor is given)."""
+        signer = self._require_signer()
+        origin = ledger_checkpoints.stored_origin(self._db.reader())
+        if origin is None:  # a ledger that has signed nothing yet: fix its origin now
+            origin = self._db.write(signer.origin)
+        return signer.verifier(origin)
+
+    def _require_signer(self) -> CheckpointSigner:
+        if self._signer is None:
+            raise RuntimeError("this ledger was opened without the appliance key")
+        return self._signer
 
     def close(self) -> None:
         """Stop the stdout printer after writing what is pending (the vault's writer is closed first)."""
@@ -351,54 +396,19 @@ class Ledger:
         )
         return [row[0] for row in rows]
 
-    def verify(self, progress: Callable[[int], None] | None = None) -> VerifyReport:
-        """Recompute the chain from record 1 and report the first record that breaks it.
+    def verify(
+        self,
+        progress: Callable[[int], None] | None = None,
+        *,
+        kept: list[tuple[str, str]] | None = None,
+        extra_verifiers: list[notes.Verifier] | None = None,
+    ) -> VerifyReport:
+        """Recompute chain and tree from record 1 and check every checkpoint (``ledger_verify``).
 
-        Streams rows (constant memory) on this thread's read connection, one snapshot. Blocking: call it
-        from a worker thread, not the event loop. ``progress(n)`` is called every 65,536 records.
+        ``kept``: (label, note) of checkpoints an auditor kept; blocking: run it off the event loop.
         """
-        cur = self._db.reader().execute(_VERIFY)
-        sha256 = hashlib.sha256
-        expected = 1
-        last = GENESIS
-        try:
-            for seq, record, prev, stored, columns_match in cur:
-                if seq != expected:
-                    return VerifyReport(
-                        False, expected - 1, expected, f"record {expected} is missing (deleted)"
-                    )
-                if prev != last:
-                    if seq == 1:
-                        message = (
-                            "record 1 does not start the chain (its previous hash is not the genesis value)"
-                        )
-                    else:
-                        message = f"record {seq} does not chain to record {seq - 1}"
-                    return VerifyReport(False, seq - 1, seq, message)
-                computed = sha256(f"{prev}\n{record}".encode()).hexdigest()
-                if computed != stored:
-                    following = cur.fetchone()
-                    if following is not None and following[2] == computed:
-                        message = f"record {seq}: its stored hash was altered"
-                    else:
-                        message = f"record {seq}: content does not match its hash (edited)"
-                    return VerifyReport(False, seq - 1, seq, message)
-                if not columns_match:
-                    message = f"record {seq}: its indexed columns do not match its content (edited)"
-                    return VerifyReport(False, seq - 1, seq, message)
-                last = stored
-                expected += 1
-                if progress is not None and not expected & 0xFFFF:
-                    progress(expected - 1)
-        finally:
-            cur.close()
-        records = expected - 1
-        problem = ledger_head.check(
-            self._db.reader(), records, self._signer.key.public if self._signer else None
-        )
-        if problem is not None:
-            return VerifyReport(False, records, problem[0], problem[1])
-        if progress is not None:
-            progress(records)
-        message = f"{records} records, hash chain intact" if records else "the ledger is empty"
-        return VerifyReport(True, records, None, message)
+        verifiers = [*(extra_verifiers or [])]
+        if self._signer is not None:
+            origin = ledger_checkpoints.stored_origin(self._db.reader())
+            verifiers.append(self._signer.verifier(origin or self._signer.default_origin))
+        return verify_database(self._db.reader(), verifiers, kept or [], progress)

@@ -195,7 +195,7 @@ def test_verify_ok_and_progress(db: Database) -> None:
     assert seen[-1] == 100
     assert Ledger(db, None).verify().ok  # a fresh object reads the same chain
     empty_db_report = ledger.verify()
-    assert empty_db_report.message == "100 records, hash chain intact"
+    assert empty_db_report.message == "100 records: hash chain and Merkle tree intact"
 
 
 def test_verify_empty(db: Database) -> None:
