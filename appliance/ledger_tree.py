@@ -98,6 +98,9 @@ class TreeState:
         frontier = merkle.Frontier(size, [*upper.hashes, *lower.hashes])
         return cls(size, chain, frontier, partial)
 
+    def copy(self) -> TreeState:
+        return TreeState(self.size, self.chain, self.frontier.copy(), list(self.partial))
+
     def matches(self, last: tuple[int, str] | None) -> bool:
         """Whether this state describes the file whose newest record is ``last`` (seq, chain hash)."""
         return (self.size, self.chain) == ((0, GENESIS) if last is None else (last[0], last[1]))

@@ -336,8 +336,15 @@ class Database:
                     item.error = exc
                     conn.execute("ROLLBACK TO w")
                 conn.execute("RELEASE w")
+            # A batch of one writer's items alone needs no savepoint: if the writer fails, the whole
+            # transaction is rolled back instead. Two statements fewer per commit is measurable (each
+            # statement retakes the GIL on this thread, see above).
+            sole = len(groups) == 1 and len(batch) == len(next(iter(groups.values()))[1])
             for writer, items in groups.values():
-                self._write_group(conn, writer, items)
+                self._write_group(conn, writer, items, savepoint=not sole)
+            if sole and batch[0].error is not None:
+                conn.execute("ROLLBACK")
+                return
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
@@ -367,18 +374,23 @@ class Database:
                     log.exception("after-commit hook failed")
 
     @staticmethod
-    def _write_group(conn: sqlite3.Connection, writer: BatchWriter, items: list[_Write]) -> None:
-        conn.execute("SAVEPOINT b")
+    def _write_group(
+        conn: sqlite3.Connection, writer: BatchWriter, items: list[_Write], *, savepoint: bool
+    ) -> None:
+        if savepoint:
+            conn.execute("SAVEPOINT b")
         try:
             results = writer.write_batch(conn, [i.item for i in items])
         except Exception as exc:
-            conn.execute("ROLLBACK TO b")
+            if savepoint:
+                conn.execute("ROLLBACK TO b")
             for item in items:
                 item.error = exc
         else:
             for item, result in zip(items, results, strict=True):
                 item.result = result
-        conn.execute("RELEASE b")
+        if savepoint:
+            conn.execute("RELEASE b")
 
     def _settle(self, batch: list[_Write]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[_Write]] = {}
