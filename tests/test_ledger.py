@@ -443,3 +443,20 @@ def test_commit_failure_is_ledger_unavailable(db: Database) -> None:
     db._commit_batch = original  # type: ignore[method-assign]
     assert ledger.append_sync(_record(2)) == 1
     assert ledger.healthy is True
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        _record(1),
+        _record(2, "intervention", intervention={"kind": "redact", "count": 2, "ok": True}, cost_usd=0.00125),
+        _record(3, detail='ünïcode \u2028 "quoted" \\ back\nslash', tokens_in=0, tokens_out=-1),
+        _record(4, status_code=True, latency_ms=1e-7, policy_version=2**70, rule=["a", None, 1.5]),
+    ],
+)
+def test_the_fast_encoder_writes_what_the_canonical_encoder_writes(record: dict[str, Any]) -> None:
+    from appliance.ledger import _CANONICAL, _encode
+
+    ordered = dict.fromkeys(Ledger.FIELDS)
+    ordered.update(record, ts=utc_now_iso())
+    assert _encode(ordered) == _CANONICAL(ordered)
