@@ -11,13 +11,16 @@ success for a check it did not run.
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
 
+from appliance import audit_export, ledger_archive, ledger_proofs
 from appliance import checkpoint as notes
-from appliance import ledger_proofs
+from appliance.audit_follow import ExportFollower
 from appliance.cli import _home, home_option
 from appliance.errors import OperatorError
 
@@ -84,14 +87,12 @@ def audit_verify(
 
 
 def _verify_exports(paths: tuple[Path, ...], verifiers: list[notes.Verifier]) -> None:
-    from appliance import audit_export
-
     if not verifiers:
         raise OperatorError("verifying exports needs the verifier key of each appliance: --key")
     reports = audit_export.verify_exports(list(paths), verifiers)
     failed = 0
     for report in reports:
-        click.echo(str(report))
+        click.echo(report.describe())
         failed += not report.ok
     if failed:
         raise OperatorError(f"{failed} of {len(reports)} export(s) FAILED verification")
@@ -234,5 +235,108 @@ def audit_verify_proof(proof: Path, keys: tuple[str, ...], kept: tuple[Path, ...
     click.echo(f"ok: {result.message}")
 
 
-def _stdout_is_terminal() -> bool:
-    return sys.stdout.isatty()
+@audit_group.command("export")
+@home_option
+@click.option(
+    "--since", default=None, help="From this time (2026-11-01, or RFC 3339 UTC); default: record 1."
+)
+@click.option("--since-seq", type=int, default=None, help="From this record (seq) instead.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["jsonl"]),
+    default="jsonl",
+    show_default=True,
+    help="JSON lines, the shape of the gateway's stdout audit lines.",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write a bundle: FILE (lines), FILE.checkpoint and FILE.prefix.json; default: lines to stdout.",
+)
+@click.option(
+    "--follow", is_flag=True, help="Keep appending new records to --out until stopped (SIGINT/SIGTERM)."
+)
+@click.option(
+    "--start",
+    type=click.Choice(["beginning", "end"]),
+    default="beginning",
+    show_default=True,
+    help="--follow with neither FILE nor its state: from record 1, or only new records.",
+)
+def audit_export_cmd(
+    home: Path | None,
+    since: str | None,
+    since_seq: int | None,
+    fmt: str,
+    out: Path | None,
+    follow: bool,
+    start: str,
+) -> None:
+    """Export records as JSON lines for a SIEM, with the signed checkpoint that covers them.
+
+    With --out, the bundle is verifiable off the appliance: `audit verify FILE --key KEY`. With --follow,
+    new records are appended to --out as they become durable; restarts and log rotation lose nothing.
+    """
+    target = _home(home)
+    if follow:
+        if out is None:
+            raise OperatorError("--follow needs --out FILE (the file your log shipper tails)")
+        _follow(target.vault_path, out, start)
+        return
+    with target.open_vault() as vault:
+        conn = vault.db.reader()
+        first = since_seq if since_seq is not None else 1
+        if since is not None:
+            found = audit_export.first_seq_since(conn, since)
+            if found is None:
+                raise OperatorError(f"no records since {since}")
+            first = found
+        if out is None:
+            count = audit_export.export_range(conn, first, vault.ledger.count(), sys.stdout)
+            click.echo(f"{count} record(s) exported", err=True)
+            return
+        summary = audit_export.write_export(vault.ledger, conn, out, first)
+    click.echo(
+        f"{summary.lines} record(s), {summary.first_seq} to {summary.last_seq} of {summary.origin}: {out}\n"
+        f"checkpoint: {summary.checkpoint_path}\nprefix:     {summary.prefix_path}"
+    )
+
+
+def _follow(vault_path: Path, out: Path, start: str) -> None:
+    follower = ExportFollower(vault_path, out, start="end" if start == "end" else "beginning")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    click.echo(f"following the ledger into {out} (SIGINT or SIGTERM stops)", err=True)
+    try:
+        follower.run(stop)
+    finally:
+        follower.stop()
+
+
+@audit_group.command("archive")
+@home_option
+@click.option(
+    "--through", type=int, required=True, help="Archive records up to this seq (a multiple of 256)."
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Directory for the archive bundle (keep it, and a copy, off the appliance).",
+)
+def audit_archive(home: Path | None, through: int, out_dir: Path) -> None:
+    """Move old records into a sealed, verifiable archive bundle and remove them from the vault.
+
+    The bundle is written, read back and verified before anything is deleted; verify goes on from the
+    signed state the vault keeps of the archived records. Check the bundle later with `audit verify FILE`.
+    """
+    with _home(home).open_vault() as vault:
+        result = ledger_archive.run_archive(vault.ledger, vault.db, through, out_dir)
+    click.echo(
+        f"records {result.first} to {result.last} archived to {result.path} (sha256 {result.sha256}); "
+        f"{result.deleted} removed from the vault"
+    )

@@ -20,6 +20,7 @@ from typing import Any, TextIO
 
 from appliance.admin import AdminApi
 from appliance.api import Api
+from appliance.audit_follow import ExportFollower
 from appliance.config import Settings
 from appliance.errors import LedgerUnavailable, StorageUnavailable, Unavailable
 from appliance.home import Home, Vault
@@ -53,12 +54,18 @@ class Gateway:
         self._preload: asyncio.Task[None] | None = None
         self.limits: LimitKeeper | None = None
         self._ticker: asyncio.Task[None] | None = None
+        self._exporter: ExportFollower | None = None
 
     async def start(
         self, host: str | None = None, port: int | None = None, *, sock: socket.socket | None = None
     ) -> HttpServer:
         settings = self.settings
         self.vault = vault = self.home.open_vault(audit_out=self._audit_out)
+        if settings.audit.export_file is not None:  # relative: under the home
+            export_file = self.home.root / settings.audit.export_file
+            export_file.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+            self._exporter = ExportFollower(self.home.vault_path, export_file).start_thread()
+            log.info("audit lines are also appended to %s (continuous export)", export_file)
         self._client = UpstreamClient(
             max_per_origin=settings.upstream.max_connections_per_origin,
             connect_timeout_s=settings.upstream.connect_timeout_s,
@@ -120,6 +127,7 @@ class Gateway:
                 "writable": vault.ledger.healthy if vault else False,
                 "records": vault.ledger.count() if vault else None,
                 "stdout_lines_dropped": vault.ledger.dropped_lines if vault else 0,
+                "export_error": self._exporter.last_error if self._exporter else None,
             },
             "http": {"in_flight": server.in_flight if server else 0},
             "local_models": self.local.status() if self.local else {},
@@ -186,6 +194,9 @@ class Gateway:
                 log.error("no shutdown checkpoint could be written: %s", exc)
             self.vault.close()
             self.vault = None
+        if self._exporter is not None:  # after the vault: the shutdown records are exported too
+            self._exporter.stop()
+            self._exporter = None
 
     def _record_rejection(self, rejection: Rejection) -> None:
         if self.vault is None:

@@ -33,7 +33,7 @@ from typing import Any, Final, TextIO
 import sqlite_utils
 
 from appliance import checkpoint as notes
-from appliance import ledger_checkpoints, ledger_tree
+from appliance import ledger_archive, ledger_checkpoints, ledger_tree
 from appliance.audit_stdout import AuditPrinter
 from appliance.errors import LedgerUnavailable, StorageUnavailable
 from appliance.ledger_checkpoints import CheckpointSigner
@@ -97,6 +97,7 @@ MIGRATIONS = [
     Migration("ledger-0002-append-only", _append_only),
     ledger_tree.MIGRATION,
     ledger_checkpoints.MIGRATION,
+    ledger_archive.MIGRATION,
 ]
 
 
@@ -367,6 +368,13 @@ class Ledger:
         """Sign and store a checkpoint of the ledger as it is now (blocking); returns the note text."""
         signer = self._require_signer()
         note: str = self._db.write(lambda conn: signer.store(conn, self._tree_in(conn), reason))
+        return note
+
+    def sign_size(self, size: int, root: bytes, reason: str) -> str:
+        """Sign (not store) a checkpoint of the first ``size`` records with the root the caller computed
+        from the file (an archive's); returns the note."""
+        signer = self._require_signer()
+        note: str = self._db.write(lambda conn: signer.sign_at(conn, size, root, reason))
         return note
 
     def checkpoint_in(self, conn: sqlite3.Connection, reason: str) -> str:

@@ -178,12 +178,13 @@ class CheckpointSigner:
         return True
 
     def _sign(self, conn: sqlite3.Connection, state: TreeState, reason: str) -> str:
+        return self.sign_at(conn, state.size, state.root(), reason)
+
+    def sign_at(self, conn: sqlite3.Connection, size: int, root: bytes, reason: str) -> str:
+        """Sign (not store) a checkpoint of the first ``size`` records, whose root the caller computed
+        from the file (an archive's: the records it covers, not the ledger's newest)."""
         cp = notes.Checkpoint(
-            origin=self.origin(conn),
-            size=state.size,
-            root=state.root(),
-            timestamp=notes.timestamp_now(),
-            reason=reason,
+            origin=self.origin(conn), size=size, root=root, timestamp=notes.timestamp_now(), reason=reason
         )
         return notes.sign(cp, self.key)
 

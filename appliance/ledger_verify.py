@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from appliance import checkpoint as notes
 from appliance import merkle
+from appliance.ledger_archive import archived_prefix, check_prefix
 from appliance.ledger_checkpoints import StoredCheckpoint, stored_checkpoints, stored_origin
 from appliance.ledger_tree import GENESIS, TILE_LEAVES
 
@@ -142,12 +143,28 @@ def _verify(
 
     sha256 = hashlib.sha256
     frontier = merkle.Frontier()
-    append = frontier.append
-    partial: list[bytes] = []
     expected = 1
     last = GENESIS
     matched = 0  # size of the last checkpoint found to match
     checked = 0
+    try:
+        archived = archived_prefix(conn)
+    except sqlite3.DatabaseError as exc:
+        raise _Failed(0, None, f"the archive rows are damaged: {exc}") from None
+    if archived is not None:
+        # Records up to last_seq live in archive files (verified on their own): go on from the signed
+        # compact range and chain hash the vault kept of them.
+        problem = check_prefix(archived, list(verifiers))
+        if problem is not None:
+            raise _Failed(0, archived.last_seq, problem)
+        frontier = archived.frontier.copy()
+        expected, last, matched = archived.last_seq + 1, archived.chain, archived.last_seq
+        for size in [size for size in by_size if size <= archived.last_seq]:
+            for entry in by_size.pop(size):  # signed over archived records: their files prove them
+                if size == archived.last_seq and entry.checkpoint.root != frontier.root():
+                    raise _Failed(0, size, f"{entry.label} does not match the archived records' root")
+    append = frontier.append
+    partial: list[bytes] = []
     cur = conn.execute(_ROWS)
     try:
         for seq, record, prev, stored, columns_match in cur:
@@ -156,6 +173,8 @@ def _verify(
             if prev != last:
                 if seq == 1:
                     message = "record 1 does not start the chain (its previous hash is not the genesis value)"
+                elif archived is not None and seq == archived.last_seq + 1:
+                    message = f"record {seq} does not chain to the archived record {seq - 1}"
                 else:
                     message = f"record {seq} does not chain to record {seq - 1}"
                 raise _Failed(seq - 1, seq, message)
@@ -202,7 +221,11 @@ def _verify(
     finally:
         cur.close()
     records = expected - 1
-    return _after_pass(records, by_size, tiles, due, checked, has_head, bool(verifiers), progress)
+    report = _after_pass(records, by_size, tiles, due, checked, has_head, bool(verifiers), progress)
+    if archived is not None and report.ok:
+        message = f"{report.message}; records 1 to {archived.last_seq} are in {archived.segments} archive(s)"
+        return VerifyReport(True, records, None, message, report.checkpoints)
+    return report
 
 
 def _after_pass(
