@@ -106,7 +106,10 @@ class Gateway:
             log.warning("no admin socket on Windows: the operator verbs that need one will say so")
             return
         self.admin = HttpServer(AdminApi(self).handle, HttpLimits(max_concurrency=16, max_body_bytes=65536))
-        await self.admin.start_unix(str(path))
+        try:
+            await self.admin.start_unix(str(path))
+        except OSError as exc:  # a read-only home, say: say so rather than print a traceback
+            raise StorageUnavailable(f"cannot create the admin socket {path}: {exc}") from exc
         log.info("admin API on %s (0600)", path)
 
     # -- what the admin socket may ask (AdminTarget) -----------------------------------------------------

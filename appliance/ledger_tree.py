@@ -86,12 +86,12 @@ class TreeState:
                 f"the ledger has {size} records but {upper.size} of its {tiles} tiles: run audit verify"
             )
         start = tiles * TILE_LEAVES
-        partial = [
-            entry_leaf(text)
-            for (text,) in conn.execute("SELECT record FROM ledger WHERE seq > ? ORDER BY seq", (start,))
+        texts = [
+            row[0] for row in conn.execute("SELECT record FROM ledger WHERE seq > ? ORDER BY seq", (start,))
         ]
-        if len(partial) != size - start:
+        if len(texts) != size - start or not all(isinstance(text, str) for text in texts):
             raise TreeInconsistent(f"records {start + 1} to {size} are not all present: run audit verify")
+        partial = [entry_leaf(text) for text in texts]
         lower = merkle.Frontier()
         for leaf in partial:
             lower.append(leaf)

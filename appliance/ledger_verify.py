@@ -85,9 +85,27 @@ def verify_database(
     try:
         return _verify(conn, verifiers, kept, progress)
     except _Failed as failed:
-        return VerifyReport(False, failed.records, failed.first_bad, failed.message)
+        return VerifyReport(False, failed.records, failed.first_bad, failed.message + _file_damage(conn))
+    except sqlite3.DatabaseError as exc:  # a page SQLite itself cannot read
+        return VerifyReport(False, 0, None, f"the vault file is damaged: {exc}{_file_damage(conn)}")
     finally:
         conn.execute("COMMIT")
+
+
+def _file_damage(conn: sqlite3.Connection) -> str:
+    """After a failure: whether the file itself is torn (then "missing" may mean "lost", not "deleted")."""
+    try:
+        rows = [str(row[0]) for row in conn.execute("PRAGMA quick_check(4)")]
+    except sqlite3.DatabaseError as exc:
+        return f"; the database file itself is damaged ({exc})"
+    if rows == ["ok"]:
+        return ""
+    lines = [line for row in rows for line in row.splitlines() if line and not line.startswith("***")]
+    problems = lines[:3] or ["SQLite's quick_check failed"]
+    return (
+        "; the database file itself is damaged (torn or corrupted), so records may be lost rather than "
+        f"deleted: {'; '.join(problems)}"
+    )
 
 
 def _open_all(
