@@ -162,10 +162,12 @@ class Home:
         """Open the vault with every migration applied; ``audit_out`` receives each durable audit line."""
         master = MasterKey.load(self.master_key_path)
         db = Database(self.vault_path, MIGRATIONS).start()
+        ledger = Ledger(db, out=audit_out, signer=self._checkpoint_signer())
+        ledger.sign_unsigned()  # a ledger upgraded from before checkpoints gets its first head now
         return Vault(
             db=db,
             tokens=TokenStore(db),
             keys=ProviderKeys(db, master),
             policies=PolicyStore(db),
-            ledger=Ledger(db, out=audit_out, signer=self._checkpoint_signer()),
+            ledger=ledger,
         )

@@ -159,16 +159,21 @@ def test_proofs_across_tiles_use_stored_tiles(tmp_path: Path) -> None:
             merkle.verify_inclusion(index, size, leaves[index], path, merkle.mth(leaves[:size]))
 
 
-def test_tiles_are_backfilled_for_a_ledger_written_before_the_tree(tmp_path: Path) -> None:
+def test_a_ledger_from_before_the_tree_is_upgraded_and_verifies(tmp_path: Path) -> None:
+    """A vault written by the previous release: no tiles, a v1 head, no checkpoints."""
     home = _home(tmp_path, 300)
     _attack(
         home,
-        "DELETE FROM ledger_tile",
-        "DELETE FROM _migrations WHERE name = 'ledger-0004-merkle-tiles'",
         "DROP TABLE ledger_tile",
+        "DROP TABLE ledger_checkpoint",
+        "DROP TABLE ledger_meta",
+        "DROP TABLE ledger_head",
+        "CREATE TABLE ledger_head (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL,"
+        " hash TEXT NOT NULL, signed_at TEXT NOT NULL, keyid TEXT NOT NULL, sig TEXT NOT NULL)",
+        "DELETE FROM _migrations WHERE name IN ('ledger-0004-merkle-tiles', 'ledger-0005-checkpoints')",
     )
     report = _verify(home)
-    assert report.ok, report.message
+    assert report.ok and report.records == 300 and report.checkpoints == 1, report.message
     conn = sqlite3.connect(home.vault_path)
     assert conn.execute("SELECT COUNT(*) FROM ledger_tile").fetchone()[0] == 1
 
