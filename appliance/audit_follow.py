@@ -333,3 +333,31 @@ class ExportFollower:
             log.error("audit export to %s: %s; retrying", self.out_path, error)
             self._last_logged = now
         self.last_error = error
+
+
+def exported_through(out_path: Path) -> int | None:
+    """The newest seq a continuous export has written to ``out_path`` (its state file, or its last whole
+    line), read without changing anything; None when nothing was exported there yet.
+
+    ``audit verify`` compares it with the ledger: records a log shipper already took cannot have been
+    cut from the ledger's end without it showing, even by someone who re-signed the ledger.
+    """
+    seqs: list[int] = []
+    try:
+        data = json.loads(out_path.with_name(out_path.name + ".state").read_text(encoding="utf-8"))
+        if isinstance(data, dict) and type(data.get("seq")) is int:
+            seqs.append(data["seq"])
+    except (OSError, ValueError):
+        pass
+    try:
+        with out_path.open("rb") as handle:
+            end = handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, end - MAX_LINE_BYTES))
+            lines = handle.read().split(b"\n")
+        whole = [line for line in lines[:-1] if line]  # the last piece has no newline yet: not whole
+        seq = line_seq(whole[-1] + b"\n") if whole else None
+        if seq is not None:
+            seqs.append(seq)
+    except OSError:
+        pass
+    return max(seqs) if seqs else None

@@ -20,7 +20,7 @@ import click
 
 from appliance import audit_export, ledger_archive, ledger_proofs
 from appliance import checkpoint as notes
-from appliance.audit_follow import ExportFollower
+from appliance.audit_follow import ExportFollower, exported_through
 from appliance.cli import _home, home_option
 from appliance.errors import OperatorError
 
@@ -37,7 +37,7 @@ def _verifiers(keys: tuple[str, ...]) -> list[notes.Verifier]:
     found: list[notes.Verifier] = []
     for value in keys:
         path = Path(value)
-        lines = path.read_text().split() if "+" not in value and path.is_file() else [value]
+        lines = _read_text(path).split() if "+" not in value and path.is_file() else [value]
         for line in lines:
             try:
                 found.append(notes.Verifier.parse(line.strip()))
@@ -47,7 +47,19 @@ def _verifiers(keys: tuple[str, ...]) -> list[notes.Verifier]:
 
 
 def _read_notes(paths: tuple[Path, ...]) -> list[tuple[str, str]]:
-    return [(f"kept checkpoint {path.name}", path.read_text(encoding="utf-8")) for path in paths]
+    return [(f"kept checkpoint {path.name}", _read_text(path)) for path in paths]
+
+
+def _read_text(path: Path) -> str:
+    """A small text file an operator names (a key, a checkpoint, a proof); problems are messages."""
+    try:
+        if path.stat().st_size > 16 << 20:
+            raise OperatorError(f"{path}: too large for a key, checkpoint or proof")
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise OperatorError(f"{path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise OperatorError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 _KEY_HELP = "A verifier key (name+hash+key, as `audit key` prints it) or a file of them; repeatable."
@@ -77,8 +89,18 @@ def audit_verify(
     if exports:
         _verify_exports(exports, _verifiers(keys))
         return
-    with _home(home).open_vault() as vault:
+    target = _home(home)
+    with target.open_vault() as vault:
         report = vault.ledger.verify(kept=_read_notes(kept), extra_verifiers=_verifiers(keys))
+        newest = vault.ledger.count()
+    setting = target.settings().audit.export_file
+    export_file = None if setting is None else target.root / setting
+    exported = None if export_file is None else exported_through(export_file)
+    if report.ok and exported is not None and exported > newest:
+        raise OperatorError(
+            f"ledger verification FAILED: records {newest + 1} to {exported} were exported to "
+            f"{export_file} (continuous export) but are not in the ledger: cut from its end"
+        )
     if not report.ok:
         raise OperatorError(f"ledger verification FAILED after {report.records} records: {report.message}")
     if report.records == 0:
@@ -132,9 +154,12 @@ def audit_key(home: Path | None) -> None:
 def _write_or_print(text: str, out: Path | None) -> None:
     if out is None:
         click.echo(text, nl=False)
-    else:
+        return
+    try:
         out.write_text(text, encoding="utf-8")
-        click.echo(f"written to {out}", err=True)
+    except OSError as exc:
+        raise OperatorError(f"cannot write {out}: {exc.strerror or exc}") from None
+    click.echo(f"written to {out}", err=True)
 
 
 @audit_group.command("checkpoint")
@@ -201,8 +226,8 @@ def audit_prove(
         conn = vault.db.reader()
         conn.execute("BEGIN")
         try:
-            if size > ledger.count():
-                raise OperatorError(f"the ledger has {ledger.count()} records, fewer than --size {size}")
+            if not 1 <= size <= ledger.count():
+                raise OperatorError(f"--size must be 1 to {ledger.count()} (the records in the ledger)")
             note = ledger_proofs.stored_checkpoint_at(conn, size)
             if record is not None:
                 doc = ledger_proofs.inclusion_proof(conn, record, size, note)
@@ -228,8 +253,8 @@ def audit_prove(
 def audit_verify_proof(proof: Path, keys: tuple[str, ...], kept: tuple[Path, ...]) -> None:
     """Check a proof from `audit prove` without the ledger (what an auditor runs); exit 1 if it fails."""
     try:
-        doc = json.loads(proof.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        doc = json.loads(_read_text(proof))
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise OperatorError(f"{proof}: not a proof file ({exc})") from None
     result = ledger_proofs.verify_proof(doc, _verifiers(keys), [text for _, text in _read_notes(kept)])
     click.echo(f"ok: {result.message}")
@@ -287,7 +312,10 @@ def audit_export_cmd(
         return
     with target.open_vault() as vault:
         conn = vault.db.reader()
-        first = since_seq if since_seq is not None else 1
+        oldest = conn.execute("SELECT MIN(seq) FROM ledger").fetchone()[0] or 1  # after archives, not 1
+        first = max(since_seq, oldest) if since_seq is not None else oldest
+        if since_seq is not None and since_seq < 1:
+            raise OperatorError("--since-seq counts from 1")
         if since is not None:
             found = audit_export.first_seq_since(conn, since)
             if found is None:
@@ -305,6 +333,8 @@ def audit_export_cmd(
 
 
 def _follow(vault_path: Path, out: Path, start: str) -> None:
+    if not out.parent.is_dir():
+        raise OperatorError(f"{out.parent} is not a directory")
     follower = ExportFollower(vault_path, out, start="end" if start == "end" else "beginning")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -163,7 +163,7 @@ class Home:
         master = MasterKey.load(self.master_key_path)
         db = Database(self.vault_path, MIGRATIONS).start()
         ledger = Ledger(db, out=audit_out, signer=self._checkpoint_signer())
-        ledger.sign_unsigned()  # a ledger upgraded from before checkpoints gets its first head now
+        ledger.sign_upgraded()  # a ledger from before checkpoints gets its first head when upgraded
         return Vault(
             db=db,
             tokens=TokenStore(db),

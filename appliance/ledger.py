@@ -38,7 +38,7 @@ from appliance.audit_stdout import AuditPrinter
 from appliance.errors import LedgerUnavailable, StorageUnavailable
 from appliance.ledger_checkpoints import CheckpointSigner
 from appliance.ledger_tree import GENESIS as GENESIS
-from appliance.ledger_tree import TreeState, entry_leaf, insert_tiles
+from appliance.ledger_tree import TreeInconsistent, TreeState, entry_leaf, insert_tiles
 from appliance.ledger_verify import VerifyReport, verify_database
 from appliance.vault.db import Database, Migration
 
@@ -140,6 +140,10 @@ def _encode(ordered: dict[str, Any]) -> str:
     return "{" + ",".join(parts) + "}"
 
 
+class _SeqTaken(sqlite3.IntegrityError):
+    """The first seq of a batch is already in the file: another process appended meanwhile."""
+
+
 class _Stdout:
     """Default for ``Ledger(out=...)``: whatever ``sys.stdout`` is when the ledger is built."""
 
@@ -190,6 +194,7 @@ class Ledger:
         # The writer thread's: the tree as of this process's last commit, and the one a batch is building.
         self._tree: TreeState | None = None
         self._uncommitted: TreeState | None = None
+        self._appended = False  # by this process: only then is the head signed at close
         stream: TextIO | None = sys.stdout if isinstance(out, _Stdout) else out
         self._printer = None if stream is None else AuditPrinter(stream)
         self._ok = True  # only the writer thread changes it, so it follows commit order
@@ -223,6 +228,7 @@ class Ledger:
         operator change and its audit record commit together; no stdout line (the terminal says it)."""
         seq = self.write_batch(conn, [self._prepare(record)])[0]
         self._tree = self._uncommitted = None  # committed with the caller's write, or not: read it again
+        self._appended = True
         return seq
 
     def _prepare(self, record: dict[str, Any]) -> tuple[dict[str, Any], str]:
@@ -260,18 +266,14 @@ class Ledger:
         ``after_commit``: a failed commit leaves the state naming what the file holds.
         """
         try:
-            return self._write_rows(conn, items, (self._tree or self._tree_in(conn)).copy())
-        except sqlite3.IntegrityError:
-            # Another process (an operator's CLI command) appended since this one last did: its record
-            # holds the seq this batch wanted. Nothing of the batch was inserted (the first statement
-            # failed whole); read the file's tree and chain on from its newest record.
-            self._tree = None
             try:
-                return self._write_rows(conn, items, self._tree_in(conn).copy())
-            except sqlite3.Error as exc:
+                return self._write_rows(conn, items, (self._tree or self._tree_in(conn)).copy())
+            except _SeqTaken:
+                # Another process (an operator's CLI command) appended since this one last did: its
+                # record holds the seq this batch wanted, and nothing of the batch was inserted. Read
+                # the file's tree and chain on from its newest record.
                 self._tree = None
-                self._ok = False
-                raise LedgerUnavailable(f"the audit ledger cannot be written: {exc}") from exc
+                return self._write_rows(conn, items, self._tree_in(conn).copy())
         except sqlite3.Error as exc:
             self._tree = None
             self._ok = False
@@ -304,8 +306,20 @@ class Ledger:
             prev = digest
         for start in range(0, len(seqs), _ROWS_PER_INSERT):
             count = min(_ROWS_PER_INSERT, len(seqs) - start)
-            conn.execute(_insert_sql(count), rows[start * 8 : (start + count) * 8])
-        insert_tiles(conn, tree.extend(leaves, prev))
+            try:
+                conn.execute(_insert_sql(count), rows[start * 8 : (start + count) * 8])
+            except sqlite3.IntegrityError as exc:
+                # Only the first chunk can meet another writer's record (later ones follow ours).
+                if start or getattr(exc, "sqlite_errorname", "") != "SQLITE_CONSTRAINT_PRIMARYKEY":
+                    raise
+                raise _SeqTaken(str(exc)) from exc
+        try:
+            insert_tiles(conn, tree.extend(leaves, prev))
+        except sqlite3.IntegrityError as exc:  # a tile for records the file no longer holds: it was cut
+            raise TreeInconsistent(
+                f"a tile for records after {tree.size - len(leaves)} already exists: the ledger was cut; "
+                "run audit verify"
+            ) from exc
         self._uncommitted = tree
         if self._signer is not None:
             self._signer.after_append(conn, tree)
@@ -327,6 +341,7 @@ class Ledger:
     def after_commit(self, items: list[tuple[dict[str, Any], str]], seqs: list[int]) -> None:
         """Hand one audit line per durable record to the stdout printer (which never blocks the writer)."""
         self._tree, self._uncommitted = self._uncommitted, None
+        self._appended = True
         self._ok = True
         if self._printer is not None:
             self._printer.put(
@@ -347,19 +362,18 @@ class Ledger:
             self._printer.wait()
 
     def seal_head(self) -> None:
-        """Sign the head now (the vault is about to close); no-op without a signer."""
+        """Sign the head over what this process appended (the vault is about to close); a process that
+        appended nothing signs nothing, so a command run on a cut ledger (verify) cannot cover the cut."""
         signer = self._signer
-        if signer is not None:
+        if signer is not None and self._appended:
             self._db.write(lambda conn: signer.seal(conn, self._tree_in(conn)))
 
-    def sign_unsigned(self) -> None:
-        """Sign a head if the ledger has records and none at all (written before checkpoints existed);
-        a ledger that has a head keeps it until the next write, so a cut stays visible to verify."""
-        reader = self._db.reader()
-        if self._signer is None or reader.execute("SELECT 1 FROM ledger_head").fetchone() is not None:
-            return
-        if reader.execute("SELECT 1 FROM ledger_checkpoint").fetchone() is None and self.count():
-            self.seal_head()
+    def sign_upgraded(self) -> None:
+        """Sign the first head of a ledger written before checkpoints existed, in the process that has
+        just upgraded it (only then: anywhere else a missing head is evidence, not something to fill)."""
+        signer = self._signer
+        if signer is not None and ledger_checkpoints.MIGRATION.name in self._db.applied and self.count():
+            self._db.write(lambda conn: signer.seal(conn, self._tree_in(conn)))
 
     def head_stale(self) -> bool:
         """Whether records were appended since this process last signed the head (the gateway's tick)."""
@@ -388,7 +402,10 @@ class Ledger:
 
     def checkpoint_in(self, conn: sqlite3.Connection, reason: str) -> str:
         """Store a checkpoint inside a write the caller is already in (a policy import and its record)."""
-        return self._require_signer().store(conn, self._tree_in(conn), reason)
+        try:
+            return self._require_signer().store(conn, self._tree_in(conn), reason)
+        finally:
+            self._tree = None  # it may hold the caller's uncommitted records: read the file again
 
     def verifier(self) -> notes.Verifier:
         """The verifier key of this ledger's checkpoints (what an auditor is given)."""

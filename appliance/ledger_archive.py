@@ -92,6 +92,15 @@ def archived_prefix(conn: sqlite3.Connection) -> ArchivedPrefix | None:
     return ArchivedPrefix(int(last), str(chain), merkle.Frontier(int(last), hashes), str(note), len(rows))
 
 
+def archive_roots(conn: sqlite3.Connection) -> dict[int, bytes]:
+    """The root of the first N records at each archive boundary N, from the rows' compact ranges."""
+    roots = {}
+    for last, frontier in conn.execute("SELECT last_seq, frontier FROM ledger_archive"):
+        hashes = [base64.b64decode(h) for h in json.loads(frontier)]
+        roots[int(last)] = merkle.Frontier(int(last), hashes).root()
+    return roots
+
+
 def frontier_at(conn: sqlite3.Connection, size: int) -> merkle.Frontier:
     """The compact range of the first ``size`` leaves (a multiple of 256) from the stored tiles."""
     if size % TILE_LEAVES:
@@ -170,6 +179,11 @@ def check_prefix(prefix: ArchivedPrefix, verifiers: list[notes.Verifier]) -> str
         cp = notes.open_note(prefix.note, verifiers) if verifiers else notes.parse_unverified(prefix.note)
     except notes.CheckpointError as exc:
         return f"the archive checkpoint of records 1 to {prefix.last_seq}: {exc}"
+    if cp.reason != "archive" or prefix.last_seq % TILE_LEAVES:
+        return (
+            f"the archive row for records up to {prefix.last_seq} is not an archive's (its checkpoint's "
+            f"reason is {cp.reason!r}): records were deleted under a forged archive row"
+        )
     if cp.size != prefix.last_seq or cp.root != prefix.frontier.root():
         return (
             f"the archive row for records up to {prefix.last_seq} does not match its signed checkpoint "
@@ -207,6 +221,9 @@ def run_archive(ledger: Ledger, db: Database, through: int, out_dir: Path) -> Ar
     """Archive records up to ``through`` into ``out_dir`` (see the module docstring for the order)."""
     from appliance import audit_export  # it builds on the ledger, which builds on this module
 
+    verified = ledger.verify()  # the archive's root comes from stored tiles: only once they are checked
+    if not verified.ok:
+        raise OperatorError(f"the ledger does not verify, nothing was archived: {verified.message}")
     conn = db.reader()
     conn.execute("BEGIN")
     try:

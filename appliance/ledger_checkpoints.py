@@ -180,11 +180,18 @@ class CheckpointSigner:
     def _sign(self, conn: sqlite3.Connection, state: TreeState, reason: str) -> str:
         return self.sign_at(conn, state.size, state.root(), reason)
 
+    @staticmethod
+    def _timestamp(conn: sqlite3.Connection) -> str:
+        """Now, but never before the newest stored checkpoint (a clock stepped back keeps the order)."""
+        now = notes.timestamp_now()
+        row = conn.execute("SELECT ts FROM ledger_checkpoint ORDER BY id DESC LIMIT 1").fetchone()
+        return now if row is None or row[0] <= now else str(row[0])
+
     def sign_at(self, conn: sqlite3.Connection, size: int, root: bytes, reason: str) -> str:
         """Sign (not store) a checkpoint of the first ``size`` records, whose root the caller computed
         from the file (an archive's: the records it covers, not the ledger's newest)."""
         cp = notes.Checkpoint(
-            origin=self.origin(conn), size=size, root=root, timestamp=notes.timestamp_now(), reason=reason
+            origin=self.origin(conn), size=size, root=root, timestamp=self._timestamp(conn), reason=reason
         )
         return notes.sign(cp, self.key)
 

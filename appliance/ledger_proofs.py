@@ -161,6 +161,13 @@ def verify_proof(doc: Any, verifiers: Sequence[notes.Verifier], kept: Sequence[s
             raise ProofRejected(f"your kept checkpoint: {exc}") from None
     kind = doc.get("kind")
     path = _unb64(doc.get("path"), "path")
+    sizes = {doc[name] for name in ("tree_size", "old_size", "new_size") if isinstance(doc.get(name), int)}
+    unused = sorted(size for size in kept_by_size if size not in sizes)
+    if unused:  # a kept checkpoint the proof does not lead to would be silently ignored: refuse instead
+        raise ProofRejected(
+            f"your kept checkpoint is of {unused[0]} records but this proof is about {sorted(sizes)}: "
+            f"ask for a proof at that size (audit prove ... --size {unused[0]})"
+        )
     try:
         if kind == "inclusion":
             return _verify_inclusion(doc, path, verifiers, kept_by_size)

@@ -27,6 +27,7 @@ from typing import Final
 import sqlite_utils
 
 from appliance import merkle
+from appliance.errors import OperatorError
 from appliance.vault.db import Migration
 
 TILE_LEAVES: Final = 256
@@ -152,6 +153,12 @@ class SubtreeReader:
             "SELECT seq, record FROM ledger WHERE seq > ? AND seq <= ? ORDER BY seq", (start, end)
         ).fetchall()
         if len(rows) != end - start:
+            oldest = self._conn.execute("SELECT MIN(seq) FROM ledger").fetchone()[0]
+            if oldest is not None and start + 1 < oldest:
+                raise OperatorError(
+                    f"this proof needs records {start + 1} to {end}, and records before {oldest} are "
+                    "archived: prove it at a size past the archive, or from the archive bundle"
+                )
             raise TreeInconsistent(f"records {start + 1} to {end} are not all present")
         return [entry_leaf(text) for _, text in rows]
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from appliance import checkpoint as notes
 from appliance import merkle
-from appliance.ledger_archive import archived_prefix, check_prefix
+from appliance.ledger_archive import archive_roots, archived_prefix, check_prefix
 from appliance.ledger_checkpoints import StoredCheckpoint, stored_checkpoints, stored_origin
 from appliance.ledger_tree import GENESIS, TILE_LEAVES
 
@@ -59,6 +59,7 @@ _ROWS = (
 class _Due:
     label: str
     checkpoint: notes.Checkpoint
+    kept: bool = False
 
 
 class _Failed(Exception):
@@ -120,19 +121,21 @@ def _open_all(
     for item in stored:
         due.append(_Due(item.label, _open(item.label, item.note, verifiers, origin)))
     for label, text in kept:
-        due.append(_Due(label, _open(label, text, verifiers, origin)))
+        due.append(_Due(label, _open(label, text, verifiers, origin), kept=True))
+    # The history only grows (sizes, in the order written; times are not compared: a clock may step back).
+    # A later, smaller checkpoint means records were cut and the ledger written on: name the cut.
     previous: _Due | None = None
     for entry in due[: len(history)]:
-        if previous is not None:
+        if previous is not None and entry.checkpoint.size < previous.checkpoint.size:
             before, now = previous.checkpoint, entry.checkpoint
-            if now.size < before.size or now.timestamp < before.timestamp:
-                raise _Failed(
-                    0,
-                    None,
-                    f"{entry.label} (size {now.size}, {now.timestamp}) comes after {previous.label} "
-                    f"(size {before.size}, {before.timestamp}) but is smaller or older: the checkpoint "
-                    "history was reordered",
-                )
+            raise _Failed(
+                now.size,
+                now.size + 1,
+                f"records (at least {now.size + 1} to {before.size}) were cut from the end and the ledger "
+                "written on: "
+                f"{previous.label} signed {before.size} records at {before.timestamp}, {entry.label} only "
+                f"{now.size} at {now.timestamp}",
+            )
         previous = entry
     return due, head is not None
 
@@ -177,10 +180,21 @@ def _verify(
             raise _Failed(0, archived.last_seq, problem)
         frontier = archived.frontier.copy()
         expected, last, matched = archived.last_seq + 1, archived.chain, archived.last_seq
+        boundaries = archive_roots(conn)
         for size in [size for size in by_size if size <= archived.last_seq]:
             for entry in by_size.pop(size):  # signed over archived records: their files prove them
-                if size == archived.last_seq and entry.checkpoint.root != frontier.root():
-                    raise _Failed(0, size, f"{entry.label} does not match the archived records' root")
+                if size in boundaries:
+                    if entry.checkpoint.root != boundaries[size]:
+                        raise _Failed(0, size, f"{entry.label} does not match the archived records' root")
+                    checked += 1
+                elif entry.kept:  # an auditor's copy must be checked, or verify must say it was not
+                    raise _Failed(
+                        0,
+                        None,
+                        f"{entry.label} signs {size} records, and records 1 to {archived.last_seq} are "
+                        "archived: it cannot be checked against the vault; check it against the archive "
+                        "bundles (audit verify FILE... --key KEY, then compare the bundle's checkpoint)",
+                    )
     append = frontier.append
     partial: list[bytes] = []
     cur = conn.execute(_ROWS)

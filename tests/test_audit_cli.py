@@ -146,3 +146,25 @@ def test_the_gateway_appends_every_record_to_the_export_file(tmp_path: Path, ups
     stored = [row for row in harness.ledger_rows()]
     assert seqs == list(range(1, len(stored) + 1))  # every record, once, in order, shutdown ones included
     assert sum(1 for line in exported if json.loads(line)["type"] == "response") == 5
+
+
+def test_records_a_log_shipper_took_cannot_be_cut_unseen(tmp_path: Path) -> None:
+    home = _home(tmp_path, 30)
+    settings_file = home.root / "gateway.toml"
+    settings_file.write_text(settings_file.read_text() + '\n[audit]\nexport_file = "audit.jsonl"\n')
+    from appliance.audit_follow import ExportFollower
+
+    ExportFollower(home.vault_path, home.root / "audit.jsonl").poll_once()
+    # A key holder cuts the end and re-signs: the ledger alone looks whole...
+    conn = sqlite3.connect(home.vault_path, isolation_level=None)
+    for trigger in ("ledger_append_only_delete", "ledger_checkpoint_append_only_delete"):
+        conn.execute(f"DROP TRIGGER {trigger}")
+    conn.executescript(
+        "DELETE FROM ledger WHERE seq > 25; DELETE FROM ledger_head; DELETE FROM ledger_checkpoint;"
+    )
+    conn.close()
+    with home.open_vault() as vault:
+        vault.ledger.checkpoint("manual")
+    # ...but the continuous export has seen more.
+    bad = _run("audit", "verify", "--home", str(home.root), ok=False)
+    assert "records 26 to 30 were exported" in bad.output

@@ -396,3 +396,87 @@ def test_policy_import_and_shutdown_store_checkpoints(tmp_path: Path) -> None:
     assert "policy-import" in reasons and size == last  # the import's own record is covered
     listing = _run("audit", "checkpoints", "--home", str(home_dir)).output
     assert "policy-import" in listing
+
+
+# -- what a review found: each case that once passed verify or broke the writer ---------------------------
+
+
+def test_a_cut_the_writer_ran_over_is_named_as_a_cut(tmp_path: Path) -> None:
+    home = _home(tmp_path, 20)
+    _attack(home, "DELETE FROM ledger WHERE seq > 15")
+    with home.open_vault() as vault:
+        vault.ledger.checkpoint("manual")  # written on top of the cut: the old head goes to the history
+    report = _verify(home)
+    assert not report.ok and report.first_bad_seq == 16
+    assert report.message.startswith(
+        "records (at least 16 to 20) were cut from the end and the ledger written on"
+    )
+
+
+def test_verify_signs_nothing_so_it_cannot_cover_a_cut(tmp_path: Path) -> None:
+    home = _home(tmp_path, 20)
+    _attack(
+        home, "DELETE FROM ledger WHERE seq > 12", "DELETE FROM ledger_head", "DELETE FROM ledger_checkpoint"
+    )
+    for _ in range(2):  # and not on a second run either
+        result = _run("audit", "verify", "--home", str(home.root), ok=False)
+        assert result.exit_code == 1 and "no signed head" in result.output
+
+
+def test_a_clock_stepping_back_is_not_a_reordered_history(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = _home(tmp_path, 5)
+    with home.open_vault() as vault:
+        vault.ledger.checkpoint("manual")
+        monkeypatch.setattr(notes, "timestamp_now", lambda: "2020-01-01T00:00:00.000Z")
+        asyncio.run(_append(vault.ledger, 1))
+        vault.ledger.checkpoint("manual")
+    monkeypatch.undo()
+    report = _verify(home)
+    assert report.ok, report.message
+
+
+def test_records_cut_below_a_stored_tile_make_the_writer_refuse(tmp_path: Path) -> None:
+    home = _home(tmp_path, 300)
+    _attack(home, "DELETE FROM ledger WHERE seq > 250", "DELETE FROM ledger_head")
+    from appliance.errors import LedgerUnavailable
+
+    with home.open_vault() as vault:
+        with pytest.raises(LedgerUnavailable, match="the ledger was cut"):
+            asyncio.run(_append(vault.ledger, 10))  # tile 0 exists for records the file lost: fail closed
+    report = _verify(home)
+    assert not report.ok
+
+
+def test_a_forged_archive_row_is_reported(tmp_path: Path) -> None:
+    home = _home(tmp_path, 300)
+    with home.open_vault() as vault:
+        vault.ledger.checkpoint("manual")
+    conn = sqlite3.connect(home.vault_path, isolation_level=None)
+    (note,) = conn.execute("SELECT note FROM ledger_checkpoint ORDER BY id DESC LIMIT 1").fetchone()
+    from appliance.ledger_archive import encode_frontier, frontier_at
+
+    chain = conn.execute("SELECT hash FROM ledger WHERE seq = 256").fetchone()[0]
+    conn.execute(
+        "INSERT INTO ledger_archive (first_seq, last_seq, chain, frontier, note, file, sha256, archived_at)"
+        " VALUES (1, 256, ?, ?, ?, 'none', '', '')",
+        (chain, encode_frontier(frontier_at(conn, 256)), note),
+    )
+    conn.execute("DELETE FROM ledger WHERE seq <= 256")
+    conn.close()
+    report = _verify(home)
+    assert not report.ok and "forged archive row" in report.message
+
+
+def test_a_kept_checkpoint_the_proof_does_not_use_is_refused(tmp_path: Path) -> None:
+    home = _home(tmp_path, 50)
+    key = _run("audit", "key", "--home", str(home.root)).output.strip()
+    kept = tmp_path / "kept.txt"
+    _run("audit", "checkpoint", "--home", str(home.root), "--out", str(kept))
+    with home.open_vault() as vault:
+        asyncio.run(_append(vault.ledger, 7))
+    proof = tmp_path / "p.json"
+    _run("audit", "prove", "--home", str(home.root), "--record", "20", "--out", str(proof))  # at 57, not 50
+    bad = _run("audit", "verify-proof", str(proof), "--key", key, "--checkpoint", str(kept), ok=False)
+    assert bad.exit_code == 1 and "--size 50" in bad.output

@@ -112,6 +112,8 @@ class Database:
         """False after a commit failed (disk full, read-only file); True again after the next good one."""
         self.last_error: str | None = None
         self.commits = 0
+        self.applied: list[str] = []
+        """Migrations this object applied when it started (an upgrade may want to act once on them)."""
         self.writes = 0
 
     # -- lifecycle ---------------------------------------------------------------------------------------
@@ -250,6 +252,7 @@ class Database:
                 if applied.fetchone() is None:
                     migration.apply(db)
                     conn.execute(_RECORD_MIGRATION, (migration.name,))
+                    self.applied.append(migration.name)
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
