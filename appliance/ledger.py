@@ -38,7 +38,7 @@ from appliance.audit_stdout import AuditPrinter
 from appliance.errors import LedgerUnavailable, StorageUnavailable
 from appliance.ledger_checkpoints import CheckpointSigner
 from appliance.ledger_tree import GENESIS as GENESIS
-from appliance.ledger_tree import TreeInconsistent, TreeState, entry_leaf, insert_tiles
+from appliance.ledger_tree import TreeInconsistent, TreeState, insert_tiles
 from appliance.ledger_verify import VerifyReport, verify_database
 from appliance.vault.db import Database, Migration
 
@@ -288,10 +288,12 @@ class Ledger:
         rows: list[Any] = []
         seqs: list[int] = []
         leaves: list[bytes] = []
+        sha256 = hashlib.sha256
         for ordered, canonical in items:
             seq += 1
-            digest = chain_hash(prev, canonical)
-            leaves.append(entry_leaf(canonical))
+            data = canonical.encode()  # once for both: chain_hash(prev, canonical), entry_leaf(canonical)
+            digest = sha256(f"{prev}\n".encode() + data).hexdigest()
+            leaves.append(sha256(b"\x00" + data).digest())
             rows += (
                 seq,
                 ordered["ts"],
