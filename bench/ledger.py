@@ -163,9 +163,7 @@ def main() -> None:
         append_home = Home(Path(tmp) / "append")
         append_home.init(site="bench-site")
         rows = bench_append(append_home, args.append, args.repeat)
-        print(
-            f"ledger append, durable (WAL, synchronous=FULL): {args.append:,} records x {args.repeat} runs"
-        )
+        print(f"ledger append, durable (WAL, synchronous=FULL): {args.append:,} records x {args.repeat} runs")
         print(
             f"{'producers':>10}{'records/s':>12}{'(min-max)':>20}{'commits/s':>11}{'per commit':>12}{'':>9}"
         )
