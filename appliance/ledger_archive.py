@@ -22,7 +22,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ import sqlite_utils
 from appliance import checkpoint as notes
 from appliance import merkle
 from appliance.errors import OperatorError
-from appliance.ledger_tree import TILE_LEAVES
+from appliance.ledger_tree import TILE_LEAVES, tile_frontier
 from appliance.vault.db import Database, Migration
 
 if TYPE_CHECKING:
@@ -88,35 +87,26 @@ def archived_prefix(conn: sqlite3.Connection) -> ArchivedPrefix | None:
             )
         expected = last + 1
     _, last, chain, frontier, note = rows[-1]
-    hashes = [base64.b64decode(h) for h in json.loads(frontier)]
-    return ArchivedPrefix(int(last), str(chain), merkle.Frontier(int(last), hashes), str(note), len(rows))
+    return ArchivedPrefix(int(last), str(chain), decode_frontier(int(last), frontier), str(note), len(rows))
 
 
 def archive_roots(conn: sqlite3.Connection) -> dict[int, bytes]:
     """The root of the first N records at each archive boundary N, from the rows' compact ranges."""
-    roots = {}
-    for last, frontier in conn.execute("SELECT last_seq, frontier FROM ledger_archive"):
-        hashes = [base64.b64decode(h) for h in json.loads(frontier)]
-        roots[int(last)] = merkle.Frontier(int(last), hashes).root()
-    return roots
-
-
-def frontier_at(conn: sqlite3.Connection, size: int) -> merkle.Frontier:
-    """The compact range of the first ``size`` leaves (a multiple of 256) from the stored tiles."""
-    if size % TILE_LEAVES:
-        raise ValueError("only whole tiles")
-    upper = merkle.Frontier()
-    for (digest,) in conn.execute(
-        "SELECT hash FROM ledger_tile WHERE idx < ? ORDER BY idx", (size // TILE_LEAVES,)
-    ):
-        upper.append(bytes(digest))
-    if upper.size * TILE_LEAVES != size:
-        raise OperatorError(f"the ledger's tiles do not cover {size} records: run audit verify")
-    return merkle.Frontier(size, upper.hashes)
+    rows = conn.execute("SELECT last_seq, frontier FROM ledger_archive").fetchall()
+    return {int(last): decode_frontier(int(last), text).root() for last, text in rows}
 
 
 def encode_frontier(frontier: merkle.Frontier) -> str:
     return json.dumps([base64.b64encode(h).decode() for h in frontier.hashes])
+
+
+def decode_frontier(size: int, text: object) -> merkle.Frontier:
+    """An archive row's compact range; a damaged one is a damaged database, as verify reports it."""
+    try:
+        hashes = [base64.b64decode(h, validate=True) for h in json.loads(str(text))]
+        return merkle.Frontier(size, hashes)
+    except (ValueError, TypeError) as exc:
+        raise sqlite3.DatabaseError(f"the archive row of records up to {size} is damaged: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -148,7 +138,7 @@ def plan(conn: sqlite3.Connection, through: int) -> ArchivePlan:
     if row is None:
         raise OperatorError(f"record {through} is not in the ledger")
     prefix = done.frontier if done is not None else merkle.Frontier()
-    return ArchivePlan(first, through, frontier_at(conn, through), str(row[0]), prefix)
+    return ArchivePlan(first, through, tile_frontier(conn, through), str(row[0]), prefix)
 
 
 def store(
@@ -198,14 +188,6 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)

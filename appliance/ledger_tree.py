@@ -20,7 +20,7 @@ names the newest record's seq and chain hash, and the writer reloads it when the
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -64,6 +64,22 @@ def entry_leaf(record_text: str) -> bytes:
     return merkle.leaf_hash(record_text.encode())
 
 
+def tile_frontier(conn: sqlite3.Connection, size: int) -> merkle.Frontier:
+    """The compact range of the first ``size`` leaves (whole tiles) from the stored tiles alone."""
+    if size % TILE_LEAVES:
+        raise ValueError("only whole tiles")
+    tiles = merkle.Frontier()  # over tile roots: each of its subtrees is 256 times larger in leaves
+    for (digest,) in conn.execute(
+        "SELECT hash FROM ledger_tile WHERE idx < ? ORDER BY idx", (size // TILE_LEAVES,)
+    ):
+        tiles.append(bytes(digest))
+    if tiles.size * TILE_LEAVES != size:
+        raise TreeInconsistent(
+            f"the ledger's tiles cover {tiles.size * TILE_LEAVES} records, not {size}: run audit verify"
+        )
+    return merkle.Frontier(size, tiles.hashes)
+
+
 @dataclass
 class TreeState:
     """The tree after record ``size``: its chain hash, compact range, and the unfinished tile's leaves."""
@@ -79,13 +95,7 @@ class TreeState:
         last = conn.execute("SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1").fetchone()
         size, chain = (0, GENESIS) if last is None else (int(last[0]), str(last[1]))
         tiles = size // TILE_LEAVES
-        upper = merkle.Frontier()
-        for (digest,) in conn.execute("SELECT hash FROM ledger_tile WHERE idx < ? ORDER BY idx", (tiles,)):
-            upper.append(bytes(digest))
-        if upper.size != tiles:
-            raise TreeInconsistent(
-                f"the ledger has {size} records but {upper.size} of its {tiles} tiles: run audit verify"
-            )
+        upper = tile_frontier(conn, tiles * TILE_LEAVES)
         start = tiles * TILE_LEAVES
         texts = [
             row[0] for row in conn.execute("SELECT record FROM ledger WHERE seq > ? ORDER BY seq", (start,))
@@ -96,7 +106,7 @@ class TreeState:
         lower = merkle.Frontier()
         for leaf in partial:
             lower.append(leaf)
-        frontier = merkle.Frontier(size, [*upper.hashes, *lower.hashes])
+        frontier = merkle.Frontier(size, [*upper.hashes, *lower.hashes])  # larger subtrees first
         return cls(size, chain, frontier, partial)
 
     def copy(self) -> TreeState:
@@ -176,6 +186,3 @@ class SubtreeReader:
         if end % TILE_LEAVES:
             parts = [*parts, merkle.mth(self.leaves(whole * TILE_LEAVES, end))]
         return merkle.mth(parts)
-
-    def as_function(self) -> Callable[[int, int], bytes]:
-        return self.subtree

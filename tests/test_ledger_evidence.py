@@ -455,13 +455,14 @@ def test_a_forged_archive_row_is_reported(tmp_path: Path) -> None:
         vault.ledger.checkpoint("manual")
     conn = sqlite3.connect(home.vault_path, isolation_level=None)
     (note,) = conn.execute("SELECT note FROM ledger_checkpoint ORDER BY id DESC LIMIT 1").fetchone()
-    from appliance.ledger_archive import encode_frontier, frontier_at
+    from appliance.ledger_archive import encode_frontier
+    from appliance.ledger_tree import tile_frontier
 
     chain = conn.execute("SELECT hash FROM ledger WHERE seq = 256").fetchone()[0]
     conn.execute(
         "INSERT INTO ledger_archive (first_seq, last_seq, chain, frontier, note, file, sha256, archived_at)"
         " VALUES (1, 256, ?, ?, ?, 'none', '', '')",
-        (chain, encode_frontier(frontier_at(conn, 256)), note),
+        (chain, encode_frontier(tile_frontier(conn, 256)), note),
     )
     conn.execute("DELETE FROM ledger WHERE seq <= 256")
     conn.close()
