@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import sys
 import tempfile
@@ -33,6 +32,7 @@ import uvloop  # noqa: E402
 from appliance import checkpoint as notes  # noqa: E402
 from appliance import ledger_proofs  # noqa: E402
 from appliance.home import Home, Vault  # noqa: E402
+from appliance.http.protocol import new_request_id  # noqa: E402
 from appliance.ledger import sha256_hex  # noqa: E402
 from appliance.ledger_verify import VerifyReport  # noqa: E402
 
@@ -52,10 +52,6 @@ RECORD: dict[str, Any] = {
 }
 
 
-def _request_id() -> str:
-    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"  # as the gateway makes them
-
-
 async def _append(vault: Vault, producers: int, total: int) -> tuple[float, int]:
     ledger = vault.ledger
     per = total // producers
@@ -63,7 +59,7 @@ async def _append(vault: Vault, producers: int, total: int) -> tuple[float, int]
     async def producer() -> None:
         for _ in range(per):
             record = dict(RECORD)
-            record["request_id"] = _request_id()
+            record["request_id"] = new_request_id()  # as the gateway makes them
             await ledger.append(record)
 
     commits = vault.db.commits
