@@ -869,3 +869,14 @@ async def test_large_chunks_are_not_mistaken_for_trailers() -> None:
     await h.settle()
     [response] = h.responses()
     assert (response.status, response.body) == (200, b"a" * 1000 + b"b" * 1000)
+
+
+def test_request_ids_are_unique_hex_and_ordered_by_time() -> None:
+    from appliance.http.protocol import new_request_id
+
+    ids = [new_request_id() for _ in range(5000)]  # past one 4 KiB pool of random bytes
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    assert [i[:12] for i in ids] == sorted(
+        i[:12] for i in ids
+    )  # milliseconds first: the index grows at its end
