@@ -20,7 +20,7 @@ from typing import Any
 from appliance import __version__
 from appliance.errors import GatewayError, LedgerUnavailable, MethodNotAllowed, NotFound
 from appliance.http import Request, Responder
-from appliance.ledger import Ledger
+from appliance.ledger.store import Ledger
 from appliance.pipeline import Exchange, Pipeline
 from appliance.policy_state import PolicyKeeper
 from local_models.runtime import LocalRuntime

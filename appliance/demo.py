@@ -16,10 +16,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from appliance import signing_keys
 from appliance.errors import OperatorError
 from appliance.home import Home
 from appliance.policy import dsse, importer
-from appliance.policy import keys as policy_keys
 from local_models.registry import hash_file
 from local_models.tiny import write_tiny_model
 
@@ -83,7 +83,7 @@ def prepare(home: Home, now: datetime | None = None) -> tuple[str, list[str]]:
         raise OperatorError(f"{home.root} is the home of site {home.settings().site!r}, not a demo home")
     author = home.root / "demo-author"
     if not Path(f"{author}.key").exists():
-        policy_keys.generate(author)
+        signing_keys.generate(author)
         done.append(f"demo authoring key {author}.key")
     trust = home.trust()
     keyid = trust.add(Path(f"{author}.pub"))
@@ -101,7 +101,7 @@ def prepare(home: Home, now: datetime | None = None) -> tuple[str, list[str]]:
         if active is None or _stale(active.envelope, now, model_sha256):
             version = (current or 0) + 1
             payload = json.dumps(demo_policy(version, now, model_sha256), indent=2).encode()
-            envelope = dsse.sign(payload, [policy_keys.load_signing_key(Path(f"{author}.key"))])
+            envelope = dsse.sign(payload, [signing_keys.load_signing_key(Path(f"{author}.key"))])
             verified = importer.verify_bundle(
                 envelope, trust, site=DEMO_SITE, current_version=current, now=now
             )

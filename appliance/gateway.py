@@ -20,13 +20,13 @@ from typing import Any, TextIO
 
 from appliance.admin import AdminApi
 from appliance.api import Api
-from appliance.audit_follow import ExportFollower
 from appliance.config import Settings
 from appliance.errors import LedgerUnavailable, StorageUnavailable, Unavailable
 from appliance.home import Home, Vault
 from appliance.http import HttpLimits, HttpServer
 from appliance.http.server import Rejection, install_event_loop_policy
-from appliance.ledger_checkpoints import HEAD_INTERVAL_S
+from appliance.ledger.checkpoints import HEAD_INTERVAL_S
+from appliance.ledger.follow import ExportFollower
 from appliance.limits import LimitKeeper
 from appliance.pipeline import Pipeline
 from appliance.policy_state import PolicyKeeper

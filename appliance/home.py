@@ -25,13 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from appliance import identity, ledger
+from appliance import identity, signing_keys
 from appliance.config import Settings, load_settings, write_settings
 from appliance.errors import GatewayError, OperatorError
 from appliance.identity import TokenStore
-from appliance.ledger import Ledger
-from appliance.ledger_checkpoints import CheckpointSigner, default_origin
-from appliance.policy import keys as policy_keys
+from appliance.ledger import store as ledger
+from appliance.ledger.checkpoints import CheckpointSigner, default_origin
+from appliance.ledger.store import Ledger
 from appliance.policy import store as policy_store
 from appliance.policy.store import PolicyStore
 from appliance.policy.trust import TrustStore
@@ -136,7 +136,7 @@ class Home:
             MasterKey.create(self.master_key_path)
             created.append(f"{self.master_key_path} (0600)")
         if not Path(str(self.appliance_key_prefix) + ".key").exists():
-            keyid = policy_keys.generate(self.appliance_key_prefix)
+            keyid = signing_keys.generate(self.appliance_key_prefix)
             created.append(f"{self.appliance_key_prefix}.key (0600), appliance key id {keyid[:16]}")
         if not self.trust_path.exists():
             TrustStore.load(self.trust_path).save()
@@ -153,7 +153,7 @@ class Home:
         return TrustStore.load(self.trust_path)
 
     def _checkpoint_signer(self) -> CheckpointSigner:
-        key = policy_keys.load_signing_key(self.appliance_key)
+        key = signing_keys.load_signing_key(self.appliance_key)
         settings = self.settings()
         origin = default_origin(settings.site, settings.audit.node or key.keyid[:12])
         return CheckpointSigner(key, origin, checkpoint_interval_s=settings.audit.checkpoint_interval_s)

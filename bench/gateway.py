@@ -28,9 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from appliance import signing_keys  # noqa: E402
 from appliance.home import Home  # noqa: E402
 from appliance.policy import dsse, importer  # noqa: E402
-from appliance.policy import keys as policy_keys  # noqa: E402
 from tests.support.gateway import SITE, policy_doc  # noqa: E402
 
 CHAT = '{"model":"%s","messages":[{"role":"user","content":"Summarise the discharge note in two lines."}]%s}'
@@ -83,13 +83,13 @@ def _prepare_home(root: Path, upstream_port: int) -> tuple[Home, str]:
     home = Home(root / "home")
     home.init(SITE)
     author = root / "author"
-    policy_keys.generate(author)
+    signing_keys.generate(author)
     trust = home.trust()
     trust.add(Path(f"{author}.pub"))
     trust.save()
     envelope = dsse.sign(
         json.dumps(policy_doc(f"http://127.0.0.1:{upstream_port}")).encode(),
-        [policy_keys.load_signing_key(Path(f"{author}.key"))],
+        [signing_keys.load_signing_key(Path(f"{author}.key"))],
     )
     with home.open_vault() as vault:
         vault.policies.activate(importer.verify_bundle(envelope, trust, site=SITE, current_version=None))

@@ -29,12 +29,12 @@ sys.path.insert(0, str(ROOT))
 
 import uvloop  # noqa: E402
 
-from appliance import checkpoint as notes  # noqa: E402
-from appliance import ledger_proofs  # noqa: E402
 from appliance.home import Home, Vault  # noqa: E402
 from appliance.http.protocol import new_request_id  # noqa: E402
-from appliance.ledger import sha256_hex  # noqa: E402
-from appliance.ledger_verify import VerifyReport  # noqa: E402
+from appliance.ledger import proofs as ledger_proofs  # noqa: E402
+from appliance.ledger import signed_note  # noqa: E402
+from appliance.ledger.store import sha256_hex  # noqa: E402
+from appliance.ledger.verify import VerifyReport  # noqa: E402
 
 APPEND_TARGET = 50_000
 VERIFY_TARGET_S = 10.0
@@ -112,7 +112,7 @@ def bench_proofs(home: Home, samples: int) -> dict[str, float]:
     with home.open_vault(audit_out=None) as vault:
         verifier = vault.ledger.verifier()
         note = vault.ledger.checkpoint("manual")
-        size = notes.parse_unverified(note).size
+        size = signed_note.parse_unverified(note).size
         conn = vault.db.reader()
         build = check = 0.0
         nbytes = hashes = 0

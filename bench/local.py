@@ -30,9 +30,9 @@ import openai
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from appliance import signing_keys  # noqa: E402
 from appliance.home import Home  # noqa: E402
 from appliance.policy import dsse, importer  # noqa: E402
-from appliance.policy import keys as policy_keys  # noqa: E402
 from bench.gateway import _free_port, _process, _wait_port  # noqa: E402
 from local_models.tiny import write_tiny_model  # noqa: E402
 from tests.support.gateway import SITE, policy_doc  # noqa: E402
@@ -145,14 +145,14 @@ def _gateway_home(root: Path, model: Path, sha: str) -> tuple[Home, str]:
     home.init(SITE)
     (home.models_dir / model.name).write_bytes(model.read_bytes())
     author = root / "author"
-    policy_keys.generate(author)
+    signing_keys.generate(author)
     trust = home.trust()
     trust.add(Path(f"{author}.pub"))
     trust.save()
     doc = policy_doc("http://127.0.0.1:9")
     doc["models"] = {"local/bench": {"file": model.name, "sha256": sha, "n_ctx": 512}}
     doc["organizations"]["stmarys"]["roles"]["radiology"]["models"].append("local/*")
-    envelope = dsse.sign(json.dumps(doc).encode(), [policy_keys.load_signing_key(Path(f"{author}.key"))])
+    envelope = dsse.sign(json.dumps(doc).encode(), [signing_keys.load_signing_key(Path(f"{author}.key"))])
     with home.open_vault() as vault:
         vault.policies.activate(importer.verify_bundle(envelope, trust, site=SITE, current_version=None))
         token = vault.tokens.issue("bench-app", "stmarys", "radiology")

@@ -26,7 +26,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from appliance.policy import dsse, keys  # noqa: E402
+from appliance import signing_keys  # noqa: E402
+from appliance.policy import dsse  # noqa: E402
 from appliance.policy.engine import PolicyEngine, RequestFacts  # noqa: E402
 from appliance.policy.importer import verify_bundle  # noqa: E402
 from appliance.policy.schema import scan_limit  # noqa: E402
@@ -107,8 +108,8 @@ def build_document() -> dict[str, Any]:
 def import_engine(document: dict[str, Any]) -> PolicyEngine:
     """Sign and verify the bundle as ``policy import`` would, then build the engine."""
     with tempfile.TemporaryDirectory() as tmp:
-        keys.generate(Path(tmp) / "signer")
-        signer = keys.load_signing_key(Path(tmp) / "signer.key")
+        signing_keys.generate(Path(tmp) / "signer")
+        signer = signing_keys.load_signing_key(Path(tmp) / "signer.key")
         trust = TrustStore.load(Path(tmp) / "trust.json")
         trust.add(Path(tmp) / "signer.pub")
         data = dsse.sign(json.dumps(document).encode(), [signer])

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from appliance.cli import main
 from appliance.config import Settings
-from appliance.ledger import Ledger
+from appliance.ledger.store import Ledger
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
 

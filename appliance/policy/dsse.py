@@ -24,7 +24,7 @@ from appliance.errors import BundleRejected
 from appliance.policy.schema import no_duplicate_keys
 
 if TYPE_CHECKING:
-    from appliance.policy.keys import SigningKey
+    from appliance.signing_keys import SigningKey
 
 PAYLOAD_TYPE = "application/vnd.phi-gateway.policy+json"
 MAX_SIGNATURES = 32

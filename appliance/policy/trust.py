@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from appliance.errors import OperatorError
 from appliance.policy.dsse import keyid_of, short_keyid
-from appliance.policy.keys import load_public_key, public_from_entry, public_json
 from appliance.policy.schema import TrustSpec
+from appliance.signing_keys import load_public_key, public_from_entry, public_json
 
 FORMAT_VERSION = 1
 

@@ -15,12 +15,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from appliance import signing_keys
 from appliance.config import LocalSettings
 from appliance.gateway import Gateway
 from appliance.home import Home
 from appliance.http.limits import HttpLimits
 from appliance.policy import dsse, importer
-from appliance.policy import keys as policy_keys
 
 SITE = "test-site"
 PROVIDER_KEYS = {
@@ -104,7 +104,7 @@ class GatewayHarness:
         self.home = Home(root / "home")
         self.home.init(SITE)
         self.author = root / "author"
-        policy_keys.generate(self.author)
+        signing_keys.generate(self.author)
         trust = self.home.trust()
         trust.add(Path(f"{self.author}.pub"))
         trust.save()
@@ -118,7 +118,7 @@ class GatewayHarness:
 
     def import_policy(self, doc: dict[str, Any]) -> None:
         envelope = dsse.sign(
-            json.dumps(doc).encode(), [policy_keys.load_signing_key(Path(f"{self.author}.key"))]
+            json.dumps(doc).encode(), [signing_keys.load_signing_key(Path(f"{self.author}.key"))]
         )
         with self.home.open_vault() as vault:
             vb = importer.verify_bundle(

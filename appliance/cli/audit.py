@@ -1,0 +1,374 @@
+"""``phi-gateway audit …``: the operator's and the auditor's verbs for the ledger.
+
+On the appliance (``--home``): verify, tail, pending, key, checkpoint, checkpoints, prove, export, archive.
+Anywhere, without the ledger (an auditor's laptop): ``verify-proof`` and ``verify EXPORT…``, given the
+appliance's verifier key (``audit key`` prints it) and the checkpoints the auditor kept.
+
+Owns: the command line of those verbs. Never: prints a secret (the verifier key is public), or reports
+success for a check it did not run.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import click
+
+from appliance.cli import _home, home_option
+from appliance.errors import OperatorError
+from appliance.ledger import archive as ledger_archive
+from appliance.ledger import export as audit_export
+from appliance.ledger import proofs as ledger_proofs
+from appliance.ledger import signed_note
+from appliance.ledger.follow import ExportFollower, exported_through
+
+_PENDING_SHOWN = 100
+
+
+@click.group("audit")
+def audit_group() -> None:
+    """The tamper-evident audit ledger: verify, prove, export, archive."""
+
+
+def _verifiers(keys: tuple[str, ...]) -> list[signed_note.Verifier]:
+    """``--key`` values: a verifier key string, or a file holding one per line."""
+    found: list[signed_note.Verifier] = []
+    for value in keys:
+        path = Path(value)
+        lines = _read_text(path).split() if "+" not in value and path.is_file() else [value]
+        for line in lines:
+            try:
+                found.append(signed_note.Verifier.parse(line.strip()))
+            except signed_note.CheckpointError as exc:
+                raise OperatorError(f"--key {value}: {exc}") from None
+    return found
+
+
+def _read_notes(paths: tuple[Path, ...]) -> list[tuple[str, str]]:
+    return [(f"kept checkpoint {path.name}", _read_text(path)) for path in paths]
+
+
+def _read_text(path: Path) -> str:
+    """A small text file an operator names (a key, a checkpoint, a proof); problems are messages."""
+    try:
+        if path.stat().st_size > 16 << 20:
+            raise OperatorError(f"{path}: too large for a key, checkpoint or proof")
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise OperatorError(f"{path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise OperatorError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+_KEY_HELP = "A verifier key (name+hash+key, as `audit key` prints it) or a file of them; repeatable."
+_KEPT_HELP = "A checkpoint you kept off the appliance; it must be signed and match the ledger. Repeatable."
+
+
+@audit_group.command("verify")
+@home_option
+@click.option(
+    "--checkpoint",
+    "kept",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help=_KEPT_HELP,
+)
+@click.option("--key", "keys", multiple=True, help=_KEY_HELP + " (for EXPORTS, or extra keys for the ledger)")
+@click.argument("exports", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def audit_verify(
+    home: Path | None, kept: tuple[Path, ...], keys: tuple[str, ...], exports: tuple[Path, ...]
+) -> None:
+    """Recompute chain and Merkle tree, check every checkpoint; exit 1 naming the first bad record.
+
+    With EXPORTS (files written by `audit export --out` or `audit archive`, from one appliance or several
+    behind a load balancer), verify those instead, without a ledger: each against its signed checkpoint,
+    with the verifier keys given by --key.
+    """
+    if exports:
+        _verify_exports(exports, _verifiers(keys))
+        return
+    target = _home(home)
+    with target.open_vault() as vault:
+        report = vault.ledger.verify(kept=_read_notes(kept), extra_verifiers=_verifiers(keys))
+        newest = vault.ledger.count()
+    setting = target.settings().audit.export_file
+    export_file = None if setting is None else target.root / setting
+    exported = None if export_file is None else exported_through(export_file)
+    if report.ok and exported is not None and exported > newest:
+        raise OperatorError(
+            f"ledger verification FAILED: records {newest + 1} to {exported} were exported to "
+            f"{export_file} (continuous export) but are not in the ledger: cut from its end"
+        )
+    if not report.ok:
+        raise OperatorError(f"ledger verification FAILED after {report.records} records: {report.message}")
+    if report.records == 0:
+        raise OperatorError("ledger verification FAILED: the ledger is empty (init always writes record 1)")
+    click.echo(f"ok: {report.message}")
+
+
+def _verify_exports(paths: tuple[Path, ...], verifiers: list[signed_note.Verifier]) -> None:
+    if not verifiers:
+        raise OperatorError("verifying exports needs the verifier key of each appliance: --key")
+    reports = audit_export.verify_exports(list(paths), verifiers)
+    failed = 0
+    for report in reports:
+        click.echo(report.describe())
+        failed += not report.ok
+    if failed:
+        raise OperatorError(f"{failed} of {len(reports)} export(s) FAILED verification")
+
+
+@audit_group.command("tail")
+@home_option
+@click.option("-n", "count", default=20, show_default=True)
+def audit_tail(home: Path | None, count: int) -> None:
+    """Print the last N records as JSON lines."""
+    with _home(home).open_vault() as vault:
+        rows = vault.ledger.tail(count)
+    for row in rows:
+        click.echo(json.dumps(row))
+
+
+@audit_group.command("pending")
+@home_option
+def audit_pending(home: Path | None) -> None:
+    """Requests forwarded whose outcome was never recorded (e.g. a crash mid-request)."""
+    with _home(home).open_vault() as vault:
+        ids = vault.ledger.pending_outcomes(limit=_PENDING_SHOWN)
+    for request_id in ids:
+        click.echo(request_id)
+    shown = f"the first {len(ids)}" if len(ids) == _PENDING_SHOWN else str(len(ids))
+    click.echo(f"{shown} request(s) without an outcome record", err=True)
+
+
+@audit_group.command("key")
+@home_option
+def audit_key(home: Path | None) -> None:
+    """Print this appliance's checkpoint verifier key (public; give it to your auditors)."""
+    with _home(home).open_vault() as vault:
+        click.echo(vault.ledger.verifier().encode())
+
+
+def _write_or_print(text: str, out: Path | None) -> None:
+    if out is None:
+        click.echo(text, nl=False)
+        return
+    try:
+        out.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise OperatorError(f"cannot write {out}: {exc.strerror or exc}") from None
+    click.echo(f"written to {out}", err=True)
+
+
+@audit_group.command("checkpoint")
+@home_option
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the signed checkpoint to this file (default: print it).",
+)
+def audit_checkpoint(home: Path | None, out: Path | None) -> None:
+    """Sign and store a checkpoint of the ledger now; keep the text off the appliance."""
+    with _home(home).open_vault() as vault:
+        note = vault.ledger.checkpoint("manual")
+    _write_or_print(note, out)
+
+
+@audit_group.command("checkpoints")
+@home_option
+@click.option("-n", "count", default=20, show_default=True, help="How many of the newest to list.")
+def audit_checkpoints(home: Path | None, count: int) -> None:
+    """List the stored checkpoints, newest last: id, size, time, reason."""
+    with _home(home).open_vault() as vault:
+        rows = (
+            vault.db.reader()
+            .execute("SELECT id, size, ts, reason FROM ledger_checkpoint ORDER BY id DESC LIMIT ?", (count,))
+            .fetchall()
+        )
+    for row in reversed(rows):
+        click.echo(f"#{row[0]:<6} size {row[1]:<10} {row[2]}  {row[3]}")
+
+
+@audit_group.command("prove")
+@home_option
+@click.option("--record", type=int, default=None, help="Prove this record (seq) is in the ledger.")
+@click.option(
+    "--size",
+    type=int,
+    default=None,
+    help="Tree size to prove against (that of a checkpoint you kept); default: the ledger now.",
+)
+@click.option(
+    "--from-size",
+    type=int,
+    default=None,
+    help="Instead: prove the ledger of --size records extends the one of this many records.",
+)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None)
+def audit_prove(
+    home: Path | None, record: int | None, size: int | None, from_size: int | None, out: Path | None
+) -> None:
+    """Print an RFC 9162 inclusion proof (--record) or consistency proof (--from-size) as JSON.
+
+    The proof carries the signed checkpoint it leads to (a new one is signed when proving against the
+    ledger as it is now); `audit verify-proof` checks it anywhere, without the ledger.
+    """
+    if (record is None) == (from_size is None):
+        raise OperatorError("give --record N (inclusion) or --from-size M (consistency)")
+    with _home(home).open_vault() as vault:
+        ledger = vault.ledger
+        if size is None:
+            note: str | None = ledger.checkpoint("manual")
+            size = signed_note.parse_unverified(note or "").size
+        conn = vault.db.reader()
+        conn.execute("BEGIN")
+        try:
+            if not 1 <= size <= ledger.count():
+                raise OperatorError(f"--size must be 1 to {ledger.count()} (the records in the ledger)")
+            note = ledger_proofs.stored_checkpoint_at(conn, size)
+            if record is not None:
+                doc = ledger_proofs.inclusion_proof(conn, record, size, note)
+            else:
+                assert from_size is not None
+                old = ledger_proofs.stored_checkpoint_at(conn, from_size)
+                doc = ledger_proofs.consistency_proof(conn, from_size, size, old, note)
+        finally:
+            conn.execute("COMMIT")
+    _write_or_print(ledger_proofs.dumps(doc), out)
+
+
+@audit_group.command("verify-proof")
+@click.argument("proof", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--key", "keys", multiple=True, required=True, help=_KEY_HELP)
+@click.option(
+    "--checkpoint",
+    "kept",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A checkpoint you kept; used when its size is the proof's (then the proof's own is not needed).",
+)
+def audit_verify_proof(proof: Path, keys: tuple[str, ...], kept: tuple[Path, ...]) -> None:
+    """Check a proof from `audit prove` without the ledger (what an auditor runs); exit 1 if it fails."""
+    try:
+        doc = json.loads(_read_text(proof))
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise OperatorError(f"{proof}: not a proof file ({exc})") from None
+    result = ledger_proofs.verify_proof(doc, _verifiers(keys), [text for _, text in _read_notes(kept)])
+    click.echo(f"ok: {result.message}")
+
+
+@audit_group.command("export")
+@home_option
+@click.option(
+    "--since", default=None, help="From this time (2026-11-01, or RFC 3339 UTC); default: record 1."
+)
+@click.option("--since-seq", type=int, default=None, help="From this record (seq) instead.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["jsonl"]),
+    default="jsonl",
+    show_default=True,
+    help="JSON lines, the shape of the gateway's stdout audit lines.",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write a bundle: FILE (lines), FILE.checkpoint and FILE.prefix.json; default: lines to stdout.",
+)
+@click.option(
+    "--follow", is_flag=True, help="Keep appending new records to --out until stopped (SIGINT/SIGTERM)."
+)
+@click.option(
+    "--start",
+    type=click.Choice(["beginning", "end"]),
+    default="beginning",
+    show_default=True,
+    help="--follow with neither FILE nor its state: from record 1, or only new records.",
+)
+def audit_export_cmd(
+    home: Path | None,
+    since: str | None,
+    since_seq: int | None,
+    fmt: str,
+    out: Path | None,
+    follow: bool,
+    start: str,
+) -> None:
+    """Export records as JSON lines for a SIEM, with the signed checkpoint that covers them.
+
+    With --out, the bundle is verifiable off the appliance: `audit verify FILE --key KEY`. With --follow,
+    new records are appended to --out as they become durable; restarts and log rotation lose nothing.
+    """
+    target = _home(home)
+    if follow:
+        if out is None:
+            raise OperatorError("--follow needs --out FILE (the file your log shipper tails)")
+        _follow(target.vault_path, out, start)
+        return
+    with target.open_vault() as vault:
+        conn = vault.db.reader()
+        oldest = conn.execute("SELECT MIN(seq) FROM ledger").fetchone()[0] or 1  # after archives, not 1
+        first = max(since_seq, oldest) if since_seq is not None else oldest
+        if since_seq is not None and since_seq < 1:
+            raise OperatorError("--since-seq counts from 1")
+        if since is not None:
+            found = audit_export.first_seq_since(conn, since)
+            if found is None:
+                raise OperatorError(f"no records since {since}")
+            first = found
+        if out is None:
+            count = audit_export.export_range(conn, first, vault.ledger.count(), sys.stdout)
+            click.echo(f"{count} record(s) exported", err=True)
+            return
+        summary = audit_export.write_export(vault.ledger, conn, out, first)
+    click.echo(
+        f"{summary.lines} record(s), {summary.first_seq} to {summary.last_seq} of {summary.origin}: {out}\n"
+        f"checkpoint: {summary.checkpoint_path}\nprefix:     {summary.prefix_path}"
+    )
+
+
+def _follow(vault_path: Path, out: Path, start: str) -> None:
+    if not out.parent.is_dir():
+        raise OperatorError(f"{out.parent} is not a directory")
+    follower = ExportFollower(vault_path, out, start="end" if start == "end" else "beginning")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    click.echo(f"following the ledger into {out} (SIGINT or SIGTERM stops)", err=True)
+    try:
+        follower.run(stop)
+    finally:
+        follower.stop()
+
+
+@audit_group.command("archive")
+@home_option
+@click.option(
+    "--through", type=int, required=True, help="Archive records up to this seq (a multiple of 256)."
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Directory for the archive bundle (keep it, and a copy, off the appliance).",
+)
+def audit_archive(home: Path | None, through: int, out_dir: Path) -> None:
+    """Move old records into a sealed, verifiable archive bundle and remove them from the vault.
+
+    The bundle is written, read back and verified before anything is deleted; verify goes on from the
+    signed state the vault keeps of the archived records. Check the bundle later with `audit verify FILE`.
+    """
+    with _home(home).open_vault() as vault:
+        result = ledger_archive.run_archive(vault.ledger, vault.db, through, out_dir)
+    click.echo(
+        f"records {result.first} to {result.last} archived to {result.path} (sha256 {result.sha256}); "
+        f"{result.deleted} removed from the vault"
+    )

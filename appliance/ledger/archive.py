@@ -1,0 +1,241 @@
+"""Retention: old ledger records moved to sealed archive files, without breaking verification.
+
+``audit archive --through N`` writes records first..N (first: one after the previous archive) as an
+export bundle (``audit_export``: the lines, a checkpoint of exactly N records signed with reason
+"archive", and the compact range before ``first``), reads the files back and verifies them, and only
+then, in one transaction, stores a ``ledger_archive`` row and deletes those records from the vault.
+
+The row keeps what verification of the records after N needs: the chain hash of record N, the compact
+range of the first N leaves, and the signed checkpoint of N records. ``verify`` checks that checkpoint's
+signature and that the compact range gives its root, then continues the chain and the tree from there;
+the archive files are verified on their own (`audit verify FILE…`), by anyone with the verifier key.
+Tiles are never deleted, so proofs for the records that remain still work. N must be a multiple of 256
+(a whole tile), so no tile is split between an archive and the vault.
+
+Owns: ``ledger_archive`` and the one trigger that lets archived records (and only those) be deleted.
+Never: deletes a record before its archive file is durable and verified; archives records newer than
+the signed head; rewrites an archive row.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import sqlite_utils
+
+from appliance.errors import OperatorError
+from appliance.ledger import merkle, signed_note
+from appliance.ledger.tiles import TILE_LEAVES, tile_frontier
+from appliance.vault.db import Database, Migration
+
+if TYPE_CHECKING:
+    from appliance.ledger.store import Ledger
+
+
+def _create(db: sqlite_utils.Database) -> None:
+    db.execute(
+        "CREATE TABLE ledger_archive (id INTEGER PRIMARY KEY, first_seq INTEGER NOT NULL,"
+        " last_seq INTEGER NOT NULL, chain TEXT NOT NULL, frontier TEXT NOT NULL, note TEXT NOT NULL,"
+        " file TEXT NOT NULL, sha256 TEXT NOT NULL, archived_at TEXT NOT NULL)"
+    )
+    for event in ("UPDATE", "DELETE"):
+        db.execute(
+            f"CREATE TRIGGER ledger_archive_append_only_{event.lower()} BEFORE {event} ON ledger_archive"
+            " BEGIN SELECT RAISE(ABORT, 'the audit ledger is append-only'); END"
+        )
+    db.execute("DROP TRIGGER IF EXISTS ledger_append_only_delete")
+    db.execute(
+        "CREATE TRIGGER ledger_append_only_delete BEFORE DELETE ON ledger"
+        " WHEN OLD.seq > COALESCE((SELECT MAX(last_seq) FROM ledger_archive), 0)"
+        " BEGIN SELECT RAISE(ABORT, 'the audit ledger is append-only (a record can be removed only once"
+        " archived)'); END"
+    )
+
+
+MIGRATION = Migration("ledger-0006-archive", _create)
+
+
+@dataclass(frozen=True)
+class ArchivedPrefix:
+    """What the vault keeps of records archived away: where its records now start, and how to go on."""
+
+    last_seq: int
+    chain: str
+    frontier: merkle.Frontier
+    note: str
+    segments: int
+
+
+def archived_prefix(conn: sqlite3.Connection) -> ArchivedPrefix | None:
+    rows = conn.execute(
+        "SELECT first_seq, last_seq, chain, frontier, note FROM ledger_archive ORDER BY id"
+    ).fetchall()
+    if not rows:
+        return None
+    expected = 1
+    for first, last, *_ in rows:
+        if first != expected or last < first:
+            raise sqlite3.DatabaseError(
+                f"the archive rows do not follow each other (records {first} to {last} after {expected - 1})"
+            )
+        expected = last + 1
+    _, last, chain, frontier, note = rows[-1]
+    return ArchivedPrefix(int(last), str(chain), decode_frontier(int(last), frontier), str(note), len(rows))
+
+
+def archive_roots(conn: sqlite3.Connection) -> dict[int, bytes]:
+    """The root of the first N records at each archive boundary N, from the rows' compact ranges."""
+    rows = conn.execute("SELECT last_seq, frontier FROM ledger_archive").fetchall()
+    return {int(last): decode_frontier(int(last), text).root() for last, text in rows}
+
+
+def encode_frontier(frontier: merkle.Frontier) -> str:
+    return json.dumps([base64.b64encode(h).decode() for h in frontier.hashes])
+
+
+def decode_frontier(size: int, text: object) -> merkle.Frontier:
+    """An archive row's compact range; a damaged one is a damaged database, as verify reports it."""
+    try:
+        hashes = [base64.b64decode(h, validate=True) for h in json.loads(str(text))]
+        return merkle.Frontier(size, hashes)
+    except (ValueError, TypeError) as exc:
+        raise sqlite3.DatabaseError(f"the archive row of records up to {size} is damaged: {exc}") from None
+
+
+@dataclass(frozen=True)
+class ArchivePlan:
+    first: int
+    last: int
+    frontier: merkle.Frontier
+    chain: str
+    prefix: merkle.Frontier
+
+
+def plan(conn: sqlite3.Connection, through: int) -> ArchivePlan:
+    """Check ``through`` and read what the archive needs, in the caller's read snapshot."""
+    done = archived_prefix(conn)
+    first = 1 if done is None else done.last_seq + 1
+    head = conn.execute("SELECT size FROM ledger_head WHERE id = 1").fetchone()
+    signed = 0 if head is None else int(head[0])
+    if through % TILE_LEAVES:
+        lower = through - through % TILE_LEAVES
+        raise OperatorError(f"archive through a multiple of {TILE_LEAVES} records (e.g. --through {lower})")
+    if through < first:
+        raise OperatorError(f"records up to {first - 1} are archived already; nothing to archive")
+    if through > signed:
+        raise OperatorError(f"the signed head covers {signed} records; archive at most that many")
+    newest = conn.execute("SELECT MAX(seq) FROM ledger").fetchone()[0] or 0
+    if through >= newest:  # the newest record stays: the writer goes on from it
+        raise OperatorError(f"the newest record ({newest}) stays in the vault; archive through fewer records")
+    row = conn.execute("SELECT hash FROM ledger WHERE seq = ?", (through,)).fetchone()
+    if row is None:
+        raise OperatorError(f"record {through} is not in the ledger")
+    prefix = done.frontier if done is not None else merkle.Frontier()
+    return ArchivePlan(first, through, tile_frontier(conn, through), str(row[0]), prefix)
+
+
+def store(
+    conn: sqlite3.Connection, archive: ArchivePlan, note: str, file: Path, file_sha256: str, at: str
+) -> int:
+    """Inside the writer's transaction: keep the row, delete the archived records; returns how many."""
+    conn.execute(
+        "INSERT INTO ledger_archive (first_seq, last_seq, chain, frontier, note, file, sha256, archived_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            archive.first,
+            archive.last,
+            archive.chain,
+            encode_frontier(archive.frontier),
+            note,
+            str(file),
+            file_sha256,
+            at,
+        ),
+    )
+    cur = conn.execute("DELETE FROM ledger WHERE seq >= ? AND seq <= ?", (archive.first, archive.last))
+    return int(cur.rowcount)
+
+
+def check_prefix(prefix: ArchivedPrefix, verifiers: list[signed_note.Verifier]) -> str | None:
+    """None if the archive row's signed checkpoint names its compact range's size and root."""
+    try:
+        cp = (
+            signed_note.open_note(prefix.note, verifiers)
+            if verifiers
+            else signed_note.parse_unverified(prefix.note)
+        )
+    except signed_note.CheckpointError as exc:
+        return f"the archive checkpoint of records 1 to {prefix.last_seq}: {exc}"
+    if cp.reason != "archive" or prefix.last_seq % TILE_LEAVES:
+        return (
+            f"the archive row for records up to {prefix.last_seq} is not an archive's (its checkpoint's "
+            f"reason is {cp.reason!r}): records were deleted under a forged archive row"
+        )
+    if cp.size != prefix.last_seq or cp.root != prefix.frontier.root():
+        return (
+            f"the archive row for records up to {prefix.last_seq} does not match its signed checkpoint "
+            f"(size {cp.size}): the vault's record of archived records was altered"
+        )
+    return None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ArchiveResult:
+    path: Path
+    first: int
+    last: int
+    deleted: int
+    sha256: str
+
+
+def run_archive(ledger: Ledger, db: Database, through: int, out_dir: Path) -> ArchiveResult:
+    """Archive records up to ``through`` into ``out_dir`` (see the module docstring for the order)."""
+    from appliance.ledger import (
+        export as audit_export,  # it builds on the ledger, which builds on this module
+    )
+
+    verified = ledger.verify()  # the archive's root comes from stored tiles: only once they are checked
+    if not verified.ok:
+        raise OperatorError(f"the ledger does not verify, nothing was archived: {verified.message}")
+    conn = db.reader()
+    conn.execute("BEGIN")
+    try:
+        archive = plan(conn, through)
+    finally:
+        conn.execute("COMMIT")
+    note = ledger.sign_size(archive.last, archive.frontier.root(), "archive")
+    verifier = ledger.verifier()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = f"{verifier.name.replace('/', '_')}-{archive.first:012d}-{archive.last:012d}.jsonl"
+    path = out_dir / name
+    audit_export.write_bundle(conn, path, archive.first, note, verifier)
+    (report,) = audit_export.verify_exports([path], [verifier])  # read back from the disk
+    if not report.ok:
+        raise OperatorError(f"the archive {path} does not verify; nothing was deleted: {report.describe()}")
+    digest = file_sha256(path)
+
+    def commit(conn: sqlite3.Connection) -> int:
+        again = archived_prefix(conn)
+        if (0 if again is None else again.last_seq) != archive.first - 1:
+            raise OperatorError("another archive ran meanwhile; nothing was deleted: run it again")
+        deleted = store(conn, archive, note, path, digest, signed_note.timestamp_now())
+        detail = f"audit_archive records {archive.first}-{archive.last} file={name} sha256:{digest[:16]}"
+        ledger.record_in(conn, {"type": "admin", "detail": detail})
+        return deleted
+
+    deleted: int = db.write(commit)
+    return ArchiveResult(path, archive.first, archive.last, deleted, digest)

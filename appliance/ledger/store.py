@@ -1,0 +1,498 @@
+"""The audit ledger: append-only, hash-chained records in the vault, echoed as JSON lines on stdout.
+
+Owns: the ``ledger`` table, the record shape (``Ledger.FIELDS``: the cllama audit line first, then ours),
+the hash chain (``hash = sha256(prev_hash + "\\n" + its stored JSON text)``, genesis ``"0" * 64``), the
+stdout audit line, and ``verify``, which recomputes the chain (and checks the ts/type/request_id/claw_id
+columns kept beside each record for queries) and names the first bad record.
+
+Every append is a vault write: the write function reads the previous ``(seq, hash)`` inside the writer's
+transaction (an operator's CLI process may have appended in between; nothing is cached across batches),
+and the stdout line is printed only after the batch is durable. A record that cannot be written fails
+its future with ``LedgerUnavailable`` so the gateway answers 503 (fail closed).
+
+Must never: hold prompt or completion text, token secrets or provider keys (records are metadata and
+SHA-256 digests; long strings in an oversized record are clipped to length and digest); update or
+delete a record (nothing here does; ``verify`` catches whoever does it with the file); print a line for
+a record that is not on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import json
+import logging
+import sqlite3
+import sys
+import time
+from collections.abc import Callable
+from json.encoder import encode_basestring
+from typing import Any, Final, TextIO
+
+import sqlite_utils
+
+from appliance.errors import LedgerUnavailable, StorageUnavailable
+from appliance.ledger import archive as ledger_archive
+from appliance.ledger import checkpoints as ledger_checkpoints
+from appliance.ledger import signed_note
+from appliance.ledger import tiles as ledger_tree
+from appliance.ledger.checkpoints import CheckpointSigner
+from appliance.ledger.stdout import AuditPrinter
+from appliance.ledger.tiles import GENESIS as GENESIS
+from appliance.ledger.tiles import TreeInconsistent, TreeState, insert_tiles
+from appliance.ledger.verify import VerifyReport, verify_database
+from appliance.vault.db import Database, Migration
+
+log = logging.getLogger("phi.ledger")
+
+TYPES: Final = frozenset({"request", "response", "error", "intervention", "admin"})
+MAX_RECORD_CHARS: Final = 4096
+"""A record is a few hundred characters of metadata; anything this large is text that must not be here."""
+CLIP_CHARS: Final = 128
+"""In an oversized record, string values longer than this are replaced by their length and digest."""
+
+# The stored text of a record is its audit line without ``seq``: fields in FIELDS order, compact. One
+# encoding serves the chain and the stdout line; verify hashes the stored text, so order need not be sorted.
+_CANONICAL = json.JSONEncoder(
+    separators=(",", ":"), ensure_ascii=False, allow_nan=False, check_circular=False
+).encode
+
+_LAST = "SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1"
+_INSERT_HEAD = "INSERT INTO ledger (seq, ts, type, request_id, claw_id, record, prev_hash, hash) VALUES "
+_ROWS_PER_INSERT = 256  # 8 parameters a row: well under SQLite's 32766 bound variables
+
+
+@functools.cache
+def _insert_sql(rows: int) -> str:
+    placeholders = ",".join(["(?,?,?,?,?,?,?,?)"] * rows)  # placeholders only: every value is bound
+    return _INSERT_HEAD + placeholders
+
+
+def _create_table(db: sqlite_utils.Database) -> None:
+    db.execute(
+        "CREATE TABLE ledger ("
+        " seq INTEGER PRIMARY KEY,"
+        " ts TEXT NOT NULL,"
+        " type TEXT NOT NULL,"
+        " request_id TEXT,"
+        " claw_id TEXT,"
+        " record TEXT NOT NULL,"
+        " prev_hash TEXT NOT NULL,"
+        " hash TEXT NOT NULL)"
+    )
+    db.execute("CREATE INDEX ledger_request_id ON ledger (request_id)")
+
+
+def _append_only(db: sqlite_utils.Database) -> None:
+    # A guard against mistakes and casual edits, not against someone with the file (they can drop these);
+    # what catches them is verify, and, for a consistently rewritten chain, signed checkpoints.
+    for event in ("UPDATE", "DELETE"):
+        db.execute(
+            f"CREATE TRIGGER ledger_append_only_{event.lower()} BEFORE {event} ON ledger"
+            " BEGIN SELECT RAISE(ABORT, 'the audit ledger is append-only'); END"
+        )
+
+
+MIGRATIONS = [
+    Migration("ledger-0001-create", _create_table),
+    Migration("ledger-0002-append-only", _append_only),
+    ledger_tree.MIGRATION,
+    ledger_checkpoints.MIGRATION,
+    ledger_archive.MIGRATION,
+]
+
+
+_second: tuple[int, str] = (-1, "")
+
+
+def utc_now_iso() -> str:
+    """Now as RFC 3339 UTC with milliseconds: ``2026-11-25T10:00:00.123Z``."""
+    global _second
+    secs, ms = divmod(int(time.time() * 1000), 1000)
+    cached = _second
+    if cached[0] != secs:
+        cached = (secs, time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(secs)))
+        _second = cached
+    return f"{cached[1]}{ms:03d}Z"
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def chain_hash(prev_hash: str, record_json: str) -> str:
+    """The link: SHA-256 over the previous hash (hex), a newline, and this record's canonical JSON."""
+    return hashlib.sha256(f"{prev_hash}\n{record_json}".encode()).hexdigest()
+
+
+def _encode(ordered: dict[str, Any]) -> str:
+    """``_CANONICAL(ordered)`` for a dict in FIELDS order, about 1.5 us faster per record (the append path
+    runs on the event loop): None, str and int are written here, anything else by the encoder itself."""
+    parts = []
+    for key, value in zip(_KEYS, ordered.values(), strict=True):
+        if value is None:
+            parts.append(key + "null")
+        elif value.__class__ is str:
+            parts.append(key + encode_basestring(value))
+        elif value.__class__ is int:  # not bool, a subclass: the encoder writes true/false
+            parts.append(key + int.__repr__(value))
+        else:
+            parts.append(key + _CANONICAL(value))
+    return "{" + ",".join(parts) + "}"
+
+
+class _SeqTaken(sqlite3.IntegrityError):
+    """The first seq of a batch is already in the file: another process appended meanwhile."""
+
+
+class _Stdout:
+    """Default for ``Ledger(out=...)``: whatever ``sys.stdout`` is when the ledger is built."""
+
+
+STDOUT: Final = _Stdout()
+
+
+class Ledger:
+    """Appends audit records (hot path, from the event loop) and answers the operator's questions."""
+
+    FIELDS: Final = (
+        # the cllama audit line
+        "ts",
+        "claw_id",
+        "type",
+        "model",
+        "latency_ms",
+        "status_code",
+        "tokens_in",
+        "tokens_out",
+        "cost_usd",
+        "intervention",
+        # ours
+        "request_id",
+        "org",
+        "role",
+        "route",
+        "decision",
+        "policy_version",
+        "request_sha256",
+        "response_sha256",
+        "data_class",
+        "detail",
+        "rule",
+    )
+    _FIELD_SET: Final = frozenset(FIELDS)
+
+    def __init__(
+        self,
+        db: Database,
+        out: TextIO | _Stdout | None = STDOUT,
+        *,
+        signer: CheckpointSigner | None = None,
+    ) -> None:
+        """``signer``: the appliance key's checkpoint signer; without it nothing is signed or required."""
+        self._db = db
+        self._signer = signer
+        # The writer thread's: the tree as of this process's last commit, and the one a batch is building.
+        self._tree: TreeState | None = None
+        self._uncommitted: TreeState | None = None
+        self._appended = False  # by this process: only then is the head signed at close
+        stream: TextIO | None = sys.stdout if isinstance(out, _Stdout) else out
+        self._printer = None if stream is None else AuditPrinter(stream)
+        self._ok = True  # only the writer thread changes it, so it follows commit order
+
+    @property
+    def healthy(self) -> bool:
+        """False after a ledger write failed, until a later one succeeds."""
+        return self._ok and self._db.healthy
+
+    # -- appending ----------------------------------------------------------------------------------------
+
+    def append(self, record: dict[str, Any], *, lazy: bool = False) -> asyncio.Future[int]:
+        """Queue ``record``; the future gives its seq once it is durable, or raises LedgerUnavailable.
+
+        ``lazy``: the record asks for no fsync of its own and joins the next commit (a few ms at most);
+        for records nobody waits on before answering (outcomes), so they share the next request's fsync.
+
+        A record with unknown fields or a bad type raises ValueError at once (a programming error); in an
+        oversized record, long strings are clipped to their length and digest (``CLIP_CHARS``).
+        """
+        return self._db.awrite_batched(self, self._prepare(record), lazy=lazy)
+
+    def append_sync(self, record: dict[str, Any]) -> int:
+        """Blocking append (CLI commands); returns the record's seq."""
+        seq: int = self._db.write_batched(self, self._prepare(record))
+        self.flush_output()
+        return seq
+
+    def record_in(self, conn: sqlite3.Connection, record: dict[str, Any]) -> int:
+        """Append ``record`` inside a write the caller is already in (the writer thread), so that an
+        operator change and its audit record commit together; no stdout line (the terminal says it)."""
+        seq = self.write_batch(conn, [self._prepare(record)])[0]
+        self._tree = self._uncommitted = None  # committed with the caller's write, or not: read it again
+        self._appended = True
+        return seq
+
+    def _prepare(self, record: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        if not self._FIELD_SET.issuperset(record):
+            unknown = sorted(set(record) - self._FIELD_SET)
+            raise ValueError(f"unknown audit record fields: {unknown}")
+        if record.get("type") not in TYPES:
+            raise ValueError(f"audit record type must be one of {sorted(TYPES)}, got {record.get('type')!r}")
+        ordered = dict.fromkeys(self.FIELDS)
+        ordered.update(record)
+        if ordered["ts"] is None:
+            ordered["ts"] = utc_now_iso()
+        for column in ("ts", "request_id", "claw_id"):  # copied into TEXT columns: must stay strings
+            if not isinstance(ordered[column], str | None):
+                raise ValueError(f"audit record field {column} must be a string or null")
+        canonical = _encode(ordered)
+        if len(canonical) > MAX_RECORD_CHARS:
+            # Some values come from the client (a model name): clip them rather than lose the record.
+            for name, value in ordered.items():
+                if isinstance(value, str) and len(value) > CLIP_CHARS:
+                    ordered[name] = f"[clipped: {len(value)} chars, sha256:{sha256_hex(value.encode())[:16]}]"
+            canonical = _CANONICAL(ordered)
+            if len(canonical) > MAX_RECORD_CHARS:
+                raise ValueError(
+                    f"audit record is {len(canonical)} characters; metadata only, at most {MAX_RECORD_CHARS}"
+                )
+        return ordered, canonical
+
+    # -- the vault's BatchWriter: every record queued for one commit is written by one call ----------------
+
+    def write_batch(self, conn: sqlite3.Connection, items: list[tuple[dict[str, Any], str]]) -> list[int]:
+        """Chain and insert ``items`` with one multi-row INSERT per chunk; their seqs.
+
+        The tree this process last committed is extended on a copy, which becomes current only in
+        ``after_commit``: a failed commit leaves the state naming what the file holds.
+        """
+        try:
+            try:
+                return self._write_rows(conn, items, (self._tree or self._tree_in(conn)).copy())
+            except _SeqTaken:
+                # Another process (an operator's CLI command) appended since this one last did: its
+                # record holds the seq this batch wanted, and nothing of the batch was inserted. Read
+                # the file's tree and chain on from its newest record.
+                self._tree = None
+                return self._write_rows(conn, items, self._tree_in(conn).copy())
+        except sqlite3.Error as exc:
+            self._tree = None
+            self._ok = False
+            raise LedgerUnavailable(f"the audit ledger cannot be written: {exc}") from exc
+
+    def _write_rows(
+        self, conn: sqlite3.Connection, items: list[tuple[dict[str, Any], str]], tree: TreeState
+    ) -> list[int]:
+        """Chain, insert and add to ``tree``; no SELECT first: statements per commit set the rate (each
+        one retakes the GIL on the writer thread), and a stale ``tree`` shows as a taken seq."""
+        seq, prev = tree.size, tree.chain
+        rows: list[Any] = []
+        seqs: list[int] = []
+        leaves: list[bytes] = []
+        sha256 = hashlib.sha256
+        for ordered, canonical in items:
+            seq += 1
+            data = canonical.encode()  # once for both: chain_hash(prev, canonical), entry_leaf(canonical)
+            digest = sha256(f"{prev}\n".encode() + data).hexdigest()
+            leaves.append(sha256(b"\x00" + data).digest())
+            rows += (
+                seq,
+                ordered["ts"],
+                ordered["type"],
+                ordered["request_id"],
+                ordered["claw_id"],
+                canonical,
+                prev,
+                digest,
+            )
+            seqs.append(seq)
+            prev = digest
+        for start in range(0, len(seqs), _ROWS_PER_INSERT):
+            count = min(_ROWS_PER_INSERT, len(seqs) - start)
+            try:
+                conn.execute(_insert_sql(count), rows[start * 8 : (start + count) * 8])
+            except sqlite3.IntegrityError as exc:
+                # Only the first chunk can meet another writer's record (later ones follow ours).
+                if start or getattr(exc, "sqlite_errorname", "") != "SQLITE_CONSTRAINT_PRIMARYKEY":
+                    raise
+                raise _SeqTaken(str(exc)) from exc
+        try:
+            insert_tiles(conn, tree.extend(leaves, prev))
+        except sqlite3.IntegrityError as exc:  # a tile for records the file no longer holds: it was cut
+            raise TreeInconsistent(
+                f"a tile for records after {tree.size - len(leaves)} already exists: the ledger was cut; "
+                "run audit verify"
+            ) from exc
+        self._uncommitted = tree
+        if self._signer is not None:
+            self._signer.after_append(conn, tree)
+        return seqs
+
+    def _tree_in(self, conn: sqlite3.Connection) -> TreeState:
+        """The tree as the file has it now (another process may have appended since this one last did)."""
+        tree = self._tree
+        if tree is None or not tree.matches(conn.execute(_LAST).fetchone()):
+            tree = TreeState.load(conn)
+            if self._signer is not None and self._signer.keep_cut_head(conn, tree.size):
+                log.error(
+                    "the audit ledger holds fewer records than its signed head: records were deleted; "
+                    "the head is kept as evidence, and audit verify reports it"
+                )
+            self._tree = tree
+        return tree
+
+    def after_commit(self, items: list[tuple[dict[str, Any], str]], seqs: list[int]) -> None:
+        """Hand one audit line per durable record to the stdout printer (which never blocks the writer)."""
+        self._tree, self._uncommitted = self._uncommitted, None
+        self._appended = True
+        self._ok = True
+        if self._printer is not None:
+            self._printer.put(
+                "".join(
+                    f'{canonical[:-1]},"seq":{seq}}}\n'
+                    for (_, canonical), seq in zip(items, seqs, strict=True)
+                )
+            )
+
+    @property
+    def dropped_lines(self) -> int:
+        """Audit lines stdout's reader did not take in time (their records are in the ledger)."""
+        return 0 if self._printer is None else self._printer.dropped_lines
+
+    def flush_output(self) -> None:
+        """Wait until every line of a durable record has been written to stdout."""
+        if self._printer is not None:
+            self._printer.wait()
+
+    def seal_head(self) -> None:
+        """Sign the head over what this process appended (the vault is about to close); a process that
+        appended nothing signs nothing, so a command run on a cut ledger (verify) cannot cover the cut."""
+        signer = self._signer
+        if signer is not None and self._appended:
+            self._db.write(lambda conn: signer.seal(conn, self._tree_in(conn)))
+
+    def sign_upgraded(self) -> None:
+        """Sign the first head of a ledger written before checkpoints existed, in the process that has
+        just upgraded it (only then: anywhere else a missing head is evidence, not something to fill)."""
+        signer = self._signer
+        if signer is not None and ledger_checkpoints.MIGRATION.name in self._db.applied and self.count():
+            self._db.write(lambda conn: signer.seal(conn, self._tree_in(conn)))
+
+    def head_stale(self) -> bool:
+        """Whether records were appended since this process last signed the head (the gateway's tick)."""
+        tree = self._tree
+        return self._signer is not None and tree is not None and self._signer.stale(tree.size)
+
+    async def tick(self) -> None:
+        """Sign the head if it is behind (called once a second by the gateway, so that records of a
+        quiet moment are signed within a second rather than at the next busy one)."""
+        signer = self._signer
+        if signer is not None and self.head_stale():
+            await self._db.awrite(lambda conn: signer.after_tick(conn, self._tree_in(conn)))
+
+    def checkpoint(self, reason: str) -> str:
+        """Sign and store a checkpoint of the ledger as it is now (blocking); returns the note text."""
+        signer = self._require_signer()
+        note: str = self._db.write(lambda conn: signer.store(conn, self._tree_in(conn), reason))
+        return note
+
+    def sign_size(self, size: int, root: bytes, reason: str) -> str:
+        """Sign (not store) a checkpoint of the first ``size`` records with the root the caller computed
+        from the file (an archive's); returns the note."""
+        signer = self._require_signer()
+        note: str = self._db.write(lambda conn: signer.sign_at(conn, size, root, reason))
+        return note
+
+    def checkpoint_in(self, conn: sqlite3.Connection, reason: str) -> str:
+        """Store a checkpoint inside a write the caller is already in (a policy import and its record)."""
+        try:
+            return self._require_signer().store(conn, self._tree_in(conn), reason)
+        finally:
+            self._tree = None  # it may hold the caller's uncommitted records: read the file again
+
+    def verifier(self) -> signed_note.Verifier:
+        """The verifier key of this ledger's checkpoints (what an auditor is given)."""
+        signer = self._require_signer()
+        origin = ledger_checkpoints.stored_origin(self._db.reader())
+        if origin is None:  # a ledger that has signed nothing yet: fix its origin now
+            origin = self._db.write(signer.origin)
+        return signer.verifier(origin)
+
+    def _require_signer(self) -> CheckpointSigner:
+        if self._signer is None:
+            raise RuntimeError("this ledger was opened without the appliance key")
+        return self._signer
+
+    def close(self) -> None:
+        """Stop the stdout printer after writing what is pending (the vault's writer is closed first)."""
+        if self._printer is not None:
+            self._printer.close()
+
+    def commit_failed(self, exc: StorageUnavailable) -> Exception:
+        self._tree = self._uncommitted = None  # read the file again before the next append
+        self._ok = False
+        error = LedgerUnavailable(f"the audit ledger cannot be written: {exc}")
+        error.__cause__ = exc
+        return error
+
+    # -- reading ------------------------------------------------------------------------------------------
+
+    def count(self) -> int:
+        """Number of records (the last seq: seqs are contiguous from 1, which ``verify`` checks)."""
+        row = self._db.reader().execute(_LAST).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def tail(self, n: int) -> list[dict[str, Any]]:
+        """The last ``n`` records, oldest first, each with its ``seq``."""
+        rows = (
+            self._db.reader()
+            .execute("SELECT seq, record FROM ledger ORDER BY seq DESC LIMIT ?", (max(0, n),))
+            .fetchall()
+        )
+        result = []
+        for seq, text in reversed(rows):
+            record = json.loads(text)
+            entry = {name: record.get(name) for name in self.FIELDS}
+            entry["seq"] = seq
+            result.append(entry)
+        return result
+
+    def pending_outcomes(self, limit: int = 100) -> list[str]:
+        """Request ids with a "request" record and no later "response"/"error" record, oldest first.
+
+        After a crash these are the requests that were let through with no recorded outcome.
+        """
+        rows = (
+            self._db.reader()
+            .execute(
+                "SELECT r.request_id FROM ledger AS r"
+                " WHERE r.type = 'request' AND r.request_id IS NOT NULL"
+                " AND NOT EXISTS (SELECT 1 FROM ledger AS o WHERE o.request_id = r.request_id"
+                "   AND o.seq > r.seq AND o.type IN ('response', 'error'))"
+                " ORDER BY r.seq LIMIT ?",
+                (limit,),
+            )
+            .fetchall()
+        )
+        return [row[0] for row in rows]
+
+    def verify(
+        self,
+        progress: Callable[[int], None] | None = None,
+        *,
+        kept: list[tuple[str, str]] | None = None,
+        extra_verifiers: list[signed_note.Verifier] | None = None,
+    ) -> VerifyReport:
+        """Recompute chain and tree from record 1 and check every checkpoint (``ledger_verify``).
+
+        ``kept``: (label, note) of checkpoints an auditor kept; blocking: run it off the event loop.
+        """
+        verifiers = [*(extra_verifiers or [])]
+        if self._signer is not None:
+            origin = ledger_checkpoints.stored_origin(self._db.reader())
+            verifiers.append(self._signer.verifier(origin or self._signer.default_origin))
+        return verify_database(self._db.reader(), verifiers, kept or [], progress)
+
+
+_KEYS: Final = tuple(f"{encode_basestring(name)}:" for name in Ledger.FIELDS)

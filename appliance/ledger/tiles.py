@@ -1,0 +1,188 @@
+"""The ledger's Merkle tree (RFC 9162 §2.1) as stored: tiles, the writer's running state, subtree hashes.
+
+Leaf ``i`` (0-based) is record ``seq = i + 1``; its entry is the record's stored JSON text as UTF-8, the
+same bytes the hash chain covers (an exported audit line is that text with ``,"seq":N`` added before its
+closing brace). Nothing but leaves is needed to recompute the tree, so nothing here is trusted by
+``verify``: it recomputes every tile and every signed root from the records.
+
+What is stored is one hash per complete tile: the root of 256 consecutive leaves (``ledger_tile``,
+``idx`` = first leaf // 256). Any subtree the RFC's proof algorithms ask for is either inside one tile
+(hashed from at most 256 records) or starts on a tile boundary (the tiles it covers, plus at most one
+partial tile), so a proof for a ledger of n records reads about n/256 tile hashes and one tile of records.
+
+Owns: the ``ledger_tile`` table, ``TreeState`` (what the writer thread carries from commit to commit:
+size, the newest chain hash, the RFC compact range of the tree, and the leaf hashes of the unfinished
+tile), and ``SubtreeReader`` (subtree hashes for proofs, from one read snapshot).
+Never: trusts a stored tile while verifying; keeps state across a commit it cannot vouch for (the state
+names the newest record's seq and chain hash, and the writer reloads it when the file says otherwise).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Final
+
+import sqlite_utils
+
+from appliance.errors import OperatorError
+from appliance.ledger import merkle
+from appliance.vault.db import Migration
+
+TILE_LEAVES: Final = 256
+GENESIS: Final = "0" * 64
+
+
+class TreeInconsistent(sqlite3.DatabaseError):
+    """The stored tiles do not fit the records (a torn or edited file): the writer refuses to append."""
+
+
+def _create_tiles(db: sqlite_utils.Database) -> None:
+    db.execute("CREATE TABLE ledger_tile (idx INTEGER PRIMARY KEY, hash BLOB NOT NULL)")
+    for event in ("UPDATE", "DELETE"):
+        db.execute(
+            f"CREATE TRIGGER ledger_tile_append_only_{event.lower()} BEFORE {event} ON ledger_tile"
+            " BEGIN SELECT RAISE(ABORT, 'the audit ledger is append-only'); END"
+        )
+    # Ledgers written before the tree existed get their tiles now, in the migration's transaction.
+    leaves: list[bytes] = []
+    idx = 0
+    for (text,) in db.execute("SELECT record FROM ledger ORDER BY seq"):
+        leaves.append(merkle.leaf_hash(text.encode()))
+        if len(leaves) == TILE_LEAVES:
+            db.execute("INSERT INTO ledger_tile (idx, hash) VALUES (?, ?)", (idx, merkle.mth(leaves)))
+            leaves.clear()
+            idx += 1
+
+
+MIGRATION = Migration("ledger-0004-merkle-tiles", _create_tiles)
+
+
+def entry_leaf(record_text: str) -> bytes:
+    """The leaf hash of a record: RFC 9162 ``SHA-256(0x00 || entry)`` over its stored JSON text."""
+    return merkle.leaf_hash(record_text.encode())
+
+
+def tile_frontier(conn: sqlite3.Connection, size: int) -> merkle.Frontier:
+    """The compact range of the first ``size`` leaves (whole tiles) from the stored tiles alone."""
+    if size % TILE_LEAVES:
+        raise ValueError("only whole tiles")
+    tiles = merkle.Frontier()  # over tile roots: each of its subtrees is 256 times larger in leaves
+    for (digest,) in conn.execute(
+        "SELECT hash FROM ledger_tile WHERE idx < ? ORDER BY idx", (size // TILE_LEAVES,)
+    ):
+        tiles.append(bytes(digest))
+    if tiles.size * TILE_LEAVES != size:
+        raise TreeInconsistent(
+            f"the ledger's tiles cover {tiles.size * TILE_LEAVES} records, not {size}: run audit verify"
+        )
+    return merkle.Frontier(size, tiles.hashes)
+
+
+@dataclass
+class TreeState:
+    """The tree after record ``size``: its chain hash, compact range, and the unfinished tile's leaves."""
+
+    size: int = 0
+    chain: str = GENESIS
+    frontier: merkle.Frontier = field(default_factory=merkle.Frontier)
+    partial: list[bytes] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, conn: sqlite3.Connection) -> TreeState:
+        """Rebuild from the file: tiles give the compact range above 256 leaves, the last records the rest."""
+        last = conn.execute("SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1").fetchone()
+        size, chain = (0, GENESIS) if last is None else (int(last[0]), str(last[1]))
+        tiles = size // TILE_LEAVES
+        upper = tile_frontier(conn, tiles * TILE_LEAVES)
+        start = tiles * TILE_LEAVES
+        texts = [
+            row[0] for row in conn.execute("SELECT record FROM ledger WHERE seq > ? ORDER BY seq", (start,))
+        ]
+        if len(texts) != size - start or not all(isinstance(text, str) for text in texts):
+            raise TreeInconsistent(f"records {start + 1} to {size} are not all present: run audit verify")
+        partial = [entry_leaf(text) for text in texts]
+        lower = merkle.Frontier()
+        for leaf in partial:
+            lower.append(leaf)
+        frontier = merkle.Frontier(size, [*upper.hashes, *lower.hashes])  # larger subtrees first
+        return cls(size, chain, frontier, partial)
+
+    def copy(self) -> TreeState:
+        return TreeState(self.size, self.chain, self.frontier.copy(), list(self.partial))
+
+    def matches(self, last: tuple[int, str] | None) -> bool:
+        """Whether this state describes the file whose newest record is ``last`` (seq, chain hash)."""
+        return (self.size, self.chain) == ((0, GENESIS) if last is None else (last[0], last[1]))
+
+    def extend(self, leaves: Iterable[bytes], chain: str) -> list[tuple[int, bytes]]:
+        """Add leaves (the batch just inserted, ending in chain hash ``chain``); the tiles they complete."""
+        done: list[tuple[int, bytes]] = []
+        append = self.frontier.append
+        partial = self.partial
+        for leaf in leaves:
+            append(leaf)
+            partial.append(leaf)
+            if len(partial) == TILE_LEAVES:
+                done.append(((self.frontier.size - 1) // TILE_LEAVES, merkle.mth(partial)))
+                partial.clear()
+        self.size = self.frontier.size
+        self.chain = chain
+        return done
+
+    def root(self) -> bytes:
+        return self.frontier.root()
+
+
+def insert_tiles(conn: sqlite3.Connection, tiles: list[tuple[int, bytes]]) -> None:
+    if tiles:
+        conn.executemany("INSERT INTO ledger_tile (idx, hash) VALUES (?, ?)", tiles)
+
+
+class SubtreeReader:
+    """``subtree(start, end)`` for RFC 9162 proofs over the first ``size`` records of one read snapshot.
+
+    Call it inside one read transaction (``BEGIN`` on the reader) so tiles and records agree.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, size: int) -> None:
+        self._conn = conn
+        self.size = size
+        self._tiles = [
+            bytes(row[0])
+            for row in conn.execute(
+                "SELECT hash FROM ledger_tile WHERE idx < ? ORDER BY idx", (size // TILE_LEAVES,)
+            )
+        ]
+        if len(self._tiles) != size // TILE_LEAVES:
+            raise TreeInconsistent("the ledger's tiles are incomplete: run audit verify")
+
+    def leaves(self, start: int, end: int) -> list[bytes]:
+        rows = self._conn.execute(
+            "SELECT seq, record FROM ledger WHERE seq > ? AND seq <= ? ORDER BY seq", (start, end)
+        ).fetchall()
+        if len(rows) != end - start:
+            oldest = self._conn.execute("SELECT MIN(seq) FROM ledger").fetchone()[0]
+            if oldest is not None and start + 1 < oldest:
+                raise OperatorError(
+                    f"this proof needs records {start + 1} to {end}, and records before {oldest} are "
+                    "archived: prove it at a size past the archive, or from the archive bundle"
+                )
+            raise TreeInconsistent(f"records {start + 1} to {end} are not all present")
+        return [entry_leaf(text) for _, text in rows]
+
+    def subtree(self, start: int, end: int) -> bytes:
+        if not 0 <= start < end <= self.size:
+            raise ValueError(f"subtree [{start}, {end}) is outside a tree of {self.size} leaves")
+        if end - start <= TILE_LEAVES and start // TILE_LEAVES == (end - 1) // TILE_LEAVES:
+            if end - start == TILE_LEAVES:
+                return self._tiles[start // TILE_LEAVES]
+            return merkle.mth(self.leaves(start, end))
+        if start % TILE_LEAVES:
+            raise ValueError(f"subtree [{start}, {end}) does not start on a tile boundary")
+        whole = end // TILE_LEAVES
+        parts = self._tiles[start // TILE_LEAVES : whole]
+        if end % TILE_LEAVES:
+            parts = [*parts, merkle.mth(self.leaves(whole * TILE_LEAVES, end))]
+        return merkle.mth(parts)
