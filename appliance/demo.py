@@ -20,6 +20,7 @@ from appliance import signing_keys
 from appliance.errors import OperatorError
 from appliance.home import Home
 from appliance.policy import dsse, importer
+from appliance.timestamps import rfc3339
 from local_models.registry import hash_file
 from local_models.tiny import write_tiny_model
 
@@ -33,8 +34,8 @@ _RENEW_BEFORE = timedelta(days=7)
 def demo_policy(version: int, now: datetime, model_sha256: str) -> dict[str, Any]:
     return {
         "version": version,
-        "issued_at": _iso(now - timedelta(minutes=1)),
-        "expires_at": _iso(now + _LIFETIME),
+        "issued_at": rfc3339(now - timedelta(minutes=1), seconds=True),
+        "expires_at": rfc3339(now + _LIFETIME, seconds=True),
         "scope": {"sites": [DEMO_SITE]},
         "routes": {
             "local": {"kind": "local", "data_classes": ["phi", "deidentified", "public"]},
@@ -132,7 +133,3 @@ def _stale(envelope: bytes, now: datetime, model_sha256: str) -> bool:
     expires = datetime.fromisoformat(policy["expires_at"].replace("Z", "+00:00"))
     pinned = policy.get("models", {}).get("local/demo", {}).get("sha256")
     return bool(expires - now < _RENEW_BEFORE) or pinned != model_sha256
-
-
-def _iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

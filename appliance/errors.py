@@ -16,6 +16,7 @@ Messages must never contain a token secret, a provider key or prompt text.
     ├── RequestTimeout (408 timeout_error)
     ├── PayloadTooLarge (413 invalid_request_error)
     ├── RateLimited (429 rate_limit_error, carries Retry-After)
+    │   └── LimitReached (429, a role's limit or budget; names the policy rule)
     ├── HeadersTooLarge (431 invalid_request_error)
     ├── UpstreamError (502 upstream_error)
     │   └── UpstreamTimeout (504 upstream_error)
@@ -26,12 +27,24 @@ Messages must never contain a token secret, a provider key or prompt text.
             └── LedgerUnavailable (503, the audit ledger cannot be written: fail closed)
 
     OperatorError (not HTTP: a CLI command failed; the message is printed and the exit code is 1)
-    └── BundleRejected (a policy bundle failed one of the import checks; nothing was changed)
+    ├── BundleRejected (a policy bundle failed one of the import checks; nothing was changed)
+    └── EvidenceError (the ledger's evidence does not hold; the message says which check failed)
+        ├── ProofError (a Merkle proof does not prove what it claims; also a ValueError)
+        ├── CheckpointError (a signed note, checkpoint or verifier key was refused; also a ValueError)
+        ├── ProofRejected (a proof document, or the checkpoint it rests on, was refused)
+        └── TreeInconsistent (stored tiles do not fit the records; also a sqlite3.DatabaseError, so
+                              the vault writer's storage-failure path takes it and the gateway fails closed)
+
+    ClientDisconnected (not an error anyone is told of: the client went away, nothing more can be sent)
+
+The pure modules (``ledger.merkle``, ``ledger.signed_note``) raise their own classes from here, so
+callers catch one tree; the second bases keep them catchable as the library kinds they used to be.
 """
 
 from __future__ import annotations
 
 import json
+import sqlite3
 
 
 class GatewayError(Exception):
@@ -124,6 +137,17 @@ class RateLimited(GatewayError):
         return [(b"Retry-After", str(max(1, round(self.retry_after))).encode())]
 
 
+class LimitReached(RateLimited):
+    """A limit or budget refused the request: 429 with Retry-After; ``rule`` names the policy path.
+
+    ``code`` is ``rate_limited`` (requests/tokens per minute) or ``budget_exceeded`` (USD per day/month).
+    """
+
+    def __init__(self, message: str, *, rule: str, retry_after: float, code: str) -> None:
+        super().__init__(message, retry_after=retry_after, code=code)
+        self.rule = rule
+
+
 class HeadersTooLarge(GatewayError):
     status = 431
     type = "invalid_request_error"
@@ -173,3 +197,33 @@ class BundleRejected(OperatorError):
     def __init__(self, check: str, message: str) -> None:
         super().__init__(f"bundle rejected ({check}): {message}")
         self.check = check
+
+
+class EvidenceError(OperatorError):
+    """The ledger's evidence (a proof, a checkpoint, the stored tree) does not hold; the message says why."""
+
+
+class ProofError(EvidenceError, ValueError):
+    """A Merkle proof does not prove what it claims; the message says which check failed."""
+
+
+class CheckpointError(EvidenceError, ValueError):
+    """A note, checkpoint or verifier key was refused; the message says precisely why.
+
+    Prefixes: ``not a checkpoint:`` (malformed note or text), ``invalid checkpoint:`` (bad field values
+    given to ``Checkpoint``), ``not a verifier key:``, ``invalid verifier key:``, ``cannot sign:``; and the
+    verdicts ``signature does not verify``, ``signed by an unknown key``, ``origin mismatch``,
+    ``ambiguous verifier key``.
+    """
+
+
+class ProofRejected(EvidenceError):
+    """A proof, or the checkpoint it rests on, does not hold; the message says why."""
+
+
+class TreeInconsistent(EvidenceError, sqlite3.DatabaseError):
+    """The stored tiles do not fit the records (a torn or edited file): the writer refuses to append."""
+
+
+class ClientDisconnected(Exception):
+    """The client connection is gone; raised by ``Responder.write`` and ``Request.body``."""

@@ -26,13 +26,14 @@ import secrets
 import sqlite3
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import sqlite_utils
 
 from appliance.errors import Forbidden, OperatorError, Unauthorized
+from appliance.timestamps import rfc3339
 from appliance.vault.change_mark import MAX_AGE_S, ChangeMark, Mark
 from appliance.vault.db import Database, Migration
 
@@ -93,8 +94,7 @@ def format_ts(moment: datetime) -> str:
     """RFC 3339 UTC with milliseconds, the one timestamp shape stored in the vault."""
     if moment.tzinfo is None:
         raise OperatorError("an expiry time must carry a time zone (e.g. 2027-01-01T00:00:00Z)")
-    moment = moment.astimezone(UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    return rfc3339(moment)
 
 
 def _check_name(kind: str, value: str) -> None:

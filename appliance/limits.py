@@ -44,7 +44,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from appliance.errors import RateLimited, StorageUnavailable
+from appliance import timestamps
+from appliance.errors import LimitReached, StorageUnavailable
 from appliance.policy.limits_schema import Rate, RoleBudgets, RoleLimits, Spend
 from appliance.vault.db import Database
 
@@ -73,17 +74,6 @@ class Subject:
     caller: str
     org: str
     role: str
-
-
-class LimitReached(RateLimited):
-    """A limit or budget refused the request: 429 with Retry-After; ``rule`` names the policy path.
-
-    ``code`` is ``rate_limited`` (requests/tokens per minute) or ``budget_exceeded`` (USD per day/month).
-    """
-
-    def __init__(self, message: str, *, rule: str, retry_after: float, code: str) -> None:
-        super().__init__(message, retry_after=retry_after, code=code)
-        self.rule = rule
 
 
 # -- counters ---------------------------------------------------------------------------------------------
@@ -227,12 +217,6 @@ def _periods(now: float) -> tuple[int, int]:
 def _month_start(month: int) -> float:
     year, index = divmod(month, 12)
     return float(calendar.timegm((year, index + 1, 1, 0, 0, 0)))
-
-
-def _iso(ts: float) -> str:
-    """``ts`` in the ledger's ts format (RFC 3339 UTC, milliseconds), for comparisons with its column."""
-    secs, ms = divmod(int(ts * 1000), 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(secs)) + f"{ms:03d}Z"
 
 
 def _caps(spec: Spend | None) -> tuple[float | None, float | None]:
@@ -431,13 +415,22 @@ class LimitKeeper:
         day_start = day * 86400.0
         conn = db.reader()
         try:
-            first = _first_seq_from(conn, _iso(month_start - _REBUILD_SLACK_S))
-            params = {"first": first, "month": _iso(month_start), "day": _iso(day_start)}
+            first = _first_seq_from(conn, timestamps.rfc3339(month_start - _REBUILD_SLACK_S))
+            params = {
+                "first": first,
+                "month": timestamps.rfc3339(month_start),
+                "day": timestamps.rfc3339(day_start),
+            }
             totals = conn.execute(_MONTH_SQL, params).fetchall()
-            recent_first = _first_seq_from(conn, _iso(max(month_start, now - WINDOW_S) - _REBUILD_SLACK_S))
+            recent_first = _first_seq_from(
+                conn, timestamps.rfc3339(max(month_start, now - WINDOW_S) - _REBUILD_SLACK_S)
+            )
             recent = conn.execute(
                 _RECENT_SQL,
-                {"first": max(first, recent_first), "since": _iso(max(month_start, now - WINDOW_S))},
+                {
+                    "first": max(first, recent_first),
+                    "since": timestamps.rfc3339(max(month_start, now - WINDOW_S)),
+                },
             ).fetchall()
         except sqlite3.Error as exc:
             raise StorageUnavailable(f"cannot read the ledger to rebuild limits: {exc}") from exc

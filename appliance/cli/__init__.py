@@ -26,7 +26,7 @@ from appliance.admin import AdminClient
 from appliance.errors import BundleRejected, GatewayError, OperatorError
 from appliance.home import Home, Vault, resolve_home
 from appliance.policy import dsse, importer
-from appliance.policy.engine import summarize_change
+from appliance.policy.diff import summarize_change
 from appliance.policy.explain import explain
 from appliance.policy.schema import Policy, parse_policy
 from local_models.registry import ModelRegistry

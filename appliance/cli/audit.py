@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 
 from appliance.cli import _home, home_option
-from appliance.errors import OperatorError
+from appliance.errors import CheckpointError, OperatorError
 from appliance.ledger import archive as ledger_archive
 from appliance.ledger import export as audit_export
 from appliance.ledger import proofs as ledger_proofs
@@ -43,7 +43,7 @@ def _verifiers(keys: tuple[str, ...]) -> list[signed_note.Verifier]:
         for line in lines:
             try:
                 found.append(signed_note.Verifier.parse(line.strip()))
-            except signed_note.CheckpointError as exc:
+            except CheckpointError as exc:
                 raise OperatorError(f"--key {value}: {exc}") from None
     return found
 

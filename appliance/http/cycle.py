@@ -13,7 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from appliance.errors import GatewayError, MalformedHTTP, RequestTimeout
+from appliance.errors import ClientDisconnected, GatewayError, MalformedHTTP, RequestTimeout
 from appliance.http.responses import (
     CHUNKED,
     CONTINUE,
@@ -31,10 +31,6 @@ if TYPE_CHECKING:
     from appliance.http.protocol import HttpProtocol
 
 logger = logging.getLogger("phi.http")
-
-
-class ClientDisconnected(Exception):
-    """The client connection is gone; raised by ``Responder.write`` and ``Request.body``."""
 
 
 class Request:

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING
 
 import sqlite_utils
 
-from appliance.errors import OperatorError
+from appliance import timestamps
+from appliance.errors import CheckpointError, OperatorError
 from appliance.ledger import merkle, signed_note
 from appliance.ledger.tiles import TILE_LEAVES, tile_frontier
 from appliance.vault.db import Database, Migration
@@ -170,7 +171,7 @@ def check_prefix(prefix: ArchivedPrefix, verifiers: list[signed_note.Verifier]) 
             if verifiers
             else signed_note.parse_unverified(prefix.note)
         )
-    except signed_note.CheckpointError as exc:
+    except CheckpointError as exc:
         return f"the archive checkpoint of records 1 to {prefix.last_seq}: {exc}"
     if cp.reason != "archive" or prefix.last_seq % TILE_LEAVES:
         return (
@@ -232,7 +233,7 @@ def run_archive(ledger: Ledger, db: Database, through: int, out_dir: Path) -> Ar
         again = archived_prefix(conn)
         if (0 if again is None else again.last_seq) != archive.first - 1:
             raise OperatorError("another archive ran meanwhile; nothing was deleted: run it again")
-        deleted = store(conn, archive, note, path, digest, signed_note.timestamp_now())
+        deleted = store(conn, archive, note, path, digest, timestamps.now())
         detail = f"audit_archive records {archive.first}-{archive.last} file={name} sha256:{digest[:16]}"
         ledger.record_in(conn, {"type": "admin", "detail": detail})
         return deleted

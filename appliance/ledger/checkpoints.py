@@ -31,6 +31,7 @@ from typing import Final
 
 import sqlite_utils
 
+from appliance import timestamps
 from appliance.ledger import signed_note
 from appliance.ledger.tiles import TreeState
 from appliance.signing_keys import SigningKey
@@ -183,7 +184,7 @@ class CheckpointSigner:
     @staticmethod
     def _timestamp(conn: sqlite3.Connection) -> str:
         """Now, but never before the newest stored checkpoint (a clock stepped back keeps the order)."""
-        now = signed_note.timestamp_now()
+        now = timestamps.now()
         row = conn.execute("SELECT ts FROM ledger_checkpoint ORDER BY id DESC LIMIT 1").fetchone()
         return now if row is None or row[0] <= now else str(row[0])
 

@@ -44,9 +44,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, Final, TextIO
 
-from appliance.errors import OperatorError
+from appliance.errors import CheckpointError, OperatorError, ProofRejected
 from appliance.ledger import merkle, signed_note
-from appliance.ledger.proofs import ProofRejected, entry_of_line
+from appliance.ledger.proofs import entry_of_line
 from appliance.ledger.store import Ledger
 from appliance.ledger.tiles import SubtreeReader, entry_leaf
 
@@ -412,7 +412,7 @@ def _open_bundle(path: Path, verifiers: Sequence[signed_note.Verifier]) -> _Bund
         report.first_seq, report.last_seq = first, last
     try:
         checkpoint = signed_note.open_note(note, verifiers)
-    except signed_note.CheckpointError as exc:
+    except CheckpointError as exc:
         problem = f"{checkpoint_path.name}: {exc}"
         if str(exc).startswith("signed by an unknown key") and isinstance(sidecar.get("verifier_key"), str):
             problem += f" (the export names {sidecar['verifier_key']}: pass it with --key if you trust it)"

@@ -28,6 +28,8 @@ import hashlib
 from collections.abc import Callable, Sequence
 from typing import Final, NoReturn
 
+from appliance.errors import ProofError
+
 HASH_SIZE: Final = 32
 EMPTY_ROOT: Final[bytes] = hashlib.sha256(b"").digest()
 
@@ -37,10 +39,6 @@ _sha256: Final = hashlib.sha256
 _NODE_STATE: Final = hashlib.sha256(_NODE)  # never updated: only copied
 
 Subtree = Callable[[int, int], bytes]
-
-
-class ProofError(ValueError):
-    """A proof does not prove what it claims; the message says which check failed."""
 
 
 def leaf_hash(entry: bytes) -> bytes:

@@ -26,16 +26,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from appliance.errors import OperatorError
+from appliance.errors import CheckpointError, OperatorError, ProofError, ProofRejected
 from appliance.ledger import merkle, signed_note
 from appliance.ledger.tiles import SubtreeReader, entry_leaf
 
 FORMAT: Final = "phi-gateway-proof/v1"
 _SEQ_SUFFIX: Final = re.compile(r',"seq":([1-9][0-9]*)\}\n?$')
-
-
-class ProofRejected(OperatorError):
-    """A proof, or the checkpoint it rests on, does not hold; the message says why."""
 
 
 def entry_of_line(line: str) -> tuple[int, str]:
@@ -132,7 +128,7 @@ def _checkpoint(
     for what, text in candidates:
         try:
             cp = signed_note.open_note(text, verifiers)
-        except signed_note.CheckpointError as exc:
+        except CheckpointError as exc:
             raise ProofRejected(f"{what}: {exc}") from None
         if cp.size != size:
             raise ProofRejected(
@@ -158,7 +154,7 @@ def verify_proof(
     for text in kept:
         try:
             kept_by_size[signed_note.parse_unverified(text).size] = text
-        except signed_note.CheckpointError as exc:
+        except CheckpointError as exc:
             raise ProofRejected(f"your kept checkpoint: {exc}") from None
     kind = doc.get("kind")
     path = _unb64(doc.get("path"), "path")
@@ -174,7 +170,7 @@ def verify_proof(
             return _verify_inclusion(doc, path, verifiers, kept_by_size)
         if kind == "consistency":
             return _verify_consistency(doc, path, verifiers, kept_by_size)
-    except merkle.ProofError as exc:
+    except ProofError as exc:
         raise ProofRejected(f"the proof does not hold: {exc}") from None
     raise ProofRejected(f"unknown proof kind {kind!r}")
 

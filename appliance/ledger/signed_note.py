@@ -34,12 +34,14 @@ import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING, Final
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from appliance.errors import CheckpointError
 
 if TYPE_CHECKING:
     from appliance.signing_keys import SigningKey
@@ -62,16 +64,6 @@ _CONTROL: Final = re.compile(r"[\x00-\x09\x0b-\x1f]")
 _SIZE: Final = re.compile(r"0|[1-9][0-9]*")
 _TIMESTAMP: Final = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z")
 _HEX8: Final = re.compile(r"[0-9a-fA-F]{8}")
-
-
-class CheckpointError(ValueError):
-    """A note, checkpoint or verifier key was refused; the message says precisely why.
-
-    Prefixes: ``not a checkpoint:`` (malformed note or text), ``invalid checkpoint:`` (bad field values
-    given to ``Checkpoint``), ``not a verifier key:``, ``invalid verifier key:``, ``cannot sign:``; and the
-    verdicts ``signature does not verify``, ``signed by an unknown key``, ``origin mismatch``,
-    ``ambiguous verifier key``.
-    """
 
 
 @dataclass(frozen=True)
@@ -173,11 +165,6 @@ class _SignatureLine:
     @property
     def label(self) -> str:
         return f"{self.name}+{self.key_hash.hex()}"
-
-
-def timestamp_now() -> str:
-    """Now as RFC 3339 UTC with milliseconds: ``2026-11-25T10:00:00.123Z``."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def sign(checkpoint: Checkpoint, key: SigningKey) -> str:

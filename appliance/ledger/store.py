@@ -25,14 +25,14 @@ import json
 import logging
 import sqlite3
 import sys
-import time
 from collections.abc import Callable
 from json.encoder import encode_basestring
 from typing import Any, Final, TextIO
 
 import sqlite_utils
 
-from appliance.errors import LedgerUnavailable, StorageUnavailable
+from appliance import timestamps
+from appliance.errors import LedgerUnavailable, StorageUnavailable, TreeInconsistent
 from appliance.ledger import archive as ledger_archive
 from appliance.ledger import checkpoints as ledger_checkpoints
 from appliance.ledger import signed_note
@@ -40,7 +40,7 @@ from appliance.ledger import tiles as ledger_tree
 from appliance.ledger.checkpoints import CheckpointSigner
 from appliance.ledger.stdout import AuditPrinter
 from appliance.ledger.tiles import GENESIS as GENESIS
-from appliance.ledger.tiles import TreeInconsistent, TreeState, insert_tiles
+from appliance.ledger.tiles import TreeState, insert_tiles
 from appliance.ledger.verify import VerifyReport, verify_database
 from appliance.vault.db import Database, Migration
 
@@ -101,20 +101,6 @@ MIGRATIONS = [
     ledger_checkpoints.MIGRATION,
     ledger_archive.MIGRATION,
 ]
-
-
-_second: tuple[int, str] = (-1, "")
-
-
-def utc_now_iso() -> str:
-    """Now as RFC 3339 UTC with milliseconds: ``2026-11-25T10:00:00.123Z``."""
-    global _second
-    secs, ms = divmod(int(time.time() * 1000), 1000)
-    cached = _second
-    if cached[0] != secs:
-        cached = (secs, time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(secs)))
-        _second = cached
-    return f"{cached[1]}{ms:03d}Z"
 
 
 def sha256_hex(data: bytes) -> str:
@@ -242,7 +228,7 @@ class Ledger:
         ordered = dict.fromkeys(self.FIELDS)
         ordered.update(record)
         if ordered["ts"] is None:
-            ordered["ts"] = utc_now_iso()
+            ordered["ts"] = timestamps.now()
         for column in ("ts", "request_id", "claw_id"):  # copied into TEXT columns: must stay strings
             if not isinstance(ordered[column], str | None):
                 raise ValueError(f"audit record field {column} must be a string or null")

@@ -26,16 +26,12 @@ from typing import Final
 
 import sqlite_utils
 
-from appliance.errors import OperatorError
+from appliance.errors import OperatorError, TreeInconsistent
 from appliance.ledger import merkle
 from appliance.vault.db import Migration
 
 TILE_LEAVES: Final = 256
 GENESIS: Final = "0" * 64
-
-
-class TreeInconsistent(sqlite3.DatabaseError):
-    """The stored tiles do not fit the records (a torn or edited file): the writer refuses to append."""
 
 
 def _create_tiles(db: sqlite_utils.Database) -> None:

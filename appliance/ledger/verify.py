@@ -27,6 +27,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from appliance.errors import CheckpointError
 from appliance.ledger import merkle, signed_note
 from appliance.ledger.archive import archive_roots, archived_prefix, check_prefix
 from appliance.ledger.checkpoints import StoredCheckpoint, stored_checkpoints, stored_origin
@@ -144,7 +145,7 @@ def _open(
 ) -> signed_note.Checkpoint:
     try:
         cp = signed_note.open_note(text, verifiers)
-    except signed_note.CheckpointError as exc:
+    except CheckpointError as exc:
         raise _Failed(0, None, f"{label}: {exc}") from None
     if origin is not None and cp.origin != origin:
         raise _Failed(0, None, f"{label} is for another ledger ({cp.origin}; this one is {origin})")

@@ -27,8 +27,10 @@ from typing import Any, Literal
 
 from appliance.errors import (
     BadRequest,
+    ClientDisconnected,
     GatewayError,
     LedgerUnavailable,
+    LimitReached,
     NoPolicy,
     OperatorError,
     PolicyDenied,
@@ -37,10 +39,10 @@ from appliance.errors import (
     Unavailable,
     UpstreamError,
 )
-from appliance.http import ClientDisconnected, Request, Responder
+from appliance.http import Request, Responder
 from appliance.identity import Caller, TokenStore
 from appliance.ledger.store import Ledger
-from appliance.limits import DEFAULT_MAX_TOKENS, LimitKeeper, LimitReached, Subject, Ticket
+from appliance.limits import DEFAULT_MAX_TOKENS, LimitKeeper, Subject, Ticket
 from appliance.pipeline.facts import BodyFacts, apply_edits, read_facts
 from appliance.policy.engine import RequestFacts, Verdict
 from appliance.policy.schema import split_model

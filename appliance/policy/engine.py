@@ -11,7 +11,7 @@ regex; deny patterns compiled once; data classes as sets), so ``evaluate`` costs
 
 and names the rule behind each outcome; actions that still allow the request are ``Intervention``s.
 Also: ``decide`` (the model allow-list alone, kept for callers of the spine), the listing for
-``GET /v1/models``, prices, and ``summarize_change`` for the import CLI.
+``GET /v1/models`` and prices.
 
 Must never: allow anything once the policy has expired, allow a model whose provider is not a defined
 route, send a data class to a route that may not receive it, put another role's allow-list or a deny
@@ -23,16 +23,14 @@ from __future__ import annotations
 import fnmatch
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 from pydantic import BaseModel
 
-from appliance.policy.importer import iso_utc
 from appliance.policy.schema import (
     DATA_CLASS_RANK,
-    LocalModelSpec,
     Policy,
     Price,
     Role,
@@ -41,6 +39,7 @@ from appliance.policy.schema import (
     scan_limit,
     split_model,
 )
+from appliance.timestamps import rfc3339
 
 _MAX_ECHO = 80
 M = TypeVar("M", bound=BaseModel)
@@ -256,7 +255,7 @@ class PolicyEngine:
         self._fallbacks = {model: tuple(alts) for model, alts in policy.fallbacks.items()}
         self._expired = _deny(
             "policy_expired",
-            f"the policy in force (v{policy.version}) expired at {iso_utc(policy.expires_at)}",
+            f"the policy in force (v{policy.version}) expired at {rfc3339(policy.expires_at, seconds=True)}",
         )
         self._unknown_role = _deny("unknown_role", "this token's organization and role are not in the policy")
 
@@ -507,121 +506,3 @@ def _refuse(facts: RequestFacts, reason: str, rule: str | None, message: str) ->
 
 def _echo(text: str) -> str:
     return repr(text if len(text) <= _MAX_ECHO else text[:_MAX_ECHO] + "...")
-
-
-def summarize_change(old: Policy | None, new: Policy) -> list[str]:
-    """Human lines describing what importing ``new`` over ``old`` changes (printed by ``policy import``)."""
-    if old is None:
-        lines = [f"version: none -> v{new.version} (first policy)", f"expires: {iso_utc(new.expires_at)}"]
-        lines.append(f"sites: {', '.join(new.scope.sites)}")
-    else:
-        lines = [f"version: v{old.version} -> v{new.version}"]
-        if old.expires_at != new.expires_at:
-            lines.append(f"expires: {iso_utc(old.expires_at)} -> {iso_utc(new.expires_at)}")
-        if old.scope.sites != new.scope.sites:
-            lines.append(f"sites: {', '.join(old.scope.sites)} -> {', '.join(new.scope.sites)}")
-    lines += _diff("route", {} if old is None else old.routes, new.routes, _describe_route)
-    lines += _diff("local model", {} if old is None else old.models, new.models, _describe_model)
-    lines += _diff("role", {} if old is None else _roles(old), _roles(new), _describe_role)
-    lines += _diff("price", {} if old is None else old.pricing, new.pricing, _describe_price)
-    lines += _diff_plain("alias", {} if old is None else old.aliases, new.aliases)
-    old_fallbacks = {} if old is None else {k: ", ".join(v) for k, v in old.fallbacks.items()}
-    lines += _diff_plain("fallbacks", old_fallbacks, {k: ", ".join(v) for k, v in new.fallbacks.items()})
-    old_budgets = (
-        {} if old is None else {o: _show_budget(org.budgets) for o, org in old.organizations.items()}
-    )
-    new_budgets = {o: _show_budget(org.budgets) for o, org in new.organizations.items()}
-    lines += _diff_plain(
-        "organization budgets",
-        {k: v for k, v in old_budgets.items() if v},
-        {k: v for k, v in new_budgets.items() if v},
-    )
-    if new.trust is not None and (old is None or old.trust != new.trust):
-        keyids = ", ".join(k[:8] + "…" for k in sorted(new.trust.keys))
-        lines.append(
-            f"trust: rotates to {len(new.trust.keys)} key(s) ({keyids}), threshold {new.trust.threshold}"
-        )
-    return lines
-
-
-def _diff_plain(noun: str, old: Mapping[str, str], new: Mapping[str, str]) -> list[str]:
-    lines = []
-    for name in sorted(old.keys() | new.keys()):
-        before, after = old.get(name), new.get(name)
-        if before is None:
-            lines.append(f"{noun} added: {name} ({after})")
-        elif after is None:
-            lines.append(f"{noun} removed: {name}")
-        elif before != after:
-            lines.append(f"{noun} changed: {name} ({before} -> {after})")
-    return lines
-
-
-def _show_budget(budget: BaseModel | None) -> str:
-    if budget is None:
-        return ""
-    return ", ".join(f"{k} {_show(v)}" for k, v in budget.model_dump().items() if v is not None)
-
-
-def _diff(noun: str, old: Mapping[str, M], new: Mapping[str, M], describe: Callable[[M], str]) -> list[str]:
-    lines = []
-    for name in sorted(old.keys() | new.keys()):
-        before, after = old.get(name), new.get(name)
-        if before is None and after is not None:
-            lines.append(f"{noun} added: {name} ({describe(after)})")
-        elif after is None:
-            lines.append(f"{noun} removed: {name}")
-        elif before is not None and before != after:
-            lines.append(f"{noun} changed: {name} ({_changed_fields(before, after)})")
-    return lines
-
-
-def _changed_fields(before: BaseModel, after: BaseModel) -> str:
-    old, new = before.model_dump(), after.model_dump()
-    return "; ".join(f"{k} {_show(old[k])} -> {_show(new[k])}" for k in old if old[k] != new[k])
-
-
-def _show(value: object) -> str:
-    if isinstance(value, list):
-        return "[" + ", ".join(map(str, value)) + "]"
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
-
-
-def _roles(policy: Policy) -> dict[str, Role]:
-    return {f"{o}/{r}": role for o, org in policy.organizations.items() for r, role in org.roles.items()}
-
-
-def _describe_route(route: RouteSpec) -> str:
-    where = route.base_url or "in-process"
-    classes = "/".join(route.data_classes)
-    return f"{route.kind} {where}, auth {route.auth}, data {classes}, timeout {route.timeout_s:g}s"
-
-
-def _describe_model(model: LocalModelSpec) -> str:
-    return f"{model.file} sha256 {model.sha256[:12]}..., n_ctx {model.n_ctx}"
-
-
-def _describe_role(role: Role) -> str:
-    parts = [f"models {', '.join(role.models) or '(none)'}", f"default data class {role.default_data_class}"]
-    if role.declarable_data_classes:
-        parts.append(f"may declare {', '.join(role.declarable_data_classes)}")
-    if role.force_model is not None:
-        parts.append(f"forced to {role.force_model}")
-    if role.tools is not None:
-        parts.append(f"tools {', '.join(role.tools.allow) or '(none)'} ({role.tools.on_violation} others)")
-    if role.prompt is not None:
-        prompt = role.prompt
-        limits = [
-            f"{len(prompt.deny_patterns)} deny pattern(s)" if prompt.deny_patterns else "",
-            f"max {prompt.max_messages} messages" if prompt.max_messages else "",
-            f"max {prompt.max_chars} chars" if prompt.max_chars else "",
-            f"max_tokens clamp {prompt.max_tokens}" if prompt.max_tokens else "",
-        ]
-        parts.append("prompt " + ", ".join(x for x in limits if x) if any(limits) else "prompt rules")
-    return "; ".join(parts)
-
-
-def _describe_price(price: Price) -> str:
-    return f"${price.input_per_mtok:g} in / ${price.output_per_mtok:g} out per Mtok"

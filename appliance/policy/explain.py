@@ -16,8 +16,8 @@ from datetime import datetime
 from typing import Any
 
 from appliance.policy.engine import PolicyEngine, RequestFacts, Verdict
-from appliance.policy.importer import iso_utc
 from appliance.policy.schema import Policy, Role, scan_limit
+from appliance.timestamps import rfc3339
 
 _PATH_STEP = re.compile(r"\[(\d+)\]")
 
@@ -51,7 +51,7 @@ def explain(
     verdict = engine.evaluate(facts, None if now is None else now.timestamp())
     lines = [
         f"decision: {'allowed' if verdict.allowed else 'denied'} ({verdict.reason})",
-        f"policy: v{policy.version}, expires {iso_utc(policy.expires_at)}",
+        f"policy: v{policy.version}, expires {rfc3339(policy.expires_at, seconds=True)}",
         f"caller: {org}/{role}",
     ]
     lines += _request_lines(policy, verdict, model, data_class)

@@ -26,6 +26,7 @@ from appliance.errors import BundleRejected
 from appliance.policy.dsse import PAYLOAD_TYPE, Signature, parse_envelope, short_keyid
 from appliance.policy.schema import Policy, TrustSpec, parse_policy
 from appliance.policy.trust import TrustStore
+from appliance.timestamps import rfc3339
 
 MAX_BUNDLE_BYTES = 1024 * 1024
 CLOCK_SKEW = timedelta(minutes=5)
@@ -151,16 +152,15 @@ def _check_freshness(policy: Policy, now: datetime | None) -> None:
     if policy.expires_at <= now:
         raise BundleRejected(
             "expired",
-            f"policy v{policy.version} expired at {iso_utc(policy.expires_at)} (now {iso_utc(now)})",
+            f"policy v{policy.version} expired at {_seconds(policy.expires_at)} (now {_seconds(now)})",
         )
     if policy.issued_at > now + CLOCK_SKEW:
         raise BundleRejected(
             "not_yet_valid",
-            f"policy v{policy.version} is issued at {iso_utc(policy.issued_at)}, more than 5 minutes "
-            f"after now ({iso_utc(now)}); check this appliance's clock",
+            f"policy v{policy.version} is issued at {_seconds(policy.issued_at)}, more than 5 minutes "
+            f"after now ({_seconds(now)}); check this appliance's clock",
         )
 
 
-def iso_utc(moment: datetime) -> str:
-    """RFC 3339 UTC with a Z, to the second."""
-    return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+def _seconds(moment: datetime) -> str:
+    return rfc3339(moment, seconds=True)

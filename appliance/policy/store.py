@@ -20,9 +20,10 @@ from datetime import UTC, datetime
 import sqlite_utils
 
 from appliance.errors import BundleRejected
-from appliance.policy.importer import VerifiedBundle, iso_utc, verify_bundle
+from appliance.policy.importer import VerifiedBundle, verify_bundle
 from appliance.policy.schema import Policy
 from appliance.policy.trust import TrustStore
+from appliance.timestamps import rfc3339
 from appliance.vault.db import Database, Migration
 
 
@@ -95,9 +96,9 @@ class PolicyStore:
                 (
                     version,
                     vb.sha256,
-                    iso_utc(vb.policy.issued_at),
-                    iso_utc(vb.policy.expires_at),
-                    iso_utc(datetime.now(UTC)),
+                    rfc3339(vb.policy.issued_at, seconds=True),
+                    rfc3339(vb.policy.expires_at, seconds=True),
+                    rfc3339(datetime.now(UTC), seconds=True),
                     json.dumps(vb.keyids),
                     vb.envelope,
                 ),

@@ -17,7 +17,6 @@ import os
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
 
@@ -28,6 +27,7 @@ from appliance.errors import OperatorError
 from appliance.policy.dsse import keyid_of, short_keyid
 from appliance.policy.schema import TrustSpec
 from appliance.signing_keys import load_public_key, public_from_entry, public_json
+from appliance.timestamps import now_seconds
 
 FORMAT_VERSION = 1
 
@@ -93,7 +93,7 @@ class TrustStore:
     @classmethod
     def from_spec(cls, path: Path, spec: TrustSpec) -> TrustStore:
         """An in-memory store holding a bundle's trust set (checked by the schema: keyid = SHA-256)."""
-        return cls(path, _keys_of(spec, {}, _now()), spec.threshold)
+        return cls(path, _keys_of(spec, {}, now_seconds()), spec.threshold)
 
     def replace(self, spec: TrustSpec) -> None:
         """Install a verified rotation: exactly ``spec``'s keys and threshold, saved atomically.
@@ -101,7 +101,7 @@ class TrustStore:
         Keys kept from the old set keep their ``added_at``. On a write error nothing changes.
         """
         previous = (self._keys, self._threshold)
-        self._keys, self._threshold = _keys_of(spec, self._keys, _now()), spec.threshold
+        self._keys, self._threshold = _keys_of(spec, self._keys, now_seconds()), spec.threshold
         try:
             self.save()
         except BaseException:
@@ -130,7 +130,7 @@ class TrustStore:
         """Trust the key in ``pubfile`` (``.pub`` JSON or PEM); adding a trusted key again changes nothing."""
         keyid, public = load_public_key(pubfile)
         if keyid not in self._keys:
-            self._keys[keyid] = TrustedKey(keyid, "ed25519", public, _now())
+            self._keys[keyid] = TrustedKey(keyid, "ed25519", public, now_seconds())
         return keyid
 
     def resolve(self, prefix: str) -> str:
@@ -200,10 +200,6 @@ class TrustStore:
                     os.close(dir_fd)
         except OSError as exc:
             raise OperatorError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _keys_of(spec: TrustSpec, old: Mapping[str, TrustedKey], now: str) -> dict[str, TrustedKey]:

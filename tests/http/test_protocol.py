@@ -12,8 +12,8 @@ from typing import Any
 import httptools
 import pytest
 
-from appliance.errors import GatewayError, PayloadTooLarge, RateLimited
-from appliance.http import ClientDisconnected, HttpLimits, Rejection, Request, Responder
+from appliance.errors import ClientDisconnected, GatewayError, PayloadTooLarge, RateLimited
+from appliance.http import HttpLimits, Rejection, Request, Responder
 from appliance.http.protocol import HttpProtocol, ServerState
 
 SIMPLE_GET = b"GET /v1/models HTTP/1.1\r\nHost: example.org\r\n\r\n"

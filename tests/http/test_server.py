@@ -14,8 +14,8 @@ from typing import Any
 import httptools
 import pytest
 
+from appliance.errors import ClientDisconnected
 from appliance.http import (
-    ClientDisconnected,
     HttpLimits,
     HttpServer,
     Request,

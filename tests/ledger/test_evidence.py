@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from appliance import signing_keys
+from appliance import signing_keys, timestamps
 from appliance.cli import main
 from appliance.home import Home
 from appliance.ledger import merkle, signed_note
@@ -429,7 +429,7 @@ def test_a_clock_stepping_back_is_not_a_reordered_history(
     home = _home(tmp_path, 5)
     with home.open_vault() as vault:
         vault.ledger.checkpoint("manual")
-        monkeypatch.setattr(signed_note, "timestamp_now", lambda: "2020-01-01T00:00:00.000Z")
+        monkeypatch.setattr(timestamps, "now", lambda: "2020-01-01T00:00:00.000Z")
         asyncio.run(_append(vault.ledger, 1))
         vault.ledger.checkpoint("manual")
     monkeypatch.undo()

@@ -21,11 +21,11 @@ from appliance.ledger.signed_note import (
     parse_unverified,
     sign,
     sign_note,
-    timestamp_now,
     verify_note_signatures,
 )
 from appliance.policy.dsse import keyid_of
 from appliance.signing_keys import SigningKey
+from appliance.timestamps import now as timestamp_now
 
 ORIGIN = "phi-gateway.example-hospital/node-a"
 ROOT = hashlib.sha256(b"some tree").digest()

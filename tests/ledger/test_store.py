@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from appliance.errors import LedgerUnavailable
-from appliance.ledger.store import GENESIS, MIGRATIONS, Ledger, chain_hash, sha256_hex, utc_now_iso
+from appliance.ledger.store import GENESIS, MIGRATIONS, Ledger, chain_hash, sha256_hex
+from appliance.timestamps import now as utc_now_iso
 from appliance.vault.db import Database
 
 

@@ -15,14 +15,13 @@ from typing import Any
 
 import pytest
 
-from appliance.errors import RateLimited
+from appliance.errors import LimitReached, RateLimited
 from appliance.ledger.store import GENESIS, MIGRATIONS, Ledger
 from appliance.limits import (
     DEFAULT_MAX_TOKENS,
     IN_FLIGHT_RETRY_S,
     TICKET_TIMEOUT_S,
     LimitKeeper,
-    LimitReached,
     Subject,
     Ticket,
     estimate_tokens,

@@ -12,13 +12,13 @@ import pytest
 from pydantic import ValidationError
 
 from appliance.errors import BundleRejected
+from appliance.policy.diff import summarize_change
 from appliance.policy.engine import (
     INTERVENTIONS,
     REASONS,
     PolicyEngine,
     RequestFacts,
     Verdict,
-    summarize_change,
 )
 from appliance.policy.explain import explain
 from appliance.policy.schema import (

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from appliance.policy.engine import PolicyEngine, summarize_change
+from appliance.policy.diff import summarize_change
+from appliance.policy.engine import PolicyEngine
 from appliance.policy.schema import Policy, Price
 from tests.policy.test_fixtures import DOC, NOW, doc, policy
 
