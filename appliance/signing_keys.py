@@ -1,7 +1,8 @@
-"""Policy signing key files: generate a key pair, load a private key to sign, load a public key to trust.
+"""Ed25519 signing keys, shared by the policy (bundle signatures) and the ledger (checkpoints).
 
-Owns: the ``.key`` file (PKCS8 PEM, created 0600 and never overwritten) and the ``.pub`` file (a small
-JSON ``{"keytype", "scheme", "keyid", "public"}``; a PEM SubjectPublicKeyInfo file is accepted too).
+Owns: key ids (SHA-256 of the raw public key), the ``SigningKey`` type, the ``.key`` file (PKCS8 PEM,
+created 0600 and never overwritten) and the ``.pub`` file (a small JSON ``{"keytype", "scheme", "keyid",
+"public"}``; a PEM SubjectPublicKeyInfo file is accepted too).
 
 Must never: overwrite an existing key file, write a private key with a wider mode than 0600, accept a key
 that is not Ed25519, or accept a ``.pub`` whose stated keyid differs from its key.
@@ -10,6 +11,7 @@ that is not Ed25519, or accept a ``.pub`` whose stated keyid differs from its ke
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -27,11 +29,20 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from appliance.errors import OperatorError
-from appliance.policy.dsse import keyid_of
 
 KEYTYPE = "ed25519"
 SCHEME = "ed25519"
 _MAX_KEY_FILE = 64 * 1024
+
+
+def keyid_of(public: Ed25519PublicKey) -> str:
+    """The key's id: SHA-256 of its raw 32 bytes, hex (what DSSE signatures and ``trust.json`` name)."""
+    return hashlib.sha256(public.public_bytes(Encoding.Raw, PublicFormat.Raw)).hexdigest()
+
+
+def short_keyid(keyid: str) -> str:
+    """The first 8 characters, for operator messages."""
+    return keyid[:8] + "…" if len(keyid) > 8 else keyid
 
 
 @dataclass(frozen=True)

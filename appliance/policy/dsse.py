@@ -11,14 +11,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from appliance.errors import BundleRejected
 from appliance.policy.schema import no_duplicate_keys
@@ -56,10 +52,6 @@ def pae(payload_type: str, payload: bytes) -> bytes:
     """DSSE v1 pre-authentication encoding: what each signature signs (binds the type to the payload)."""
     kind = payload_type.encode()
     return b"DSSEv1 %d %b %d %b" % (len(kind), kind, len(payload), payload)
-
-
-def keyid_of(public: Ed25519PublicKey) -> str:
-    return hashlib.sha256(public.public_bytes(Encoding.Raw, PublicFormat.Raw)).hexdigest()
 
 
 def parse_envelope(data: bytes) -> Envelope:
@@ -111,11 +103,6 @@ def sign(payload: bytes, signers: list[SigningKey], payload_type: str = PAYLOAD_
         ],
     }
     return (json.dumps(doc, indent=2) + "\n").encode()
-
-
-def short_keyid(keyid: str) -> str:
-    """The first 8 characters, for operator messages."""
-    return keyid[:8] + "…" if len(keyid) > 8 else keyid
 
 
 def _b64decode(value: object, what: str) -> bytes:

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from appliance.errors import BundleRejected
-from appliance.policy.dsse import PAYLOAD_TYPE, Signature, parse_envelope, short_keyid
+from appliance.policy.dsse import PAYLOAD_TYPE, Signature, parse_envelope
 from appliance.policy.schema import Policy, TrustSpec, parse_policy
 from appliance.policy.trust import TrustStore
+from appliance.signing_keys import short_keyid
 from appliance.timestamps import rfc3339
 
 MAX_BUNDLE_BYTES = 1024 * 1024

@@ -24,9 +24,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from appliance.errors import OperatorError
-from appliance.policy.dsse import keyid_of, short_keyid
 from appliance.policy.schema import TrustSpec
-from appliance.signing_keys import load_public_key, public_from_entry, public_json
+from appliance.signing_keys import keyid_of, load_public_key, public_from_entry, public_json, short_keyid
 from appliance.timestamps import now_seconds
 
 FORMAT_VERSION = 1

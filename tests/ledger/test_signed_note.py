@@ -23,8 +23,7 @@ from appliance.ledger.signed_note import (
     sign_note,
     verify_note_signatures,
 )
-from appliance.policy.dsse import keyid_of
-from appliance.signing_keys import SigningKey
+from appliance.signing_keys import SigningKey, keyid_of
 from appliance.timestamps import now as timestamp_now
 
 ORIGIN = "phi-gateway.example-hospital/node-a"

@@ -63,7 +63,7 @@ def test_key_files_round_trip_with_a_stable_keyid(tmp_path: Path) -> None:
     signer = signing_keys.load_signing_key(tmp_path / "signer.key")
     assert signer.keyid == keyid == signing_keys.load_signing_key(tmp_path / "signer.key").keyid
     pub_keyid, public = signing_keys.load_public_key(tmp_path / "signer.pub")
-    assert pub_keyid == keyid and dsse.keyid_of(public) == keyid
+    assert pub_keyid == keyid and signing_keys.keyid_of(public) == keyid
     public.verify(signer.private.sign(b"x"), b"x")
     (tmp_path / "signer.pem").write_bytes(
         public.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
