@@ -1,41 +1,43 @@
-"""The public API surface: which method and path reach which handler, and the shape of each answer.
+"""The public API surface: which method and path reach which endpoint of the pipeline, and health.
 
-    POST /v1/chat/completions   OpenAI chat (stream and not)            -> Pipeline
-    POST /v1/messages           Anthropic Messages, native passthrough  -> Pipeline
-    GET  /v1/models             the models the caller's role may use    (identified, recorded)
+    POST /v1/chat/completions   OpenAI chat (stream and not)                     -> Pipeline
+    POST /v1/messages           Anthropic Messages, native passthrough           -> Pipeline
+    POST /v1/completions        OpenAI completions                               -> Pipeline
+    POST /v1/embeddings         OpenAI embeddings                                -> Pipeline
+    GET  /v1/models             the models the caller's role may use             -> Pipeline
+    anything else               404 / 405, recorded as a refusal                 -> Pipeline
     GET  /health                readiness: policy in force, ledger writable (no identity, not recorded)
 
-Owns: dispatch, 404/405, the models listing, the health document, the error body per endpoint (OpenAI
-shape everywhere; on /v1/messages the same object also carries Anthropic's top-level ``"type": "error"``
-so both SDKs parse it). Never: decides policy or touches the ledger except through the pipeline's phases.
+Owns: dispatch and the health document. Never: identifies, polices or records a request itself: every
+endpoint but ``/health`` is one call of ``Pipeline.run``.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 from appliance import __version__
-from appliance.errors import GatewayError, LedgerUnavailable, MethodNotAllowed, NotFound
+from appliance.errors import MethodNotAllowed, NotFound
 from appliance.http import Request, Responder
 from appliance.ledger.store import Ledger
-from appliance.pipeline import Exchange, Pipeline
+from appliance.pipeline import Pipeline
+from appliance.pipeline.exchange import Endpoint
 from appliance.policy_state import PolicyKeeper
 from local_models.runtime import LocalRuntime
 
 _JSON = [(b"Content-Type", b"application/json")]
-_Handler = Callable[[Request, Responder], Awaitable[None]]
+_HEALTH = "/health"
 
-
-def render_openai_error(error: GatewayError) -> bytes:
-    return error.body()
-
-
-def render_anthropic_error(error: GatewayError) -> bytes:
-    body: dict[str, Any] = {"type": "error", **error.to_dict()}
-    return json.dumps(body, separators=(",", ":")).encode()
+# path -> (method, endpoint)
+_ENDPOINTS: dict[str, tuple[str, Endpoint | None]] = {
+    "/v1/chat/completions": ("POST", "chat"),
+    "/v1/messages": ("POST", "messages"),
+    "/v1/completions": ("POST", "completions"),
+    "/v1/embeddings": ("POST", "embeddings"),
+    "/v1/models": ("GET", "models"),
+    _HEALTH: ("GET", None),
+}
 
 
 class Api:
@@ -47,68 +49,22 @@ class Api:
         self._keeper = keeper
         self._ledger = ledger
         self._started = time.monotonic()
-        self._routes: dict[str, tuple[str, _Handler]] = {
-            "/v1/chat/completions": ("POST", self.chat_completions),
-            "/v1/messages": ("POST", self.messages),
-            "/v1/completions": ("POST", self.completions),
-            "/v1/embeddings": ("POST", self.embeddings),
-            "/v1/models": ("GET", self.models),
-            "/health": ("GET", self.health),
-        }
 
     async def handle(self, request: Request, responder: Responder) -> None:
-        entry = self._routes.get(request.path.rstrip("/") or "/")
+        entry = _ENDPOINTS.get(request.path.rstrip("/") or "/")
         if entry is None:
             error = NotFound(f"no such endpoint: {request.method} {request.path}", code="unknown_endpoint")
-            await self._refuse(request, responder, error)
+            await self._pipeline.run(request, responder, "chat", refusal=error)
             return
-        method, handler = entry
+        method, endpoint = entry
         if request.method != method and not (method == "GET" and request.method == "HEAD"):
-            await self._refuse(request, responder, MethodNotAllowed(f"{request.path} accepts {method} only"))
+            refusal = MethodNotAllowed(f"{request.path} accepts {method} only")
+            await self._pipeline.run(request, responder, "chat", refusal=refusal)
             return
-        await handler(request, responder)
-
-    async def _refuse(self, request: Request, responder: Responder, error: GatewayError) -> None:
-        """An unknown endpoint or method: recorded like every other refusal."""
-        await self._pipeline.refuse(Exchange(request, "chat"), responder, error, render_openai_error)
-
-    async def chat_completions(self, request: Request, responder: Responder) -> None:
-        await self._pipeline.run(request, responder, "chat", render_openai_error)
-
-    async def messages(self, request: Request, responder: Responder) -> None:
-        await self._pipeline.run(request, responder, "messages", render_anthropic_error)
-
-    async def completions(self, request: Request, responder: Responder) -> None:
-        await self._pipeline.run(request, responder, "completions", render_openai_error)
-
-    async def embeddings(self, request: Request, responder: Responder) -> None:
-        await self._pipeline.run(request, responder, "embeddings", render_openai_error)
-
-    async def models(self, request: Request, responder: Responder) -> None:
-        pipeline = self._pipeline
-        ex = Exchange(request, "chat")
-        try:
-            ex.caller = pipeline.identify(request)
-            ex.state = state = pipeline.police.require_state(self._keeper.current)
-        except GatewayError as error:
-            await pipeline.refuse(ex, responder, error, render_openai_error)
+        if endpoint is None:
+            await self.health(request, responder)
             return
-        caller = ex.caller
-        data = [
-            {"id": model, "object": "model", "created": 0, "owned_by": model.split("/", 1)[0]}
-            for model in state.engine.allowed_models(caller.org, caller.role)
-        ]
-        data += [  # aliases the role may use: an app can ask for "clinical-summary" by name
-            {"id": alias, "object": "model", "created": 0, "owned_by": "alias"}
-            for alias in state.engine.allowed_aliases(caller.org, caller.role)
-        ]
-        body = json.dumps({"object": "list", "data": data}, separators=(",", ":")).encode()
-        try:
-            await pipeline.record.listed(ex, body)
-        except LedgerUnavailable as error:
-            await responder.send(error.status, _JSON, error.body())
-            return
-        await responder.send(200, _JSON, body)
+        await self._pipeline.run(request, responder, endpoint)
 
     async def health(self, request: Request, responder: Responder) -> None:
         state = self._keeper.current

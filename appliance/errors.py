@@ -96,7 +96,13 @@ class Forbidden(GatewayError):
 
 
 class PolicyDenied(Forbidden):
+    """The role's policy refused the request; ``code`` is the verdict's reason, ``rule`` the policy path."""
+
     code = "policy_denied"
+
+    def __init__(self, message: str, *, code: str | None = None, rule: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.rule = rule
 
 
 class NotFound(GatewayError):

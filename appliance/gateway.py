@@ -27,8 +27,8 @@ from appliance.http import HttpLimits, HttpServer
 from appliance.http.server import Rejection, install_event_loop_policy
 from appliance.ledger.checkpoints import HEAD_INTERVAL_S
 from appliance.ledger.follow import ExportFollower
-from appliance.limits import LimitKeeper
 from appliance.pipeline import Pipeline
+from appliance.pipeline.limits import LimitKeeper
 from appliance.policy_state import PolicyKeeper
 from local_models.runtime import LocalRuntime
 from routes.client import UpstreamClient

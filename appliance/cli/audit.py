@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from appliance.cli import _home, home_option
+from appliance.cli.options import home_option, open_home
 from appliance.errors import CheckpointError, OperatorError
 from appliance.ledger import archive as ledger_archive
 from appliance.ledger import export as audit_export
@@ -91,7 +91,7 @@ def audit_verify(
     if exports:
         _verify_exports(exports, _verifiers(keys))
         return
-    target = _home(home)
+    target = open_home(home)
     with target.open_vault() as vault:
         report = vault.ledger.verify(kept=_read_notes(kept), extra_verifiers=_verifiers(keys))
         newest = vault.ledger.count()
@@ -127,7 +127,7 @@ def _verify_exports(paths: tuple[Path, ...], verifiers: list[signed_note.Verifie
 @click.option("-n", "count", default=20, show_default=True)
 def audit_tail(home: Path | None, count: int) -> None:
     """Print the last N records as JSON lines."""
-    with _home(home).open_vault() as vault:
+    with open_home(home).open_vault() as vault:
         rows = vault.ledger.tail(count)
     for row in rows:
         click.echo(json.dumps(row))
@@ -137,7 +137,7 @@ def audit_tail(home: Path | None, count: int) -> None:
 @home_option
 def audit_pending(home: Path | None) -> None:
     """Requests forwarded whose outcome was never recorded (e.g. a crash mid-request)."""
-    with _home(home).open_vault() as vault:
+    with open_home(home).open_vault() as vault:
         ids = vault.ledger.pending_outcomes(limit=_PENDING_SHOWN)
     for request_id in ids:
         click.echo(request_id)
@@ -149,7 +149,7 @@ def audit_pending(home: Path | None) -> None:
 @home_option
 def audit_key(home: Path | None) -> None:
     """Print this appliance's checkpoint verifier key (public; give it to your auditors)."""
-    with _home(home).open_vault() as vault:
+    with open_home(home).open_vault() as vault:
         click.echo(vault.ledger.verifier().encode())
 
 
@@ -174,7 +174,7 @@ def _write_or_print(text: str, out: Path | None) -> None:
 )
 def audit_checkpoint(home: Path | None, out: Path | None) -> None:
     """Sign and store a checkpoint of the ledger now; keep the text off the appliance."""
-    with _home(home).open_vault() as vault:
+    with open_home(home).open_vault() as vault:
         note = vault.ledger.checkpoint("manual")
     _write_or_print(note, out)
 
@@ -184,7 +184,7 @@ def audit_checkpoint(home: Path | None, out: Path | None) -> None:
 @click.option("-n", "count", default=20, show_default=True, help="How many of the newest to list.")
 def audit_checkpoints(home: Path | None, count: int) -> None:
     """List the stored checkpoints, newest last: id, size, time, reason."""
-    with _home(home).open_vault() as vault:
+    with open_home(home).open_vault() as vault:
         rows = (
             vault.db.reader()
             .execute("SELECT id, size, ts, reason FROM ledger_checkpoint ORDER BY id DESC LIMIT ?", (count,))
@@ -220,7 +220,7 @@ def audit_prove(
     """
     if (record is None) == (from_size is None):
         raise OperatorError("give --record N (inclusion) or --from-size M (consistency)")
-    with _home(home).open_vault() as vault:
+    with open_home(home).open_vault() as vault:
         ledger = vault.ledger
         if size is None:
             note: str | None = ledger.checkpoint("manual")
@@ -306,7 +306,7 @@ def audit_export_cmd(
     With --out, the bundle is verifiable off the appliance: `audit verify FILE --key KEY`. With --follow,
     new records are appended to --out as they become durable; restarts and log rotation lose nothing.
     """
-    target = _home(home)
+    target = open_home(home)
     if follow:
         if out is None:
             raise OperatorError("--follow needs --out FILE (the file your log shipper tails)")
@@ -366,7 +366,7 @@ def audit_archive(home: Path | None, through: int, out_dir: Path) -> None:
     The bundle is written, read back and verified before anything is deleted; verify goes on from the
     signed state the vault keeps of the archived records. Check the bundle later with `audit verify FILE`.
     """
-    with _home(home).open_vault() as vault:
+    with open_home(home).open_vault() as vault:
         result = ledger_archive.run_archive(vault.ledger, vault.db, through, out_dir)
     click.echo(
         f"records {result.first} to {result.last} archived to {result.path} (sha256 {result.sha256}); "

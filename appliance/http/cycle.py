@@ -24,6 +24,7 @@ from appliance.http.responses import (
     date_header,
     error_response,
     header_lines,
+    request_id_header,
     status_line,
 )
 
@@ -236,7 +237,8 @@ class Responder:
             await flow.drain()
         if self.disconnected:
             return None
-        parts = [status_line(status), date_header(), SERVER]
+        # Every answer names its request, whoever wrote it: the handler, or the server refusing it.
+        parts = [status_line(status), date_header(), SERVER, request_id_header(self.request.request_id)]
         if not header_lines(parts, headers):
             self.keep_alive = False
         return parts
@@ -374,7 +376,13 @@ class Responder:
         self._settle_connection()
         self.started = True
         self._conn.transport.write(
-            error_response(error, keep_alive=self.keep_alive, head_only=self.head_only, http10=self.http10)
+            error_response(
+                error,
+                request_id=self.request.request_id,
+                keep_alive=self.keep_alive,
+                head_only=self.head_only,
+                http10=self.http10,
+            )
         )
         self._finish()
 

@@ -35,7 +35,9 @@ LAST_CHUNK = b"0\r\n\r\n"
 CRLF = b"\r\n"
 
 # Header names the server writes itself; a handler's copy of them is dropped, not duplicated.
-RESERVED_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"connection", b"date", b"server"})
+RESERVED_HEADERS = frozenset(
+    {b"content-length", b"transfer-encoding", b"connection", b"date", b"server", b"x-request-id"}
+)
 
 _date_second = -1
 _date_line = b""
@@ -50,6 +52,11 @@ def date_header() -> bytes:
         _date_line = b"date: " + formatdate(now, usegmt=True).encode("ascii") + CRLF
         _date_second = second
     return _date_line
+
+
+def request_id_header(request_id: str) -> bytes:
+    """The ``x-request-id:`` line every response carries: the id of the request's audit records."""
+    return b"x-request-id: " + request_id.encode("ascii") + CRLF
 
 
 def status_line(status: int) -> bytes:
@@ -87,11 +94,22 @@ def connection_line(keep_alive: bool, http10: bool) -> bytes:
 
 
 def error_response(
-    error: GatewayError, *, keep_alive: bool, head_only: bool = False, http10: bool = False
+    error: GatewayError,
+    *,
+    request_id: str,
+    keep_alive: bool,
+    head_only: bool = False,
+    http10: bool = False,
 ) -> bytes:
     """A complete response carrying ``error`` as OpenAI-shaped JSON, with the error's own headers."""
     body = error.body()
-    parts = [status_line(error.status), date_header(), SERVER, CONTENT_TYPE_JSON]
+    parts = [
+        status_line(error.status),
+        date_header(),
+        SERVER,
+        request_id_header(request_id),
+        CONTENT_TYPE_JSON,
+    ]
     header_lines(parts, error.headers)
     parts.append(b"content-length: %d\r\n" % len(body))
     parts.append(connection_line(keep_alive, http10))

@@ -1,20 +1,24 @@
 """What the Police phase needs to know about a request body, read once, in both wire formats.
 
-Owns: reading, from an OpenAI (chat/completions, completions, embeddings) or Anthropic (messages) body and
-the ``X-Phi-Data-Class`` header, the declared data class, the tool names, the message count, the message
-text (for deny patterns) and the requested ``max_tokens``; and applying the Police phase's edits
-back to the body (tools dropped, ``max_tokens`` clamped, the model replaced).
+Owns: parsing the body as a request of its endpoint (a JSON object with a ``model`` and the endpoint's
+messages, prompt or input; 400 with the field named otherwise), the model name as the ledger may show it
+(a name, or a digest of text that is no model name); reading, from an OpenAI (chat/completions,
+completions, embeddings) or Anthropic (messages) body and the ``X-Phi-Data-Class`` header, the declared
+data class, the tool names, the message count, the message text (for deny patterns) and the requested
+``max_tokens``; and applying the Police phase's edits back to the body (tools dropped, ``max_tokens``
+clamped, the model replaced).
 Never: keeps or logs the text it reads (it lives only as long as the request).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from appliance.errors import BadRequest
-
-DATA_CLASSES = ("phi", "deidentified", "public")
+from appliance.policy.schema import DATA_CLASSES, split_model
 
 
 @dataclass(slots=True)
@@ -43,6 +47,53 @@ _NOT_TEXT = frozenset(
         "signature",
     }
 )
+
+
+def parse_request(body: bytes, endpoint: str) -> tuple[dict[str, Any], str]:
+    """The body as a JSON request of ``endpoint``, and its model; 400 naming the field otherwise."""
+    if not body:
+        raise BadRequest("the request body is empty; expected a JSON object", code="invalid_json")
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}", code="invalid_json") from exc
+    if not isinstance(payload, dict):
+        raise BadRequest("the request body must be a JSON object", code="invalid_json")
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest(
+            "'model' is required: a string 'provider/model'", param="model", code="missing_model"
+        )
+    if endpoint in ("chat", "messages"):
+        messages = payload.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise BadRequest(
+                "'messages' must be a non-empty array", param="messages", code="invalid_messages"
+            )
+    elif endpoint == "completions":
+        if not _text_or_texts(payload.get("prompt")):
+            raise BadRequest("'prompt' must be a string or an array of strings", param="prompt")
+    elif not _text_or_texts(payload.get("input")):
+        raise BadRequest("'input' must be a non-empty string or array of strings", param="input")
+    if not isinstance(payload.get("stream", False), bool):
+        raise BadRequest("'stream' must be true or false", param="stream")
+    return payload, model
+
+
+def model_label(model: str) -> str:
+    """What the ledger may say of the requested model."""
+    # The caller writes this field: anything that is not a provider/model name may be pasted text (PHI),
+    # so the ledger gets its length and digest instead.
+    if split_model(model) is not None:
+        return model
+    digest = hashlib.sha256(model.encode()).hexdigest()[:16]
+    return f"[invalid model name: {len(model)} chars, sha256:{digest}]"
+
+
+def _text_or_texts(value: object) -> bool:
+    if isinstance(value, str):
+        return True
+    return isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
 
 
 def read_facts(body: dict[str, Any], header_data_class: str | None) -> BodyFacts:

@@ -1,4 +1,4 @@
-"""The policy's limits and budgets, as authored in the bundle (the counting lives in ``appliance.limits``).
+"""The policy's limits and budgets as the bundle states them (counted in ``appliance.pipeline.limits``).
 
 Owns: the optional ``limits`` and ``budgets`` sections of a role and the ``budgets`` of an organization:
 

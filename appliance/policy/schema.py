@@ -29,7 +29,7 @@ import re
 import re._constants as _sre_constants  # the stdlib's own regex parser, read-only, to inspect patterns
 import re._parser as _sre_parser
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -69,8 +69,11 @@ MAX_REPEAT = 256
 MAX_PATTERN_LENGTH = 512
 MAX_DENY_PATTERNS = 64
 _REPEATS = (_sre_constants.MAX_REPEAT, _sre_constants.MIN_REPEAT, _sre_constants.POSSESSIVE_REPEAT)
-DATA_CLASS_RANK: dict[str, int] = {"public": 0, "deidentified": 1, "phi": 2}
-"""Strictness: declaring a stricter class than a role's default is always allowed."""
+DataClass = Literal["phi", "deidentified", "public"]
+"""The data-class vocabulary: what a request declares and what a route may receive."""
+DATA_CLASSES: tuple[DataClass, ...] = get_args(DataClass)
+DATA_CLASS_RANK: dict[str, int] = {name: len(DATA_CLASSES) - 1 - i for i, name in enumerate(DATA_CLASSES)}
+"""Strictness (phi 2, deidentified 1, public 0): declaring a stricter class than the role's is allowed."""
 
 
 def _name(value: str) -> str:
@@ -80,7 +83,6 @@ def _name(value: str) -> str:
 
 
 Name = Annotated[str, AfterValidator(_name)]
-DataClass = Literal["phi", "deidentified", "public"]
 RouteKind = Literal["local", "openai", "anthropic"]
 Auth = Literal["bearer", "x-api-key", "none"]
 
@@ -227,9 +229,9 @@ class Role(_Frozen):
     force_model: str | None = None
     """Every request of the role goes to this ``provider/model`` (the cllama primary slot)."""
     limits: RoleLimits | None = None
-    """Request and token rates (counted by ``appliance.limits``)."""
+    """Request and token rates (counted by ``appliance.pipeline.limits``)."""
     budgets: RoleBudgets | None = None
-    """Spend caps (counted by ``appliance.limits``)."""
+    """Spend caps (counted by ``appliance.pipeline.limits``)."""
 
     @field_validator("models")
     @classmethod
@@ -246,7 +248,7 @@ class Role(_Frozen):
 class Organization(_Frozen):
     roles: dict[Name, Role]
     budgets: Spend | None = None
-    """Spend caps for the whole organization (counted by ``appliance.limits``)."""
+    """Spend caps for the whole organization (counted by ``appliance.pipeline.limits``)."""
 
 
 class TrustKey(_Frozen):

@@ -17,7 +17,7 @@ import pytest
 
 from appliance.errors import LimitReached, RateLimited
 from appliance.ledger.store import GENESIS, MIGRATIONS, Ledger
-from appliance.limits import (
+from appliance.pipeline.limits import (
     DEFAULT_MAX_TOKENS,
     IN_FLIGHT_RETRY_S,
     TICKET_TIMEOUT_S,

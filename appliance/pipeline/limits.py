@@ -39,18 +39,16 @@ import math
 import sqlite3
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
 from appliance import timestamps
 from appliance.errors import LimitReached, StorageUnavailable
+from appliance.pipeline.counters import WINDOW_S, Entry, SpendCounter, Window, drop_idle, drop_old
 from appliance.policy.limits_schema import Rate, RoleBudgets, RoleLimits, Spend
 from appliance.vault.db import Database
 
-WINDOW_S: Final = 60.0
-"""The sliding window of requests/min and tokens/min."""
 DEFAULT_MAX_TOKENS: Final = 1024
 """Completion tokens reserved for a request that sets no ``max_tokens`` (conservative for chat turns)."""
 TICKET_TIMEOUT_S: Final = 600.0
@@ -74,95 +72,6 @@ class Subject:
     caller: str
     org: str
     role: str
-
-
-# -- counters ---------------------------------------------------------------------------------------------
-
-
-class _Entry:
-    __slots__ = ("live", "requests", "t", "tokens")
-
-    def __init__(self, t: float, requests: int, tokens: int) -> None:
-        self.t = t
-        self.requests = requests
-        self.tokens = tokens
-        self.live = True
-
-
-class _Window:
-    """Requests and tokens of the last 60 s for one key: entries in admission order, sums kept."""
-
-    __slots__ = ("entries", "requests", "tokens")
-
-    def __init__(self) -> None:
-        self.entries: deque[_Entry] = deque()
-        self.requests = 0
-        self.tokens = 0
-
-    def trim(self, now: float) -> None:
-        horizon = now - WINDOW_S
-        entries = self.entries
-        while entries and entries[0].t <= horizon:
-            entry = entries.popleft()
-            entry.live = False
-            self.requests -= entry.requests
-            self.tokens -= entry.tokens
-
-    def add(self, entry: _Entry) -> None:
-        self.entries.append(entry)
-        self.requests += entry.requests
-        self.tokens += entry.tokens
-
-    def set_tokens(self, entry: _Entry, tokens: int) -> None:
-        if entry.live:  # an entry already out of the window no longer counts either way
-            self.tokens += tokens - entry.tokens
-            entry.tokens = tokens
-
-    def wait(self, now: float, excess: int, tokens: bool) -> float:
-        """Seconds until entries worth ``excess`` requests (or tokens) have left the window."""
-        freed = 0
-        for entry in self.entries:
-            freed += entry.tokens if tokens else entry.requests
-            if freed >= excess:
-                return entry.t + WINDOW_S - now
-        return WINDOW_S
-
-
-class _Spend:
-    """USD for one key in the current UTC day and month, reservations in flight included."""
-
-    __slots__ = ("day", "day_reserved", "day_usd", "month", "month_reserved", "month_usd")
-
-    def __init__(self, day: int, month: int) -> None:
-        self.day = day
-        self.month = month
-        self.day_usd = self.day_reserved = self.month_usd = self.month_reserved = 0.0
-
-    def roll(self, day: int, month: int) -> None:
-        if self.day != day:
-            self.day, self.day_usd, self.day_reserved = day, 0.0, 0.0
-        if self.month != month:
-            self.month, self.month_usd, self.month_reserved = month, 0.0, 0.0
-
-    def reserve(self, usd: float) -> None:
-        self.day_usd += usd
-        self.day_reserved += usd
-        self.month_usd += usd
-        self.month_reserved += usd
-
-    def replace(self, day: int, month: int, reserved: float, actual: float) -> None:
-        """Swap a reservation made in ``day``/``month`` for the actual cost; a reservation whose period has
-        rolled over is gone already, and the actual cost counts in the current period (as in the ledger)."""
-        if self.day == day:
-            self.day_usd += actual - reserved
-            self.day_reserved -= reserved
-        else:
-            self.day_usd += actual
-        if self.month == month:
-            self.month_usd += actual - reserved
-            self.month_reserved -= reserved
-        else:
-            self.month_usd += actual
 
 
 _OPEN, _SETTLED, _EXPIRED = "open", "settled", "expired"
@@ -191,7 +100,7 @@ class Ticket:
         cost_usd: float,
         day: int,
         month: int,
-        entries: list[tuple[_Window, _Entry]],
+        entries: list[tuple[Window, Entry]],
         generation: int,
     ) -> None:
         self.subject = subject
@@ -239,11 +148,11 @@ class LimitKeeper:
         self._ticket_timeout_s = ticket_timeout_s
         self._lock = threading.Lock()
         self._generation = 0
-        self._caller_windows: dict[_CallerKey, _Window] = {}
-        self._role_windows: dict[_RoleKey, _Window] = {}
-        self._caller_spend: dict[_CallerKey, _Spend] = {}
-        self._role_spend: dict[_RoleKey, _Spend] = {}
-        self._org_spend: dict[str, _Spend] = {}
+        self._caller_windows: dict[_CallerKey, Window] = {}
+        self._role_windows: dict[_RoleKey, Window] = {}
+        self._caller_spend: dict[_CallerKey, SpendCounter] = {}
+        self._role_spend: dict[_RoleKey, SpendCounter] = {}
+        self._org_spend: dict[str, SpendCounter] = {}
         self._open: dict[Ticket, None] = {}  # in admission order: the oldest expire first
         self._next_sweep = 0.0
 
@@ -303,7 +212,7 @@ class LimitKeeper:
                 raise LimitReached(
                     message, rule=rule, retry_after=float(max(1, math.ceil(retry - 1e-6))), code=code
                 )
-            entries = [(caller_window, _Entry(now, 1, tokens)), (role_window, _Entry(now, 1, tokens))]
+            entries = [(caller_window, Entry(now, 1, tokens)), (role_window, Entry(now, 1, tokens))]
             for window, entry in entries:
                 window.add(entry)
             for spend in spends:
@@ -341,7 +250,7 @@ class LimitKeeper:
                     self._window(self._caller_windows, caller_key, now),
                     self._window(self._role_windows, role_key, now),
                 ):
-                    window.add(_Entry(now, 0, tokens))
+                    window.add(Entry(now, 0, tokens))
                 reserved = 0.0
             for spend in (
                 self._spend(self._caller_spend, caller_key, day, month),
@@ -361,14 +270,14 @@ class LimitKeeper:
             day, month = _periods(now)
             self._housekeep(now, month)
 
-            def window(table: dict[Any, _Window], key: Any) -> dict[str, int]:
+            def window(table: dict[Any, Window], key: Any) -> dict[str, int]:
                 w = table.get(key)
                 if w is None:
                     return {"requests_last_min": 0, "tokens_last_min": 0}
                 w.trim(now)
                 return {"requests_last_min": w.requests, "tokens_last_min": w.tokens}
 
-            def spend(table: dict[Any, _Spend], key: Any) -> dict[str, float]:
+            def spend(table: dict[Any, SpendCounter], key: Any) -> dict[str, float]:
                 s = table.get(key)
                 if s is None:
                     return {"usd_today": 0.0, "usd_this_month": 0.0, "usd_in_flight": 0.0}
@@ -435,32 +344,32 @@ class LimitKeeper:
         except sqlite3.Error as exc:
             raise StorageUnavailable(f"cannot read the ledger to rebuild limits: {exc}") from exc
 
-        caller_windows: dict[_CallerKey, _Window] = {}
-        role_windows: dict[_RoleKey, _Window] = {}
-        caller_spend: dict[_CallerKey, _Spend] = {}
-        role_spend: dict[_RoleKey, _Spend] = {}
-        org_spend: dict[str, _Spend] = {}
+        caller_windows: dict[_CallerKey, Window] = {}
+        role_windows: dict[_RoleKey, Window] = {}
+        caller_spend: dict[_CallerKey, SpendCounter] = {}
+        role_spend: dict[_RoleKey, SpendCounter] = {}
+        org_spend: dict[str, SpendCounter] = {}
         read = 0
         for org, role, caller, count, month_usd, day_usd in totals:
             read += count
-            targets: list[_Spend] = []
+            targets: list[SpendCounter] = []
             if org is not None:
-                targets.append(org_spend.setdefault(org, _Spend(day, month)))
+                targets.append(org_spend.setdefault(org, SpendCounter(day, month)))
                 if role is not None:
-                    targets.append(role_spend.setdefault((org, role), _Spend(day, month)))
+                    targets.append(role_spend.setdefault((org, role), SpendCounter(day, month)))
                     if caller is not None:
-                        targets.append(caller_spend.setdefault((org, role, caller), _Spend(day, month)))
+                        targets.append(caller_spend.setdefault((org, role, caller), SpendCounter(day, month)))
             for spend in targets:
                 spend.month_usd += month_usd
                 spend.day_usd += day_usd
         for org, role, caller, t, tokens in recent:
             if org is None or role is None or t is None:
                 continue
-            windows = [role_windows.setdefault((org, role), _Window())]
+            windows = [role_windows.setdefault((org, role), Window())]
             if caller is not None:
-                windows.append(caller_windows.setdefault((org, role, caller), _Window()))
+                windows.append(caller_windows.setdefault((org, role, caller), Window()))
             for window in windows:
-                window.add(_Entry(t, 1, int(tokens)))
+                window.add(Entry(t, 1, int(tokens)))
         with self._lock:
             self._generation += 1
             self._caller_windows, self._role_windows = caller_windows, role_windows
@@ -472,19 +381,19 @@ class LimitKeeper:
     # -- internals ----------------------------------------------------------------------------------------
 
     @staticmethod
-    def _window(table: dict[Any, _Window], key: Any, now: float) -> _Window:
+    def _window(table: dict[Any, Window], key: Any, now: float) -> Window:
         window = table.get(key)
         if window is None:
-            window = table[key] = _Window()
+            window = table[key] = Window()
         else:
             window.trim(now)
         return window
 
     @staticmethod
-    def _spend(table: dict[Any, _Spend], key: Any, day: int, month: int) -> _Spend:
+    def _spend(table: dict[Any, SpendCounter], key: Any, day: int, month: int) -> SpendCounter:
         spend = table.get(key)
         if spend is None:
-            spend = table[key] = _Spend(day, month)
+            spend = table[key] = SpendCounter(day, month)
         else:
             spend.roll(day, month)
         return spend
@@ -502,9 +411,9 @@ class LimitKeeper:
             return
         self._next_sweep = now + _SWEEP_EVERY_S
         for windows in (self._caller_windows, self._role_windows):
-            _drop_idle(windows, now)
+            drop_idle(windows, now)
         for spends in (self._caller_spend, self._role_spend, self._org_spend):
-            _drop_old(spends, month)
+            drop_old(spends, month)
 
     def _expire(self, ticket: Ticket, now: float) -> None:
         """Release a ticket nobody settled: its request stays counted, its tokens and cost do not."""
@@ -521,21 +430,8 @@ class LimitKeeper:
             spend.replace(ticket._day, ticket._month, ticket.cost_usd, 0.0)
 
 
-def _drop_idle(windows: dict[Any, _Window], now: float) -> None:
-    for key in list(windows):
-        window = windows[key]
-        window.trim(now)
-        if not window.entries:
-            del windows[key]
-
-
-def _drop_old(spends: dict[Any, _Spend], month: int) -> None:
-    for key in [k for k, s in spends.items() if s.month != month]:
-        del spends[key]
-
-
 def _check_rate(
-    refusals: list[_Refusal], window: _Window, rate: Rate | None, tokens: int, now: float, rule: str
+    refusals: list[_Refusal], window: Window, rate: Rate | None, tokens: int, now: float, rule: str
 ) -> None:
     if rate is None:
         return
@@ -566,7 +462,7 @@ def _check_rate(
 
 
 def _check_spend(
-    refusals: list[_Refusal], spend: _Spend, spec: Spend | None, cost: float, now: float, rule: str
+    refusals: list[_Refusal], spend: SpendCounter, spec: Spend | None, cost: float, now: float, rule: str
 ) -> None:
     if cost <= 0:
         return  # a request that costs nothing (a local model) cannot overspend
