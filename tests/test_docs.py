@@ -58,3 +58,19 @@ def test_every_audit_field_is_documented() -> None:
 def test_readme_has_exactly_two_setup_commands() -> None:
     blocks = re.findall(r"```\n(\./dev \w+)\n```", README)
     assert blocks == ["./dev demo", "./dev test"]
+
+
+def test_the_code_map_names_every_package_and_module() -> None:
+    root = Path(__file__).resolve().parent.parent
+    code_map = README.partition("## Code map")[2].partition("\n## ")[0]
+    packages = [p for p in (root / "appliance").iterdir() if (p / "__init__.py").exists()]
+    missing = [f"appliance/{p.name}/" for p in packages if f"`appliance/{p.name}/`" not in code_map]
+    for package in ("ledger", "pipeline", "cli", "http"):
+        for module in sorted((root / "appliance" / package).glob("*.py")):
+            if module.stem != "__init__" and f"`{module.stem}`" not in code_map:
+                missing.append(f"appliance/{package}/{module.name}")
+    for module in sorted((root / "appliance").glob("*.py")):
+        if module.stem not in ("__init__", "__main__") and f"`{module.stem}`" not in code_map:
+            if f"`appliance/{module.name}`" not in code_map:
+                missing.append(f"appliance/{module.name}")
+    assert not missing, f"README's code map lacks: {missing}"

@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from appliance.errors import ClientDisconnected, GatewayError, MalformedHTTP, RequestTimeout
+from appliance.http.flow_control import FlowControl
+from appliance.http.limits import HttpLimits
 from appliance.http.responses import (
     CHUNKED,
     CONTINUE,
@@ -28,10 +30,29 @@ from appliance.http.responses import (
     status_line,
 )
 
-if TYPE_CHECKING:
-    from appliance.http.protocol import HttpProtocol
-
 logger = logging.getLogger("phi.http")
+
+
+class _Counts(Protocol):
+    in_flight: int
+
+
+class Connection(Protocol):
+    """What a cycle needs of its connection; ``protocol.HttpProtocol`` is the one implementation (a
+    structural type, so the connection module imports this one and never the other way round)."""
+
+    transport: asyncio.Transport
+    flow: FlowControl
+    limits: HttpLimits
+
+    @property
+    def state(self) -> _Counts: ...
+
+    def resume_reading(self) -> None: ...
+
+    def stop_reading(self) -> None: ...
+
+    def response_complete(self, cycle: Responder) -> None: ...
 
 
 class Request:
@@ -111,7 +132,7 @@ class Responder:
         "started",
     )
 
-    def __init__(self, request: Request, conn: HttpProtocol, *, keep_alive: bool, http10: bool) -> None:
+    def __init__(self, request: Request, conn: Connection, *, keep_alive: bool, http10: bool) -> None:
         request._cycle = self
         self.request = request
         self._conn = conn
