@@ -29,7 +29,7 @@ from appliance import identity, signing_keys
 from appliance.config import Settings, load_settings, write_settings
 from appliance.errors import GatewayError, OperatorError
 from appliance.identity import TokenStore
-from appliance.ledger import store as ledger
+from appliance.ledger import store
 from appliance.ledger.checkpoints import CheckpointSigner, default_origin
 from appliance.ledger.store import Ledger
 from appliance.policy import store as policy_store
@@ -48,7 +48,7 @@ MIGRATIONS: list[Migration] = [
     *identity.MIGRATIONS,
     *provider_keys.MIGRATIONS,
     *policy_store.MIGRATIONS,
-    *ledger.MIGRATIONS,
+    *store.MIGRATIONS,
 ]
 
 

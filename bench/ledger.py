@@ -31,9 +31,8 @@ import uvloop  # noqa: E402
 
 from appliance.home import Home, Vault  # noqa: E402
 from appliance.http.protocol import new_request_id  # noqa: E402
-from appliance.ledger import proofs as ledger_proofs  # noqa: E402
-from appliance.ledger import signed_note  # noqa: E402
-from appliance.ledger.store import sha256_hex  # noqa: E402
+from appliance.ledger import proofs, signed_note  # noqa: E402
+from appliance.ledger.chain import sha256_hex  # noqa: E402
 from appliance.ledger.verify import VerifyReport  # noqa: E402
 
 APPEND_TARGET = 50_000
@@ -121,10 +120,10 @@ def bench_proofs(home: Home, samples: int) -> dict[str, float]:
             record = rng.randint(1, size)
             t0 = time.perf_counter()
             conn.execute("BEGIN")
-            doc = ledger_proofs.inclusion_proof(conn, record, size, note)
+            doc = proofs.inclusion_proof(conn, record, size, note)
             conn.execute("COMMIT")
             t1 = time.perf_counter()
-            ledger_proofs.verify_proof(doc, [verifier])
+            proofs.verify_proof(doc, [verifier])
             t2 = time.perf_counter()
             build += t1 - t0
             check += t2 - t1
@@ -133,7 +132,7 @@ def bench_proofs(home: Home, samples: int) -> dict[str, float]:
         old = size // 3
         t0 = time.perf_counter()
         conn.execute("BEGIN")
-        consistency = ledger_proofs.consistency_proof(conn, old, size, None, note)
+        consistency = proofs.consistency_proof(conn, old, size, None, note)
         conn.execute("COMMIT")
         consistency_ms = (time.perf_counter() - t0) * 1000
     return {

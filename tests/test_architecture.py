@@ -56,6 +56,7 @@ def test_the_contracts_hold_on_the_tree(tree_copy: Path) -> None:
         ("appliance/http/flow_control.py", "appliance.pipeline.exchange", "http is a server"),
         ("routes/pricing.py", "appliance.cli", "routes and local models serve the pipeline"),
         ("appliance/pipeline/exchange.py", "appliance.pipeline.police", "the pipeline's phases are layered"),
+        ("appliance/ledger/archive.py", "appliance.ledger.export", "the ledger is layered"),
         ("appliance/errors.py", "appliance.http", "no cycles between sibling"),
     ],
 )

@@ -20,10 +20,8 @@ import click
 
 from appliance.cli.options import home_option, open_home
 from appliance.errors import CheckpointError, OperatorError
-from appliance.ledger import archive as ledger_archive
-from appliance.ledger import export as audit_export
-from appliance.ledger import proofs as ledger_proofs
-from appliance.ledger import signed_note
+from appliance.ledger import operations, proofs, signed_note
+from appliance.ledger.export_verify import verify_exports
 from appliance.ledger.follow import ExportFollower, exported_through
 
 _PENDING_SHOWN = 100
@@ -113,7 +111,7 @@ def audit_verify(
 def _verify_exports(paths: tuple[Path, ...], verifiers: list[signed_note.Verifier]) -> None:
     if not verifiers:
         raise OperatorError("verifying exports needs the verifier key of each appliance: --key")
-    reports = audit_export.verify_exports(list(paths), verifiers)
+    reports = verify_exports(list(paths), verifiers)
     failed = 0
     for report in reports:
         click.echo(report.describe())
@@ -230,16 +228,16 @@ def audit_prove(
         try:
             if not 1 <= size <= ledger.count():
                 raise OperatorError(f"--size must be 1 to {ledger.count()} (the records in the ledger)")
-            note = ledger_proofs.stored_checkpoint_at(conn, size)
+            note = proofs.stored_checkpoint_at(conn, size)
             if record is not None:
-                doc = ledger_proofs.inclusion_proof(conn, record, size, note)
+                doc = proofs.inclusion_proof(conn, record, size, note)
             else:
                 assert from_size is not None
-                old = ledger_proofs.stored_checkpoint_at(conn, from_size)
-                doc = ledger_proofs.consistency_proof(conn, from_size, size, old, note)
+                old = proofs.stored_checkpoint_at(conn, from_size)
+                doc = proofs.consistency_proof(conn, from_size, size, old, note)
         finally:
             conn.execute("COMMIT")
-    _write_or_print(ledger_proofs.dumps(doc), out)
+    _write_or_print(proofs.dumps(doc), out)
 
 
 @audit_group.command("verify-proof")
@@ -258,7 +256,7 @@ def audit_verify_proof(proof: Path, keys: tuple[str, ...], kept: tuple[Path, ...
         doc = json.loads(_read_text(proof))
     except (json.JSONDecodeError, RecursionError) as exc:
         raise OperatorError(f"{proof}: not a proof file ({exc})") from None
-    result = ledger_proofs.verify_proof(doc, _verifiers(keys), [text for _, text in _read_notes(kept)])
+    result = proofs.verify_proof(doc, _verifiers(keys), [text for _, text in _read_notes(kept)])
     click.echo(f"ok: {result.message}")
 
 
@@ -313,21 +311,13 @@ def audit_export_cmd(
         _follow(target.vault_path, out, start)
         return
     with target.open_vault() as vault:
-        conn = vault.db.reader()
-        oldest = conn.execute("SELECT MIN(seq) FROM ledger").fetchone()[0] or 1  # after archives, not 1
-        first = max(since_seq, oldest) if since_seq is not None else oldest
-        if since_seq is not None and since_seq < 1:
-            raise OperatorError("--since-seq counts from 1")
-        if since is not None:
-            found = audit_export.first_seq_since(conn, since)
-            if found is None:
-                raise OperatorError(f"no records since {since}")
-            first = found
         if out is None:
-            count = audit_export.export_range(conn, first, vault.ledger.count(), sys.stdout)
+            count = operations.export_lines(
+                vault.ledger, vault.db, sys.stdout, since=since, since_seq=since_seq
+            )
             click.echo(f"{count} record(s) exported", err=True)
             return
-        summary = audit_export.write_export(vault.ledger, conn, out, first)
+        summary = operations.export_bundle(vault.ledger, vault.db, out, since=since, since_seq=since_seq)
     click.echo(
         f"{summary.lines} record(s), {summary.first_seq} to {summary.last_seq} of {summary.origin}: {out}\n"
         f"checkpoint: {summary.checkpoint_path}\nprefix:     {summary.prefix_path}"
@@ -367,7 +357,7 @@ def audit_archive(home: Path | None, through: int, out_dir: Path) -> None:
     signed state the vault keeps of the archived records. Check the bundle later with `audit verify FILE`.
     """
     with open_home(home).open_vault() as vault:
-        result = ledger_archive.run_archive(vault.ledger, vault.db, through, out_dir)
+        result = operations.run_archive(vault.ledger, vault.db, through, out_dir)
     click.echo(
         f"records {result.first} to {result.last} archived to {result.path} (sha256 {result.sha256}); "
         f"{result.deleted} removed from the vault"

@@ -1,9 +1,10 @@
-"""Retention: old ledger records moved to sealed archive files, without breaking verification.
+"""Retention: what the vault keeps of records moved to sealed archive files, so that verify can go on.
 
-``audit archive --through N`` writes records first..N (first: one after the previous archive) as an
-export bundle (``audit_export``: the lines, a checkpoint of exactly N records signed with reason
-"archive", and the compact range before ``first``), reads the files back and verifies them, and only
-then, in one transaction, stores a ``ledger_archive`` row and deletes those records from the vault.
+``audit archive --through N`` (``operations.run_archive``) writes records first..N (first: one after the
+previous archive) as an export bundle (``export``: the lines, a checkpoint of exactly N records signed with
+reason "archive", and the compact range before ``first``), reads the files back and verifies them, and
+only then, in one transaction, stores a ``ledger_archive`` row and deletes those records from the vault
+(``store`` here).
 
 The row keeps what verification of the records after N needs: the chain hash of record N, the compact
 range of the first N leaves, and the signed checkpoint of N records. ``verify`` checks that checkpoint's
@@ -12,31 +13,27 @@ the archive files are verified on their own (`audit verify FILE…`), by anyone 
 Tiles are never deleted, so proofs for the records that remain still work. N must be a multiple of 256
 (a whole tile), so no tile is split between an archive and the vault.
 
-Owns: ``ledger_archive`` and the one trigger that lets archived records (and only those) be deleted.
-Never: deletes a record before its archive file is durable and verified; archives records newer than
-the signed head; rewrites an archive row.
+Owns: ``ledger_archive`` and the one trigger that lets archived records (and only those) be deleted,
+``plan`` (which records an archive may take), ``store`` (the row and the deletion, in the caller's write)
+and ``check_prefix`` (``verify``'s check of a row). Never: archives records newer than the signed head;
+rewrites an archive row; writes or verifies the archive files, or knows of ``Ledger`` (it imports neither
+``store`` nor ``export``: ``operations`` combines them, and deletes nothing before the files verify).
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import sqlite_utils
 
-from appliance import timestamps
 from appliance.errors import CheckpointError, OperatorError
 from appliance.ledger import merkle, signed_note
 from appliance.ledger.tiles import TILE_LEAVES, tile_frontier
-from appliance.vault.db import Database, Migration
-
-if TYPE_CHECKING:
-    from appliance.ledger.store import Ledger
+from appliance.vault.db import Migration
 
 
 def _create(db: sqlite_utils.Database) -> None:
@@ -184,59 +181,3 @@ def check_prefix(prefix: ArchivedPrefix, verifiers: list[signed_note.Verifier]) 
             f"(size {cp.size}): the vault's record of archived records was altered"
         )
     return None
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-@dataclass(frozen=True)
-class ArchiveResult:
-    path: Path
-    first: int
-    last: int
-    deleted: int
-    sha256: str
-
-
-def run_archive(ledger: Ledger, db: Database, through: int, out_dir: Path) -> ArchiveResult:
-    """Archive records up to ``through`` into ``out_dir`` (see the module docstring for the order)."""
-    from appliance.ledger import (
-        export as audit_export,  # it builds on the ledger, which builds on this module
-    )
-
-    verified = ledger.verify()  # the archive's root comes from stored tiles: only once they are checked
-    if not verified.ok:
-        raise OperatorError(f"the ledger does not verify, nothing was archived: {verified.message}")
-    conn = db.reader()
-    conn.execute("BEGIN")
-    try:
-        archive = plan(conn, through)
-    finally:
-        conn.execute("COMMIT")
-    note = ledger.sign_size(archive.last, archive.frontier.root(), "archive")
-    verifier = ledger.verifier()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    name = f"{verifier.name.replace('/', '_')}-{archive.first:012d}-{archive.last:012d}.jsonl"
-    path = out_dir / name
-    audit_export.write_bundle(conn, path, archive.first, note, verifier)
-    (report,) = audit_export.verify_exports([path], [verifier])  # read back from the disk
-    if not report.ok:
-        raise OperatorError(f"the archive {path} does not verify; nothing was deleted: {report.describe()}")
-    digest = file_sha256(path)
-
-    def commit(conn: sqlite3.Connection) -> int:
-        again = archived_prefix(conn)
-        if (0 if again is None else again.last_seq) != archive.first - 1:
-            raise OperatorError("another archive ran meanwhile; nothing was deleted: run it again")
-        deleted = store(conn, archive, note, path, digest, timestamps.now())
-        detail = f"audit_archive records {archive.first}-{archive.last} file={name} sha256:{digest[:16]}"
-        ledger.record_in(conn, {"type": "admin", "detail": detail})
-        return deleted
-
-    deleted: int = db.write(commit)
-    return ArchiveResult(path, archive.first, archive.last, deleted, digest)

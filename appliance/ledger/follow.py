@@ -4,8 +4,10 @@ Started by the gateway when ``[audit] export_file`` is set, or by ``audit export
 See ``ExportFollower`` for the guarantees (no record skipped or repeated across restarts, rotation by
 rename or truncation noticed, errors logged and retried).
 
-Owns: the followed output file and its ``<out>.state``. Never: writes to the ledger; lets an error out
-of its thread.
+Owns: the followed output file and its ``<out>.state``. Never: writes to the ledger; skips or repeats a
+record in the followed file (a torn last line is cut back to the newline before it, and the resume point
+is the later of the file's last line and the state file); lets an error out of its thread (it is logged
+and retried).
 """
 
 from __future__ import annotations

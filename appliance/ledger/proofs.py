@@ -12,7 +12,7 @@ checkpoint(s) whose root it leads to:
 off the appliance (then the proof's own checkpoint is not needed, or must agree with it). An exported
 audit line is the entry with ``,"seq":N`` added before its closing brace (``entry_of_line``).
 
-Owns: building proofs from the ledger's stored tiles (``ledger_tree.SubtreeReader``) and checking them.
+Owns: building proofs from the ledger's stored tiles (``tiles.SubtreeReader``) and checking them.
 Never: trusts a proof's checkpoint without its signature, or a size that no signed checkpoint states.
 """
 

@@ -24,7 +24,8 @@ Ed25519 signature lines) and the verifier key string.
 Must never: trust a note's text before a known key's signature over it verifies; accept a checkpoint whose
 only valid signatures come from keys not named for its origin; write a note that its own parser or Go's
 ``note.Open`` would refuse; decide which keys are trusted or load them (callers pass keys in). It computes
-no Merkle tree and no consistency proof: the ledger owns the tree.
+no Merkle tree and no consistency proof: ``merkle`` owns the tree, and the empty tree's root that a
+checkpoint of size 0 must carry; it is the one module of the ledger this one imports.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from appliance.errors import CheckpointError
+from appliance.ledger.merkle import EMPTY_ROOT
 
 if TYPE_CHECKING:
     from appliance.signing_keys import SigningKey
@@ -54,8 +56,6 @@ MAX_SIGNATURES: Final = 100
 """Go's ``note.Open`` cap; signed-note requires accepting at least 16."""
 MAX_TREE_SIZE: Final = (1 << 63) - 1
 """Go's sumdb parses the size as an int64."""
-EMPTY_TREE_ROOT: Final = hashlib.sha256(b"").digest()
-"""RFC 6962: the hash of an empty tree is SHA-256 of nothing."""
 
 _ALG_ED25519: Final = b"\x01"
 _SIG_PREFIX: Final = "\u2014 "
@@ -350,7 +350,7 @@ def _field_problem(origin: str, size: int, root: bytes, timestamp: str, reason: 
     if not isinstance(root, bytes) or len(root) != 32:
         length = len(root) if isinstance(root, bytes) else type(root).__name__
         return f"root hash is {length} bytes, expected 32"
-    if size == 0 and root != EMPTY_TREE_ROOT:
+    if size == 0 and root != EMPTY_ROOT:
         return "an empty tree's root hash must be SHA-256 of nothing (RFC 6962)"
     if not isinstance(timestamp, str) or not _TIMESTAMP.fullmatch(timestamp):
         return (

@@ -1,45 +1,43 @@
-"""The audit ledger: append-only, hash-chained records in the vault, echoed as JSON lines on stdout.
+"""``Ledger``: append-only, hash-chained records in the vault, echoed as JSON lines on stdout.
 
-Owns: the ``ledger`` table, the record shape (``Ledger.FIELDS``: the cllama audit line first, then ours),
-the hash chain (``hash = sha256(prev_hash + "\\n" + its stored JSON text)``, genesis ``"0" * 64``), the
-stdout audit line, and ``verify``, which recomputes the chain (and checks the ts/type/request_id/claw_id
-columns kept beside each record for queries) and names the first bad record.
+Owns: the ``ledger`` table and the one list of the ledger's migrations (``MIGRATIONS``: its own, then
+those of ``tiles``, ``checkpoints`` and ``archive``), what a record may hold (``Ledger.FIELDS``, which is
+``chain.FIELDS``; ``TYPES``; at most ``MAX_RECORD_CHARS``), appending (each record chained with
+``chain.chain_hash`` and added to the Merkle tree of ``tiles``, the head signed by ``checkpoints``), the
+stdout audit line, the reads the operator's commands need, and ``Ledger.verify``, which runs
+``verify.verify_database`` with this ledger's verifier key.
 
-Every append is a vault write: the write function reads the previous ``(seq, hash)`` inside the writer's
-transaction (an operator's CLI process may have appended in between; nothing is cached across batches),
-and the stdout line is printed only after the batch is durable. A record that cannot be written fails
+Every append is a vault write, chained on from the newest record in the file: the writer thread keeps
+the tree of its last commit, and when another process (an operator's CLI command) appended meanwhile,
+the batch's first seq is taken, nothing of it is inserted, and it is chained again from what the file
+holds. The stdout line is printed only after the batch is durable. A record that cannot be written fails
 its future with ``LedgerUnavailable`` so the gateway answers 503 (fail closed).
 
 Must never: hold prompt or completion text, token secrets or provider keys (records are metadata and
 SHA-256 digests; long strings in an oversized record are clipped to length and digest); update or
 delete a record (nothing here does; ``verify`` catches whoever does it with the file); print a line for
-a record that is not on disk.
+a record that is not on disk; import ``export``, ``follow`` or ``operations`` (they build on it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import json
 import logging
 import sqlite3
 import sys
 from collections.abc import Callable
-from json.encoder import encode_basestring
 from typing import Any, Final, TextIO
 
 import sqlite_utils
 
 from appliance import timestamps
 from appliance.errors import LedgerUnavailable, StorageUnavailable, TreeInconsistent
-from appliance.ledger import archive as ledger_archive
-from appliance.ledger import checkpoints as ledger_checkpoints
-from appliance.ledger import signed_note
-from appliance.ledger import tiles as ledger_tree
+from appliance.ledger import archive, checkpoints, merkle, signed_note, tiles
+from appliance.ledger.chain import FIELDS, canonical_json, chain_hash, encode_record, sha256_hex
 from appliance.ledger.checkpoints import CheckpointSigner
 from appliance.ledger.stdout import AuditPrinter
-from appliance.ledger.tiles import GENESIS as GENESIS
 from appliance.ledger.tiles import TreeState, insert_tiles
 from appliance.ledger.verify import VerifyReport, verify_database
 from appliance.vault.db import Database, Migration
@@ -51,12 +49,6 @@ MAX_RECORD_CHARS: Final = 4096
 """A record is a few hundred characters of metadata; anything this large is text that must not be here."""
 CLIP_CHARS: Final = 128
 """In an oversized record, string values longer than this are replaced by their length and digest."""
-
-# The stored text of a record is its audit line without ``seq``: fields in FIELDS order, compact. One
-# encoding serves the chain and the stdout line; verify hashes the stored text, so order need not be sorted.
-_CANONICAL = json.JSONEncoder(
-    separators=(",", ":"), ensure_ascii=False, allow_nan=False, check_circular=False
-).encode
 
 _LAST = "SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1"
 _INSERT_HEAD = "INSERT INTO ledger (seq, ts, type, request_id, claw_id, record, prev_hash, hash) VALUES "
@@ -97,35 +89,10 @@ def _append_only(db: sqlite_utils.Database) -> None:
 MIGRATIONS = [
     Migration("ledger-0001-create", _create_table),
     Migration("ledger-0002-append-only", _append_only),
-    ledger_tree.MIGRATION,
-    ledger_checkpoints.MIGRATION,
-    ledger_archive.MIGRATION,
+    tiles.MIGRATION,
+    checkpoints.MIGRATION,
+    archive.MIGRATION,
 ]
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def chain_hash(prev_hash: str, record_json: str) -> str:
-    """The link: SHA-256 over the previous hash (hex), a newline, and this record's canonical JSON."""
-    return hashlib.sha256(f"{prev_hash}\n{record_json}".encode()).hexdigest()
-
-
-def _encode(ordered: dict[str, Any]) -> str:
-    """``_CANONICAL(ordered)`` for a dict in FIELDS order, about 1.5 us faster per record (the append path
-    runs on the event loop): None, str and int are written here, anything else by the encoder itself."""
-    parts = []
-    for key, value in zip(_KEYS, ordered.values(), strict=True):
-        if value is None:
-            parts.append(key + "null")
-        elif value.__class__ is str:
-            parts.append(key + encode_basestring(value))
-        elif value.__class__ is int:  # not bool, a subclass: the encoder writes true/false
-            parts.append(key + int.__repr__(value))
-        else:
-            parts.append(key + _CANONICAL(value))
-    return "{" + ",".join(parts) + "}"
 
 
 class _SeqTaken(sqlite3.IntegrityError):
@@ -142,31 +109,7 @@ STDOUT: Final = _Stdout()
 class Ledger:
     """Appends audit records (hot path, from the event loop) and answers the operator's questions."""
 
-    FIELDS: Final = (
-        # the cllama audit line
-        "ts",
-        "claw_id",
-        "type",
-        "model",
-        "latency_ms",
-        "status_code",
-        "tokens_in",
-        "tokens_out",
-        "cost_usd",
-        "intervention",
-        # ours
-        "request_id",
-        "org",
-        "role",
-        "route",
-        "decision",
-        "policy_version",
-        "request_sha256",
-        "response_sha256",
-        "data_class",
-        "detail",
-        "rule",
-    )
+    FIELDS: Final = FIELDS  # the stored order, from ``chain``: the cllama audit line first, then ours
     _FIELD_SET: Final = frozenset(FIELDS)
 
     def __init__(
@@ -232,13 +175,13 @@ class Ledger:
         for column in ("ts", "request_id", "claw_id"):  # copied into TEXT columns: must stay strings
             if not isinstance(ordered[column], str | None):
                 raise ValueError(f"audit record field {column} must be a string or null")
-        canonical = _encode(ordered)
+        canonical = encode_record(ordered)
         if len(canonical) > MAX_RECORD_CHARS:
             # Some values come from the client (a model name): clip them rather than lose the record.
             for name, value in ordered.items():
                 if isinstance(value, str) and len(value) > CLIP_CHARS:
                     ordered[name] = f"[clipped: {len(value)} chars, sha256:{sha256_hex(value.encode())[:16]}]"
-            canonical = _CANONICAL(ordered)
+            canonical = canonical_json(ordered)
             if len(canonical) > MAX_RECORD_CHARS:
                 raise ValueError(
                     f"audit record is {len(canonical)} characters; metadata only, at most {MAX_RECORD_CHARS}"
@@ -276,12 +219,12 @@ class Ledger:
         rows: list[Any] = []
         seqs: list[int] = []
         leaves: list[bytes] = []
-        sha256 = hashlib.sha256
+        link, leaf_hash = chain_hash, merkle.leaf_hash
         for ordered, canonical in items:
             seq += 1
-            data = canonical.encode()  # once for both: chain_hash(prev, canonical), entry_leaf(canonical)
-            digest = sha256(f"{prev}\n".encode() + data).hexdigest()
-            leaves.append(sha256(b"\x00" + data).digest())
+            data = canonical.encode()  # once for both the link and the leaf (tiles.entry_leaf(canonical))
+            digest = link(prev, data)
+            leaves.append(leaf_hash(data))
             rows += (
                 seq,
                 ordered["ts"],
@@ -362,7 +305,7 @@ class Ledger:
         """Sign the first head of a ledger written before checkpoints existed, in the process that has
         just upgraded it (only then: anywhere else a missing head is evidence, not something to fill)."""
         signer = self._signer
-        if signer is not None and ledger_checkpoints.MIGRATION.name in self._db.applied and self.count():
+        if signer is not None and checkpoints.MIGRATION.name in self._db.applied and self.count():
             self._db.write(lambda conn: signer.seal(conn, self._tree_in(conn)))
 
     def head_stale(self) -> bool:
@@ -400,7 +343,7 @@ class Ledger:
     def verifier(self) -> signed_note.Verifier:
         """The verifier key of this ledger's checkpoints (what an auditor is given)."""
         signer = self._require_signer()
-        origin = ledger_checkpoints.stored_origin(self._db.reader())
+        origin = checkpoints.stored_origin(self._db.reader())
         if origin is None:  # a ledger that has signed nothing yet: fix its origin now
             origin = self._db.write(signer.origin)
         return signer.verifier(origin)
@@ -470,15 +413,12 @@ class Ledger:
         kept: list[tuple[str, str]] | None = None,
         extra_verifiers: list[signed_note.Verifier] | None = None,
     ) -> VerifyReport:
-        """Recompute chain and tree from record 1 and check every checkpoint (``ledger_verify``).
+        """Recompute chain and tree from record 1 and check every checkpoint (``verify.verify_database``).
 
         ``kept``: (label, note) of checkpoints an auditor kept; blocking: run it off the event loop.
         """
         verifiers = [*(extra_verifiers or [])]
         if self._signer is not None:
-            origin = ledger_checkpoints.stored_origin(self._db.reader())
+            origin = checkpoints.stored_origin(self._db.reader())
             verifiers.append(self._signer.verifier(origin or self._signer.default_origin))
         return verify_database(self._db.reader(), verifiers, kept or [], progress)
-
-
-_KEYS: Final = tuple(f"{encode_basestring(name)}:" for name in Ledger.FIELDS)

@@ -28,10 +28,10 @@ import sqlite_utils
 
 from appliance.errors import OperatorError, TreeInconsistent
 from appliance.ledger import merkle
+from appliance.ledger.chain import GENESIS
 from appliance.vault.db import Migration
 
 TILE_LEAVES: Final = 256
-GENESIS: Final = "0" * 64
 
 
 def _create_tiles(db: sqlite_utils.Database) -> None:

@@ -3,7 +3,8 @@
 One streaming pass over the records (constant memory but the tile list, n/256 hashes), in one read
 snapshot. For each record, in order:
 - seqs are contiguous from the ledger's start, each record chains to the one before it, its stored hash
-  is the hash of its text, and its indexed columns copy its text;
+  is the hash of its text (``chain.chain_hash``, the rule the writer used), and its indexed columns copy
+  its text;
 - its leaf goes into the recomputed tree; every 256 leaves the stored tile must equal the recomputed one;
 - when the tree reaches the size of a checkpoint (stored, the head, or one an auditor kept and passed
   in), the checkpoint's root must equal the recomputed root.
@@ -21,7 +22,6 @@ recompute; accepts a checkpoint whose signature it could not check.
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -30,8 +30,9 @@ from dataclasses import dataclass
 from appliance.errors import CheckpointError
 from appliance.ledger import merkle, signed_note
 from appliance.ledger.archive import archive_roots, archived_prefix, check_prefix
+from appliance.ledger.chain import GENESIS, chain_hash
 from appliance.ledger.checkpoints import StoredCheckpoint, stored_checkpoints, stored_origin
-from appliance.ledger.tiles import GENESIS, TILE_LEAVES
+from appliance.ledger.tiles import TILE_LEAVES
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,7 @@ def _verify(
         by_size[entry.checkpoint.size].append(entry)
     tiles = [bytes(row[0]) for row in conn.execute("SELECT hash FROM ledger_tile ORDER BY idx")]
 
-    sha256 = hashlib.sha256
+    link, leaf_hash = chain_hash, merkle.leaf_hash
     frontier = merkle.Frontier()
     expected = 1
     last = GENESIS
@@ -212,7 +213,11 @@ def _verify(
                 else:
                     message = f"record {seq} does not chain to record {seq - 1}"
                 raise _Failed(seq - 1, seq, message)
-            computed = sha256(f"{prev}\n{record}".encode()).hexdigest()
+            try:
+                data = record.encode()  # once for both the link and the leaf
+            except AttributeError:  # not text (a BLOB written over it): hashed as its repr, it cannot match
+                data = str(record).encode()
+            computed = link(prev, data)
             if computed != stored:
                 following = cur.fetchone()
                 if following is not None and following[2] == computed:
@@ -224,7 +229,7 @@ def _verify(
                 raise _Failed(
                     seq - 1, seq, f"record {seq}: its indexed columns do not match its content (edited)"
                 )
-            leaf = sha256(b"\x00" + record.encode()).digest()
+            leaf = leaf_hash(data)
             append(leaf)
             partial.append(leaf)
             if len(partial) == TILE_LEAVES:

@@ -19,8 +19,7 @@ from click.testing import CliRunner, Result
 from appliance import signing_keys, timestamps
 from appliance.cli import main
 from appliance.home import Home
-from appliance.ledger import merkle, signed_note
-from appliance.ledger import proofs as ledger_proofs
+from appliance.ledger import merkle, proofs, signed_note
 from appliance.ledger.store import Ledger
 from appliance.ledger.tiles import TILE_LEAVES, SubtreeReader, TreeState
 
@@ -87,7 +86,7 @@ def _records(home: Home) -> list[str]:
 
 def _rechain(home: Home, texts: list[str]) -> None:
     """What a careful attacker does: rewrite records, recompute the hash chain and the tiles."""
-    from appliance.ledger.store import GENESIS, chain_hash
+    from appliance.ledger.chain import GENESIS, chain_hash
 
     conn = sqlite3.connect(home.vault_path, isolation_level=None)
     for trigger in (
@@ -376,9 +375,9 @@ def test_verify_proof_refuses_another_appliances_key(tmp_path: Path) -> None:
 
 
 def test_entry_of_an_exported_line() -> None:
-    assert ledger_proofs.entry_of_line('{"ts":"x","a":1,"seq":42}\n') == (42, '{"ts":"x","a":1}')
-    with pytest.raises(ledger_proofs.ProofRejected):
-        ledger_proofs.entry_of_line('{"ts":"x"}')
+    assert proofs.entry_of_line('{"ts":"x","a":1,"seq":42}\n') == (42, '{"ts":"x","a":1}')
+    with pytest.raises(proofs.ProofRejected):
+        proofs.entry_of_line('{"ts":"x"}')
 
 
 # -- when checkpoints are signed -------------------------------------------------------------------------

@@ -10,8 +10,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from appliance.ledger.merkle import EMPTY_ROOT
 from appliance.ledger.signed_note import (
-    EMPTY_TREE_ROOT,
     MAX_NOTE_BYTES,
     REASONS,
     Checkpoint,
@@ -127,7 +127,7 @@ def test_sign_then_open_round_trips(note: str, verifier: Verifier) -> None:
 
 @pytest.mark.parametrize("reason", sorted(REASONS))
 def test_every_reason_round_trips(key: SigningKey, verifier: Verifier, reason: str) -> None:
-    checkpoint = _checkpoint(reason=reason, size=0, root=EMPTY_TREE_ROOT)
+    checkpoint = _checkpoint(reason=reason, size=0, root=EMPTY_ROOT)
     assert open_note(sign(checkpoint, key), [verifier]) == checkpoint
 
 

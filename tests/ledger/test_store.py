@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from appliance.errors import LedgerUnavailable
-from appliance.ledger.store import GENESIS, MIGRATIONS, Ledger, chain_hash, sha256_hex
+from appliance.ledger.chain import GENESIS, chain_hash, sha256_hex
+from appliance.ledger.store import MIGRATIONS, Ledger
 from appliance.timestamps import now as utc_now_iso
 from appliance.vault.db import Database
 
@@ -456,8 +457,8 @@ def test_commit_failure_is_ledger_unavailable(db: Database) -> None:
     ],
 )
 def test_the_fast_encoder_writes_what_the_canonical_encoder_writes(record: dict[str, Any]) -> None:
-    from appliance.ledger.store import _CANONICAL, _encode
+    from appliance.ledger.chain import canonical_json, encode_record
 
     ordered = dict.fromkeys(Ledger.FIELDS)
     ordered.update(record, ts=utc_now_iso())
-    assert _encode(ordered) == _CANONICAL(ordered)
+    assert encode_record(ordered) == canonical_json(ordered)

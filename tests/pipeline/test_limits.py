@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from appliance.errors import LimitReached, RateLimited
-from appliance.ledger.store import GENESIS, MIGRATIONS, Ledger
+from appliance.ledger.chain import GENESIS
+from appliance.ledger.store import MIGRATIONS, Ledger
 from appliance.pipeline.limits import (
     DEFAULT_MAX_TOKENS,
     IN_FLIGHT_RETRY_S,
