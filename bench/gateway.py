@@ -6,7 +6,7 @@ drives both with ``bench/loadgen.py`` in its own process at 1, 16 and 64 connect
 streaming time to first byte. On a machine with 2 or more CPUs the gateway is pinned to CPU 0 and the
 upstream and load generator to the others, so the gateway's own cost is what is measured.
 
-    ./dev bench                     # or: .venv/bin/python bench/gateway.py --seconds 5
+    ./dev bench                     # or: .venv/bin/python -m bench.gateway --seconds 5
 
 Targets (issue 2, 2-core machine): added p50 at 1 connection <= 0.30 ms; >= 12,000 req/s at 16 connections.
 """
@@ -25,13 +25,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from appliance import signing_keys
+from appliance.home import Home
+from appliance.policy import dsse, importer
+from tests.support.gateway import SITE, policy_doc
 
-from appliance import signing_keys  # noqa: E402
-from appliance.home import Home  # noqa: E402
-from appliance.policy import dsse, importer  # noqa: E402
-from tests.support.gateway import SITE, policy_doc  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 CHAT = '{"model":"%s","messages":[{"role":"user","content":"Summarise the discharge note in two lines."}]%s}'
 

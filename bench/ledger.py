@@ -9,7 +9,7 @@
 3. Proofs at that size: inclusion proofs for random records and a consistency proof, as `audit prove`
    builds them from the stored tiles: time to build and to verify, hashes in the path, JSON bytes.
 
-    .venv/bin/python bench/ledger.py [--records 1000000] [--append 200000]
+    .venv/bin/python -m bench.ledger [--records 1000000] [--append 200000]
 """
 
 from __future__ import annotations
@@ -18,22 +18,18 @@ import argparse
 import asyncio
 import json
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import uvloop
 
-import uvloop  # noqa: E402
-
-from appliance.home import Home, Vault  # noqa: E402
-from appliance.http.protocol import new_request_id  # noqa: E402
-from appliance.ledger import proofs, signed_note  # noqa: E402
-from appliance.ledger.chain import sha256_hex  # noqa: E402
-from appliance.ledger.verify import VerifyReport  # noqa: E402
+from appliance.home import Home, Vault
+from appliance.http.protocol import new_request_id
+from appliance.ledger import proofs, signed_note
+from appliance.ledger.chain import sha256_hex
+from appliance.ledger.verify import VerifyReport
 
 APPEND_TARGET = 50_000
 VERIFY_TARGET_S = 10.0

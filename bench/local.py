@@ -6,7 +6,7 @@ prompt, the same sampling, end-of-text banned with logit_bias so every request g
 clients (loopback only): tokens/s per request and in aggregate, time to first token, and the longest gap
 between two streamed chunks (a stall). The gateway runs with identity, policy and the durable ledger on.
 
-    ./dev bench-local            # or: .venv/bin/python bench/local.py --tokens 128
+    ./dev bench-local            # or: .venv/bin/python -m bench.local --tokens 128
 
 Targets (issue 3): gateway tokens/s within 5% of raw llama.cpp; time to first token better than
 llama_cpp.server; no stream stalls.
@@ -27,15 +27,12 @@ from typing import Any
 
 import openai
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from appliance import signing_keys  # noqa: E402
-from appliance.home import Home  # noqa: E402
-from appliance.policy import dsse, importer  # noqa: E402
-from bench.gateway import _free_port, _process, _wait_port  # noqa: E402
-from local_models.tiny import write_tiny_model  # noqa: E402
-from tests.support.gateway import SITE, policy_doc  # noqa: E402
+from appliance import signing_keys
+from appliance.home import Home
+from appliance.policy import dsse, importer
+from bench.gateway import _free_port, _process, _wait_port
+from local_models.tiny import write_tiny_model
+from tests.support.gateway import SITE, policy_doc
 
 PROMPT = [{"role": "user", "content": "Summarise the radiology report in three sentences."}]
 END_TOKENS = ("2", "262")  # </s> and <|end|> in the generated vocabulary
