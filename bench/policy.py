@@ -192,8 +192,8 @@ def main() -> None:
     label = f"mix ({share} allowed / {len(CASES) - share} denied)"
     print(f"{label:<{width}}{'':<22}{statistics.median(mixed):>12.2f}")
     worst = max(r[2] for r in rows)
-    verdict = "meets" if worst <= TARGET_US else "MISSES"
-    print(f"\ntarget <= {TARGET_US:g} us per evaluate: {verdict} (slowest kind {worst:.2f} us)")
+    outcome = "meets" if worst <= TARGET_US else "MISSES"
+    print(f"\ntarget <= {TARGET_US:g} us per evaluate: {outcome} (slowest kind {worst:.2f} us)")
     print(f"\n{'deny-pattern scan vs text length':<{width}}{'':<22}{'us/evaluate':>12}")
     for name, f in SCALING:
         print(f"{name:<{width}}{'':<22}{per_call_us(engine, [f], args.calls, now):>12.2f}")

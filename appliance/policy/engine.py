@@ -3,15 +3,14 @@
 Owns: ``PolicyEngine``, built once per imported policy with every role's rules precompiled (model globs:
 exact names in a dict, ``prefix*`` as ``startswith``, the rest as case-sensitive regexes; tool globs as one
 regex; deny patterns compiled once; data classes as sets), so ``evaluate`` costs a few microseconds.
-``evaluate(RequestFacts) -> Verdict`` runs the checks in a fixed order:
+``evaluate(RequestFacts) -> Verdict`` applies the rules in a fixed order, one step each:
 
     policy expired -> role exists -> alias -> force_model -> model name -> route exists -> model allowed
     -> data class (declared or role default; downgrade; the route may receive it) -> tools (deny or drop)
     -> prompt (message count, length, deny patterns) -> max_tokens clamp -> fallbacks
 
-and names the rule behind each outcome; actions that still allow the request are ``Intervention``s.
-Also: ``decide`` (the model allow-list alone, kept for callers of the spine), the listing for
-``GET /v1/models`` and prices.
+The first step that refuses decides; every outcome names the rule behind it, and actions that still allow
+the request are ``Intervention``s. Also: the listing for ``GET /v1/models`` and prices.
 
 Must never: allow anything once the policy has expired, allow a model whose provider is not a defined
 route, send a data class to a route that may not receive it, put another role's allow-list or a deny
@@ -25,9 +24,6 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
-
-from pydantic import BaseModel
 
 from appliance.policy.schema import (
     DATA_CLASS_RANK,
@@ -42,22 +38,6 @@ from appliance.policy.schema import (
 from appliance.timestamps import rfc3339
 
 _MAX_ECHO = 80
-M = TypeVar("M", bound=BaseModel)
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    allowed: bool
-    reason: str
-    """One of: allowed, unknown_role, model_not_allowed, unknown_route, bad_model_name, policy_expired."""
-    rule: str | None
-    """Path of the glob that matched, e.g. ``organizations.stmarys.roles.radiology.models[1]``."""
-    route_name: str | None
-    route: RouteSpec | None
-    upstream_model: str | None
-    """The model part after ``provider/``, as the route should receive it."""
-    message: str
-    """Safe to show the caller."""
 
 
 REASONS = frozenset(
@@ -238,6 +218,92 @@ class _RoleRules:
         return tool in self.tool_exact or (self.tool_match is not None and bool(self.tool_match(tool)))
 
 
+_Refusal = tuple[str, str | None, str]
+"""A step's refusal: ``(reason, rule, message)``, as the refused ``Verdict`` carries them."""
+_UNKNOWN_ROLE: _Refusal = ("unknown_role", None, "this token's organization and role are not in the policy")
+
+
+class _Draft:
+    """The verdict one ``evaluate`` is building: each step reads the request and fills in its rule's part.
+
+    ``rules`` is set once the role is known, ``provider`` and ``upstream`` once the model name parses;
+    only the steps after those read them.
+    """
+
+    __slots__ = (
+        "data_class",
+        "drop_tools",
+        "facts",
+        "fallbacks",
+        "interventions",
+        "max_tokens",
+        "model",
+        "provider",
+        "route",
+        "route_name",
+        "rule",
+        "rules",
+        "upstream",
+        "upstream_model",
+    )
+    rules: _RoleRules
+    provider: str
+    upstream: str
+    """The model name's two parts; ``route_name``, ``route`` and ``upstream_model`` stay None until the
+    provider is found to be a route."""
+
+    def __init__(self, facts: RequestFacts) -> None:
+        self.facts = facts
+        self.model = facts.model
+        declared = facts.data_class
+        # The strictest class until the role (and so its default) is known.
+        self.data_class = declared if declared is not None and declared in DATA_CLASS_RANK else "phi"
+        self.route_name: str | None = None
+        self.route: RouteSpec | None = None
+        self.upstream_model: str | None = None
+        self.rule = ""
+        self.interventions: list[Intervention] = []
+        self.drop_tools: list[str] = []
+        self.max_tokens = facts.max_tokens
+        self.fallbacks: tuple[str, ...] = ()
+
+    def refused(self, refusal: _Refusal) -> Verdict:
+        """Refused: what was resolved so far; nothing dropped, clamped or offered instead."""
+        reason, rule, message = refusal
+        return Verdict(
+            allowed=False,
+            reason=reason,
+            rule=rule,
+            message=message,
+            model=self.model,
+            route_name=self.route_name,
+            route=self.route,
+            upstream_model=self.upstream_model,
+            data_class=self.data_class,
+            drop_tools=[],
+            max_tokens=self.facts.max_tokens,
+            interventions=self.interventions,
+            fallbacks=[],
+        )
+
+    def allowed(self) -> Verdict:
+        return Verdict(
+            allowed=True,
+            reason="allowed",
+            rule=self.rule,
+            message=f"allowed by {self.rule}",
+            model=self.model,
+            route_name=self.route_name,
+            route=self.route,
+            upstream_model=self.upstream_model,
+            data_class=self.data_class,
+            drop_tools=self.drop_tools,
+            max_tokens=self.max_tokens,
+            interventions=self.interventions,
+            fallbacks=list(self.fallbacks),
+        )
+
+
 class PolicyEngine:
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
@@ -253,217 +319,195 @@ class PolicyEngine:
         }
         self._aliases = {alias: (target, f"aliases.{alias}") for alias, target in policy.aliases.items()}
         self._fallbacks = {model: tuple(alts) for model, alts in policy.fallbacks.items()}
-        self._expired = _deny(
+        self._expired: _Refusal = (
             "policy_expired",
+            "expires_at",
             f"the policy in force (v{policy.version}) expired at {rfc3339(policy.expires_at, seconds=True)}",
         )
-        self._unknown_role = _deny("unknown_role", "this token's organization and role are not in the policy")
 
     def role(self, org: str, role: str) -> Role | None:
         rules = self._roles.get((org, role))
         return None if rules is None else rules.role
 
-    def decide(self, org: str, role: str, model: str, *, now: float | None = None) -> Decision:
+    def evaluate(self, facts: RequestFacts, now: float | None = None) -> Verdict:
+        """The whole Police decision for one request: the module docstring's rules, in its order.
+
+        Each step applies one rule to the draft; the first that returns a refusal decides.
+        """
+        draft = _Draft(facts)
+        refusal = self._check_expiry(now) or self._check_role(draft)
+        if refusal is None:
+            self._resolve_alias(draft)
+            self._force_model(draft)
+            refusal = (
+                self._check_model_name(draft)
+                or self._check_route(draft)
+                or self._check_model_allowed(draft)
+                or self._check_data_class(draft)
+                or self._screen_tools(draft)
+                or self._screen_prompt(draft)
+            )
+        if refusal is not None:
+            return draft.refused(refusal)
+        self._clamp_max_tokens(draft)
+        self._choose_fallbacks(draft)
+        return draft.allowed()
+
+    def _check_expiry(self, now: float | None) -> _Refusal | None:
         if (time.time() if now is None else now) >= self._expires_ts:
             return self._expired
-        rules = self._roles.get((org, role))
-        if rules is None:
-            return self._unknown_role
-        parts = split_model(model)
-        if parts is None:
-            return _deny(
-                "bad_model_name", f"model {_echo(model)} is not a 'provider/model' name (e.g. 'local/demo')"
-            )
-        provider, upstream = parts
-        route = self._routes.get(provider)
-        if route is None:
-            return _deny("unknown_route", f"no route named {_echo(provider)} in the policy")
-        index = rules.first_match(model)
-        if index is None:
-            message = f"model {_echo(model)} is not allowed for role {role!r}"
-            return Decision(False, "model_not_allowed", None, provider, route, upstream, message)
-        rule = rules.rules[index]
-        return Decision(True, "allowed", rule, provider, route, upstream, f"allowed by {rule}")
+        return None
 
-    def evaluate(self, facts: RequestFacts, now: float | None = None) -> Verdict:
-        """The whole Police decision for one request; see the module docstring for the order."""
-        if (time.time() if now is None else now) >= self._expires_ts:
-            return _refuse(facts, "policy_expired", "expires_at", self._expired.message)
+    def _check_role(self, draft: _Draft) -> _Refusal | None:
+        """The caller's role must exist; an undeclared (or unknown) data class becomes its default."""
+        facts = draft.facts
         rules = self._roles.get((facts.org, facts.role))
         if rules is None:
-            return _refuse(facts, "unknown_role", None, self._unknown_role.message)
-        interventions: list[Intervention] = []
-        model = facts.model
-        alias = self._aliases.get(model)
+            return _UNKNOWN_ROLE
+        draft.rules = rules
+        if facts.data_class not in DATA_CLASS_RANK:
+            draft.data_class = rules.default_class
+        return None
+
+    def _resolve_alias(self, draft: _Draft) -> None:
+        alias = self._aliases.get(draft.model)
         if alias is not None:
-            model, rule = alias
-            interventions.append(Intervention("model_aliased", rule, f"{facts.model} -> {model}"))
-        if rules.force is not None and model != rules.force:
+            draft.model, rule = alias
+            draft.interventions.append(
+                Intervention("model_aliased", rule, f"{draft.facts.model} -> {draft.model}")
+            )
+
+    def _force_model(self, draft: _Draft) -> None:
+        rules, model = draft.rules, draft.model
+        force = rules.force
+        if force is not None and model != force:
             # The requested text may be anything the caller typed: name it only if it is a model name.
             asked = model if split_model(model) is not None else f"a {len(model)}-character model name"
-            interventions.append(Intervention("model_forced", rules.force_rule, f"{asked} -> {rules.force}"))
-            model = rules.force
-        data_class = facts.data_class if facts.data_class in DATA_CLASS_RANK else rules.default_class
+            draft.interventions.append(Intervention("model_forced", rules.force_rule, f"{asked} -> {force}"))
+            draft.model = force
 
-        def refuse(
-            reason: str, rule: str | None, message: str, at: tuple[str, RouteSpec, str] | None = None
-        ) -> Verdict:
-            name, spec, upstream = at if at is not None else (None, None, None)
-            return Verdict(
-                False,
-                reason,
-                rule,
-                message,
-                model,
-                name,
-                spec,
-                upstream,
-                data_class,
-                [],
-                facts.max_tokens,
-                interventions,
-                [],
-            )
-
-        parts = split_model(model)
+    def _check_model_name(self, draft: _Draft) -> _Refusal | None:
+        """The model must be a ``provider/model`` name."""
+        parts = split_model(draft.model)
         if parts is None:
-            return refuse(
-                "bad_model_name",
-                None,
-                f"model {_echo(model)} is not a 'provider/model' name (e.g. 'local/demo')",
-            )
-        provider, upstream = parts
-        route = self._routes.get(provider)
-        if route is None:
-            return refuse("unknown_route", None, f"no route named {_echo(provider)} in the policy")
-        at = (provider, route, upstream)
-        index = rules.first_match(model)
-        if index is None:
-            return refuse(
-                "model_not_allowed",
-                f"{rules.path}.models",
-                f"model {_echo(model)} is not allowed for role {rules.name!r}",
-                at,
-            )
+            message = f"model {_echo(draft.model)} is not a 'provider/model' name (e.g. 'local/demo')"
+            return "bad_model_name", None, message
+        draft.provider, draft.upstream = parts
+        return None
 
-        declared = facts.data_class
+    def _check_route(self, draft: _Draft) -> _Refusal | None:
+        """The provider must be a route the policy defines."""
+        route = self._routes.get(draft.provider)
+        if route is None:
+            return "unknown_route", None, f"no route named {_echo(draft.provider)} in the policy"
+        draft.route_name, draft.route, draft.upstream_model = draft.provider, route, draft.upstream
+        return None
+
+    def _check_model_allowed(self, draft: _Draft) -> _Refusal | None:
+        """The role must allow the model: the first of its globs, in policy order, to match is the rule."""
+        rules = draft.rules
+        index = rules.first_match(draft.model)
+        if index is None:
+            message = f"model {_echo(draft.model)} is not allowed for role {rules.name!r}"
+            return "model_not_allowed", f"{rules.path}.models", message
+        draft.rule = rules.rules[index]
+        return None
+
+    def _check_data_class(self, draft: _Draft) -> _Refusal | None:
+        """A declared class must be one the role may declare; the route must be able to receive the class."""
+        rules, declared = draft.rules, draft.facts.data_class
         if declared is not None and declared not in rules.allowed_classes:
             if declared not in DATA_CLASS_RANK:
-                return refuse(
-                    "data_class_denied",
-                    None,
-                    f"data class {_echo(declared)} is not one of phi, deidentified, public",
-                    at,
-                )
-            return refuse(
-                "data_class_downgrade",
-                rules.downgrade_rule,
+                message = f"data class {_echo(declared)} is not one of phi, deidentified, public"
+                return "data_class_denied", None, message
+            message = (
                 f"role {rules.name!r} may not declare data class {declared!r} "
-                f"(its default is {rules.default_class!r})",
-                at,
+                f"(its default is {rules.default_class!r})"
             )
-        if data_class not in self._route_classes[provider]:
-            return refuse(
-                "data_class_denied",
-                f"routes.{provider}.data_classes",
-                f"route {provider!r} may not receive {data_class} data",
-                at,
-            )
+            return "data_class_downgrade", rules.downgrade_rule, message
+        provider = draft.provider
+        if draft.data_class not in self._route_classes[provider]:
+            message = f"route {provider!r} may not receive {draft.data_class} data"
+            return "data_class_denied", f"routes.{provider}.data_classes", message
+        return None
 
-        drop: list[str] = []
-        if facts.tools and rules.tool_exact is not None:
-            outside = [t for t in facts.tools if not rules.tool_allowed(t)]
-            if outside:
-                tools_rule = f"{rules.path}.tools.allow"
-                if not rules.tool_drop:
-                    return refuse(
-                        "tools_denied",
-                        tools_rule,
-                        f"tool {_echo(outside[0])} is not allowed for role {rules.name!r}",
-                        at,
-                    )
-                drop = outside
-                names = ", ".join(_echo(t) for t in outside[:8]) + (", ..." if len(outside) > 8 else "")
-                interventions.append(
-                    Intervention("tool_dropped", tools_rule, f"dropped {len(outside)} tool(s): {names}")
-                )
-
-        if rules.max_messages is not None and facts.message_count > rules.max_messages:
-            return refuse(
-                "too_many_messages",
-                f"{rules.path}.prompt.max_messages",
-                f"the request has {facts.message_count} messages; role {rules.name!r} allows "
-                f"{rules.max_messages}",
-                at,
-            )
-        if rules.max_chars is not None and facts.messages_text_len > rules.max_chars:
-            return refuse(
-                "prompt_too_long",
-                f"{rules.path}.prompt.max_chars",
-                f"the request has {facts.messages_text_len} characters of message text; role "
-                f"{rules.name!r} allows {rules.max_chars}",
-                at,
-            )
-        if rules.deny:
-            text = facts.text
-            if len(text) > rules.scan_limit:
-                return refuse(
-                    "prompt_too_long",
-                    f"{rules.path}.prompt.deny_patterns",
-                    f"the request has {len(text)} characters of message text; role {rules.name!r} "
-                    f"screens at most {rules.scan_limit}",
-                    at,
-                )
-            for rule, pattern_id, search in rules.deny:
-                if search(text):
-                    return refuse(
-                        "prompt_denied",
-                        rule,
-                        f"the request matches deny pattern {pattern_id!r} of role {rules.name!r}",
-                        at,
-                    )
-
-        max_tokens = facts.max_tokens
-        if rules.max_tokens is not None and (max_tokens is None or max_tokens > rules.max_tokens):
-            interventions.append(
-                Intervention(
-                    "max_tokens_clamped",
-                    f"{rules.path}.prompt.max_tokens",
-                    f"{'unset' if max_tokens is None else max_tokens} -> {rules.max_tokens}",
-                )
-            )
-            max_tokens = rules.max_tokens
-
-        fallbacks = self._fallbacks_for(rules, model, data_class) if model in self._fallbacks else ()
-        rule = rules.rules[index]
-        return Verdict(
-            True,
-            "allowed",
-            rule,
-            f"allowed by {rule}",
-            model,
-            provider,
-            route,
-            upstream,
-            data_class,
-            drop,
-            max_tokens,
-            interventions,
-            list(fallbacks),
+    def _screen_tools(self, draft: _Draft) -> _Refusal | None:
+        """Tools outside the role's list deny the request, or are dropped from it (``on_violation: drop``)."""
+        rules, tools = draft.rules, draft.facts.tools
+        if not tools or rules.tool_exact is None:
+            return None
+        outside = [t for t in tools if not rules.tool_allowed(t)]
+        if not outside:
+            return None
+        rule = f"{rules.path}.tools.allow"
+        if not rules.tool_drop:
+            return "tools_denied", rule, f"tool {_echo(outside[0])} is not allowed for role {rules.name!r}"
+        draft.drop_tools = outside
+        names = ", ".join(_echo(t) for t in outside[:8]) + (", ..." if len(outside) > 8 else "")
+        draft.interventions.append(
+            Intervention("tool_dropped", rule, f"dropped {len(outside)} tool(s): {names}")
         )
+        return None
 
-    def _fallbacks_for(self, rules: _RoleRules, model: str, data_class: str) -> tuple[str, ...]:
-        key = (model, data_class)
+    def _screen_prompt(self, draft: _Draft) -> _Refusal | None:
+        """Message count, then length, then the deny patterns over text no longer than the scan limit."""
+        rules, facts = draft.rules, draft.facts
+        if rules.max_messages is not None and facts.message_count > rules.max_messages:
+            message = (
+                f"the request has {facts.message_count} messages; role {rules.name!r} allows "
+                f"{rules.max_messages}"
+            )
+            return "too_many_messages", f"{rules.path}.prompt.max_messages", message
+        if rules.max_chars is not None and facts.messages_text_len > rules.max_chars:
+            message = (
+                f"the request has {facts.messages_text_len} characters of message text; role "
+                f"{rules.name!r} allows {rules.max_chars}"
+            )
+            return "prompt_too_long", f"{rules.path}.prompt.max_chars", message
+        if not rules.deny:
+            return None
+        text = facts.text
+        if len(text) > rules.scan_limit:
+            message = (
+                f"the request has {len(text)} characters of message text; role {rules.name!r} "
+                f"screens at most {rules.scan_limit}"
+            )
+            return "prompt_too_long", f"{rules.path}.prompt.deny_patterns", message
+        for rule, pattern_id, search in rules.deny:
+            if search(text):
+                return (
+                    "prompt_denied",
+                    rule,
+                    f"the request matches deny pattern {pattern_id!r} of role {rules.name!r}",
+                )
+        return None
+
+    def _clamp_max_tokens(self, draft: _Draft) -> None:
+        rules, asked = draft.rules, draft.max_tokens
+        cap = rules.max_tokens
+        if cap is not None and (asked is None or asked > cap):
+            detail = f"{'unset' if asked is None else asked} -> {cap}"
+            draft.interventions.append(
+                Intervention("max_tokens_clamped", f"{rules.path}.prompt.max_tokens", detail)
+            )
+            draft.max_tokens = cap
+
+    def _choose_fallbacks(self, draft: _Draft) -> None:
+        """The model's fallbacks that the role may use and whose route may receive the data class."""
+        model = draft.model
+        if model not in self._fallbacks:
+            return
+        rules, key = draft.rules, (model, draft.data_class)
         cached = rules.fallback_cache.get(key)
         if cached is None:
             cached = tuple(
                 alt
                 for alt in self._fallbacks[model]
                 if rules.first_match(alt) is not None
-                and data_class in self._route_classes[alt.partition("/")[0]]
+                and draft.data_class in self._route_classes[alt.partition("/")[0]]
             )
             rules.fallback_cache[key] = cached  # bounded: keys come from the policy's fallbacks
-        return cached
+        draft.fallbacks = cached
 
     def allowed_aliases(self, org: str, role: str, *, now: float | None = None) -> list[str]:
         """Alias names whose target the role may use (for ``GET /v1/models``)."""
@@ -489,19 +533,6 @@ class PolicyEngine:
 
     def price(self, model: str) -> Price | None:
         return self.policy.pricing.get(model)
-
-
-def _deny(reason: str, message: str) -> Decision:
-    return Decision(False, reason, None, None, None, None, message)
-
-
-def _refuse(facts: RequestFacts, reason: str, rule: str | None, message: str) -> Verdict:
-    """A refusal before the role is known: nothing resolved, the declared (or strictest) class."""
-    data_class = facts.data_class if facts.data_class in DATA_CLASS_RANK else "phi"
-    assert data_class is not None
-    return Verdict(
-        False, reason, rule, message, facts.model, None, None, None, data_class, [], facts.max_tokens
-    )
 
 
 def _echo(text: str) -> str:

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
 from appliance.policy.diff import summarize_change
-from appliance.policy.engine import PolicyEngine
+from appliance.policy.engine import PolicyEngine, RequestFacts
 from appliance.policy.schema import Policy, Price
 from tests.policy.test_fixtures import DOC, NOW, doc, policy
 
 T = NOW.timestamp()
 ROLE = "organizations.stmarys.roles"
+BILLING = RequestFacts("stmarys", "billing", "local/demo")
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +23,20 @@ def engine() -> PolicyEngine:
     return PolicyEngine(policy())
 
 
-# (org, role, model) -> (allowed, reason, rule, route_name, upstream_model)
+def open_routes(**changes: Any) -> Policy:
+    """The sample policy with every route able to receive every data class: the model allow-list decides."""
+    routes = copy.deepcopy(DOC["routes"])
+    for route in routes.values():
+        route["data_classes"] = ["phi", "deidentified", "public"]
+    return policy(routes=routes, **changes)
+
+
+@pytest.fixture(scope="module")
+def allow_list() -> PolicyEngine:
+    return PolicyEngine(open_routes())
+
+
+# (org, role, model) -> (allowed, reason, rule, route_name, upstream_model), by the model allow-list alone
 DECISIONS: list[tuple[str, str, str, bool, str, str | None, str | None, str | None]] = [
     ("stmarys", "radiology", "local/demo", True, "allowed", f"{ROLE}.radiology.models[0]", "local", "demo"),
     ("stmarys", "radiology", "local/other", True, "allowed", f"{ROLE}.radiology.models[0]", "local", "other"),
@@ -35,11 +50,47 @@ DECISIONS: list[tuple[str, str, str, bool, str, str | None, str | None, str | No
         "anthropic",
         "claude-3-5-sonnet",
     ),
-    ("stmarys", "radiology", "anthropic/Claude-3", False, "model_not_allowed", None, "anthropic", "Claude-3"),
-    ("stmarys", "radiology", "openai/gpt-4o", False, "model_not_allowed", None, "openai", "gpt-4o"),
+    (
+        "stmarys",
+        "radiology",
+        "anthropic/Claude-3",
+        False,
+        "model_not_allowed",
+        f"{ROLE}.radiology.models",
+        "anthropic",
+        "Claude-3",
+    ),
+    (
+        "stmarys",
+        "radiology",
+        "openai/gpt-4o",
+        False,
+        "model_not_allowed",
+        f"{ROLE}.radiology.models",
+        "openai",
+        "gpt-4o",
+    ),
     ("stmarys", "billing", "local/demo", True, "allowed", f"{ROLE}.billing.models[0]", "local", "demo"),
-    ("stmarys", "billing", "local/tiny", False, "model_not_allowed", None, "local", "tiny"),
-    ("stmarys", "billing", "local/demo2", False, "model_not_allowed", None, "local", "demo2"),
+    (
+        "stmarys",
+        "billing",
+        "local/tiny",
+        False,
+        "model_not_allowed",
+        f"{ROLE}.billing.models",
+        "local",
+        "tiny",
+    ),
+    (
+        "stmarys",
+        "billing",
+        "local/demo2",
+        False,
+        "model_not_allowed",
+        f"{ROLE}.billing.models",
+        "local",
+        "demo2",
+    ),
     (
         "stmarys",
         "research",
@@ -106,7 +157,7 @@ DECISIONS: list[tuple[str, str, str, bool, str, str | None, str | None, str | No
         "anthropic/claude-3-opus",
         False,
         "model_not_allowed",
-        None,
+        "organizations.northside.roles.er.models",
         "anthropic",
         "claude-3-opus",
     ),
@@ -118,8 +169,8 @@ DECISIONS: list[tuple[str, str, str, bool, str, str | None, str | None, str | No
     DECISIONS,
     ids=[f"{d[0]}/{d[1]}:{d[2][:30]}" for d in DECISIONS],
 )
-def test_decide(
-    engine: PolicyEngine,
+def test_model_allow_list(
+    allow_list: PolicyEngine,
     org: str,
     role: str,
     model: str,
@@ -129,11 +180,11 @@ def test_decide(
     route_name: str | None,
     upstream: str | None,
 ) -> None:
-    decision = engine.decide(org, role, model, now=T)
+    decision = allow_list.evaluate(RequestFacts(org, role, model), T)
     assert (decision.allowed, decision.reason, decision.rule) == (allowed, reason, rule)
     assert (decision.route_name, decision.upstream_model) == (route_name, upstream)
     if route_name is not None:
-        assert decision.route is engine.policy.routes[route_name]
+        assert decision.route is allow_list.policy.routes[route_name]
     if not allowed:
         globs = {g for o in DOC["organizations"].values() for r in o["roles"].values() for g in r["models"]}
         assert not any(g in decision.message for g in globs if "*" in g or "?" in g)
@@ -150,8 +201,8 @@ def test_first_glob_in_policy_order_is_the_rule() -> None:
         policy(organizations={"o": {"roles": roles}})
     del roles["regex_after_exact"]
     roles["question_first"] = {"models": ["openai/gpt-4?", "openai/gpt-4o"]}
-    eng = PolicyEngine(policy(organizations={"o": {"roles": roles}}))
-    rules = {name: eng.decide("o", name, "openai/gpt-4o", now=T).rule for name in roles}
+    eng = PolicyEngine(open_routes(organizations={"o": {"roles": roles}}))
+    rules = {name: eng.evaluate(RequestFacts("o", name, "openai/gpt-4o"), T).rule for name in roles}
     assert rules == {
         "wide_first": "organizations.o.roles.wide_first.models[0]",
         "exact_first": "organizations.o.roles.exact_first.models[0]",
@@ -197,20 +248,20 @@ def test_expiry_denies_everything_on_the_wall_clock() -> None:
     live = PolicyEngine(
         policy(issued_at=_iso(now - timedelta(days=1)), expires_at=_iso(now + timedelta(hours=1)))
     )
-    assert live.decide("stmarys", "billing", "local/demo").allowed
+    assert live.evaluate(BILLING).allowed
     assert live.allowed_models("stmarys", "billing") == ["local/demo"]
     dead = PolicyEngine(
         policy(issued_at=_iso(now - timedelta(days=2)), expires_at=_iso(now - timedelta(seconds=1)))
     )
-    decision = dead.decide("stmarys", "billing", "local/demo")
-    assert (decision.allowed, decision.reason, decision.rule) == (False, "policy_expired", None)
+    decision = dead.evaluate(BILLING)
+    assert (decision.allowed, decision.reason, decision.rule) == (False, "policy_expired", "expires_at")
     assert "expired" in decision.message and dead.allowed_models("stmarys", "billing") == []
 
 
 def test_expiry_boundary(engine: PolicyEngine) -> None:
     end = engine.expires_at.timestamp()
-    assert engine.decide("stmarys", "billing", "local/demo", now=end - 0.001).allowed
-    assert engine.decide("stmarys", "billing", "local/demo", now=end).reason == "policy_expired"
+    assert engine.evaluate(BILLING, now=end - 0.001).allowed
+    assert engine.evaluate(BILLING, now=end).reason == "policy_expired"
 
 
 def _iso(moment: datetime) -> str:
