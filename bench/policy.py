@@ -8,7 +8,7 @@ characters of chat text, against the target (issue 4: at most 20 us); then how t
 grows with text (stdlib ``re`` costs ~7-15 ns per character per pattern, the rest of the decision is
 flat); then the bounded worst case of deny patterns over hostile text.
 
-    .venv/bin/python bench/policy.py [--calls 20000]
+    .venv/bin/python -m bench.policy [--calls 20000]
 """
 
 from __future__ import annotations
@@ -16,22 +16,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from appliance import signing_keys  # noqa: E402
-from appliance.policy import dsse  # noqa: E402
-from appliance.policy.engine import PolicyEngine, RequestFacts  # noqa: E402
-from appliance.policy.importer import verify_bundle  # noqa: E402
-from appliance.policy.schema import scan_limit  # noqa: E402
-from appliance.policy.trust import TrustStore  # noqa: E402
+from appliance import signing_keys
+from appliance.policy import dsse
+from appliance.policy.engine import PolicyEngine, RequestFacts
+from appliance.policy.importer import verify_bundle
+from appliance.policy.schema import scan_limit
+from appliance.policy.trust import TrustStore
 
 TARGET_US = 20.0
 SITE = "bench-site"
