@@ -19,7 +19,7 @@ def now() -> str:
     secs, ms = divmod(int(time.time() * 1000), 1000)
     cached = _second
     if cached[0] != secs:
-        cached = (secs, time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(secs)))
+        cached = (secs, _to_second(secs) + ".")
         _second = cached
     return f"{cached[1]}{ms:03d}Z"
 
@@ -31,9 +31,14 @@ def now_seconds() -> str:
 
 def rfc3339(moment: datetime | float, *, seconds: bool = False) -> str:
     """``moment`` (an aware datetime, or seconds since the epoch) in UTC, to the millisecond or second."""
-    if not isinstance(moment, datetime):
-        moment = datetime.fromtimestamp(moment, UTC)
+    if not isinstance(moment, datetime):  # milliseconds truncated, as now() does
+        secs, ms = divmod(int(moment * 1000), 1000)
+        return f"{_to_second(secs)}Z" if seconds else f"{_to_second(secs)}.{ms:03d}Z"
     if moment.tzinfo is None:
         raise ValueError("a timestamp needs a time zone")
     text = moment.astimezone(UTC).isoformat(timespec="seconds" if seconds else "milliseconds")
     return text.replace("+00:00", "Z")
+
+
+def _to_second(secs: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
