@@ -9,7 +9,7 @@ Never: overwrites an existing key; loosens a file mode; keeps anything secret ou
       master.key            0600  AES-256 key that seals provider keys in the vault
       appliance.key/.pub    0600  Ed25519 key of this appliance (signs ledger checkpoints)
       trust.json            the policy-authoring keys this appliance trusts, and the threshold
-      vault.db              SQLite: hashed tokens, sealed provider keys, policies, the audit ledger
+      vault.db              0600  SQLite: hashed tokens, sealed provider keys, policies, the audit ledger
       vault.db.changes      bumped when tokens or provider keys change, so a running gateway may cache them
       models/               local GGUF files, pinned by SHA-256 in the policy
       admin.sock            0600  the running gateway's operator API (unix socket; never on the network)
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from appliance import identity, signing_keys
+from appliance import files, identity, signing_keys
 from appliance.config import Settings, load_settings, write_settings
 from appliance.errors import GatewayError, OperatorError
 from appliance.identity import TokenStore
@@ -141,18 +141,22 @@ class Home:
         if not self.trust_path.exists():
             TrustStore.load(self.trust_path).save()
             created.append(f"{self.trust_path} (no trusted authoring keys yet)")
+        _create_private(self.vault_path)  # SQLite gives its -wal and -shm files the mode of this one
         with self.open_vault() as vault:
             vault.ledger.append_sync({"type": "admin", "detail": f"init site={site}"})
         created.append(f"{self.vault_path}")
         return created
 
     def settings(self) -> Settings:
+        _require_regular_if_present(self.settings_path, files.SETTINGS_FILE)
         return load_settings(self.root)
 
     def trust(self) -> TrustStore:
+        _require_regular_if_present(self.trust_path, files.SETTINGS_FILE)
         return TrustStore.load(self.trust_path)
 
     def _checkpoint_signer(self) -> CheckpointSigner:
+        _require_regular_if_present(self.appliance_key, files.KEY_FILE)
         key = signing_keys.load_signing_key(self.appliance_key)
         settings = self.settings()
         origin = default_origin(settings.site, settings.audit.node or key.keyid[:12])
@@ -171,3 +175,21 @@ class Home:
             policies=PolicyStore(db),
             ledger=ledger,
         )
+
+
+def _require_regular_if_present(path: Path, kind: files.Input) -> None:
+    """The loaders below open these files themselves; a FIFO or a device put there must not block them
+    (a missing file is theirs to judge: a missing trust file means no trusted keys)."""
+    if path.exists() or path.is_symlink():
+        files.require_regular(path, kind)
+
+
+def _create_private(path: Path) -> None:
+    """Create an empty ``path`` with mode 0600, whatever the umask; an existing file is left as it is."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+    except FileExistsError:
+        return
+    except OSError as exc:
+        raise OperatorError(f"cannot create {path}: {exc.strerror or exc}") from None
+    os.close(fd)

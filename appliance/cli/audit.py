@@ -18,13 +18,22 @@ from pathlib import Path
 
 import click
 
+from appliance import files
 from appliance.cli.options import home_option, open_home
 from appliance.errors import CheckpointError, OperatorError
 from appliance.ledger import operations, proofs, signed_note
+from appliance.ledger.export import sidecar_paths
 from appliance.ledger.export_verify import verify_exports
 from appliance.ledger.follow import ExportFollower, exported_through
 
 _PENDING_SHOWN = 100
+VERIFIER_KEYS = files.Input("verifier key file", 1 << 20)
+CHECKPOINT = files.Input("checkpoint", signed_note.MAX_NOTE_BYTES)
+PROOF = files.Input("proof", 16 << 20)
+EXPORT = files.Input("export file", 1 << 40)
+"""Read a line at a time by ``export_verify``: the cap only bounds a runaway file."""
+EXPORT_PREFIX = files.Input("export's .prefix.json", 1 << 30)
+"""Holds a root per 16 exported records: about 300 MB for 100 million records."""
 
 
 @click.group("audit")
@@ -37,7 +46,8 @@ def _verifiers(keys: tuple[str, ...]) -> list[signed_note.Verifier]:
     found: list[signed_note.Verifier] = []
     for value in keys:
         path = Path(value)
-        lines = _read_text(path).split() if "+" not in value and path.is_file() else [value]
+        is_file = "+" not in value and path.exists()
+        lines = files.read_text(path, VERIFIER_KEYS).split() if is_file else [value]
         for line in lines:
             try:
                 found.append(signed_note.Verifier.parse(line.strip()))
@@ -47,19 +57,7 @@ def _verifiers(keys: tuple[str, ...]) -> list[signed_note.Verifier]:
 
 
 def _read_notes(paths: tuple[Path, ...]) -> list[tuple[str, str]]:
-    return [(f"kept checkpoint {path.name}", _read_text(path)) for path in paths]
-
-
-def _read_text(path: Path) -> str:
-    """A small text file an operator names (a key, a checkpoint, a proof); problems are messages."""
-    try:
-        if path.stat().st_size > 16 << 20:
-            raise OperatorError(f"{path}: too large for a key, checkpoint or proof")
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise OperatorError(f"{path}: not UTF-8 text") from None
-    except OSError as exc:
-        raise OperatorError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return [(f"kept checkpoint {path.name}", files.read_text(path, CHECKPOINT)) for path in paths]
 
 
 _KEY_HELP = "A verifier key (name+hash+key, as `audit key` prints it) or a file of them; repeatable."
@@ -111,6 +109,12 @@ def audit_verify(
 def _verify_exports(paths: tuple[Path, ...], verifiers: list[signed_note.Verifier]) -> None:
     if not verifiers:
         raise OperatorError("verifying exports needs the verifier key of each appliance: --key")
+    for path in paths:  # export_verify opens these itself: refuse a FIFO or a device before it does
+        checkpoint_path, prefix_path = sidecar_paths(path)
+        files.require_regular(path, EXPORT)
+        for sidecar, kind in ((checkpoint_path, CHECKPOINT), (prefix_path, EXPORT_PREFIX)):
+            if sidecar.exists():  # a missing one is export_verify's to report, with the rest
+                files.require_regular(sidecar, kind)
     reports = verify_exports(list(paths), verifiers)
     failed = 0
     for report in reports:
@@ -253,7 +257,7 @@ def audit_prove(
 def audit_verify_proof(proof: Path, keys: tuple[str, ...], kept: tuple[Path, ...]) -> None:
     """Check a proof from `audit prove` without the ledger (what an auditor runs); exit 1 if it fails."""
     try:
-        doc = json.loads(_read_text(proof))
+        doc = json.loads(files.read_text(proof, PROOF))
     except (json.JSONDecodeError, RecursionError) as exc:
         raise OperatorError(f"{proof}: not a proof file ({exc})") from None
     result = proofs.verify_proof(doc, _verifiers(keys), [text for _, text in _read_notes(kept)])

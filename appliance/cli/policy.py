@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from appliance import signing_keys
+from appliance import files, signing_keys
 from appliance.admin import AdminClient
 from appliance.cli.options import home_option, open_home, record_admin
 from appliance.errors import BundleRejected, OperatorError
@@ -22,6 +22,10 @@ from appliance.policy import dsse, importer
 from appliance.policy.diff import summarize_change
 from appliance.policy.explain import explain
 from appliance.policy.schema import DATA_CLASSES, Policy, parse_policy
+
+BUNDLE = files.Input("policy bundle", importer.MAX_BUNDLE_BYTES)
+"""A bundle larger than the importer accepts is refused before it is read (``files.read_bytes``)."""
+POLICY_DOCUMENT = files.Input("policy document", importer.MAX_BUNDLE_BYTES)
 
 
 @click.group("policy")
@@ -55,23 +59,16 @@ def policy_keygen(out: Path) -> None:
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
 def policy_sign(policy_file: Path, key_files: tuple[Path, ...], out: Path) -> None:
     """Sign a policy JSON document into a bundle (DSSE envelope)."""
-    payload = policy_file.read_bytes()
+    payload = files.read_bytes(policy_file, POLICY_DOCUMENT)
     try:
         parse_policy(payload)  # the same strict parser the import uses: refuse to sign what would be refused
     except BundleRejected as exc:
         raise OperatorError(f"{policy_file} is not a valid policy: {exc}") from exc
+    for path in key_files:
+        files.require_regular(path, files.KEY_FILE)  # signing_keys opens it itself: no FIFO may block that
     signers = [signing_keys.load_signing_key(path) for path in key_files]
     out.write_bytes(dsse.sign(payload, signers))
     click.echo(f"wrote {out} signed by {', '.join(s.keyid[:16] for s in signers)}")
-
-
-def _read_bundle(path: Path) -> bytes:
-    size = path.stat().st_size
-    if size > importer.MAX_BUNDLE_BYTES:
-        raise OperatorError(
-            f"bundle rejected (size): {path} is {size} bytes, over {importer.MAX_BUNDLE_BYTES}"
-        )
-    return path.read_bytes()
 
 
 @policy_group.command("verify")
@@ -80,9 +77,10 @@ def _read_bundle(path: Path) -> bytes:
 def policy_verify(home: Path | None, bundle: Path) -> None:
     """Run every import check on BUNDLE without activating it."""
     target = open_home(home)
+    data = files.read_bytes(bundle, BUNDLE)
     with target.open_vault() as vault:
         vb = importer.verify_bundle(
-            _read_bundle(bundle),
+            data,
             target.trust(),
             site=target.settings().site,
             current_version=vault.policies.current_version(),
@@ -98,7 +96,7 @@ def policy_verify(home: Path | None, bundle: Path) -> None:
 def policy_import(home: Path | None, bundle: Path) -> None:
     """Verify BUNDLE and make it the policy in force; prints what changed."""
     target = open_home(home)
-    data = _read_bundle(bundle)
+    data = files.read_bytes(bundle, BUNDLE)
     with target.open_vault() as vault:
         active = vault.policies.current()
         old = Policy.model_validate_json(dsse.parse_envelope(active.envelope).payload) if active else None

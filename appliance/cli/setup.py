@@ -9,6 +9,7 @@ throwaway demo token, printed so the demo can be tried); imports ``appliance.gat
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -18,6 +19,9 @@ from appliance import demo
 from appliance.admin import AdminClient
 from appliance.cli.options import home_option, open_home
 from appliance.home import Home
+from appliance.process_hardening import forbid_core_dumps
+
+log = logging.getLogger("phi.cli")
 
 
 @click.command()
@@ -41,7 +45,9 @@ def serve(home: Path | None, host: str | None, port: int | None) -> None:
     # ``--help``) would pay for it.
     from appliance.gateway import Gateway
 
-    Gateway(open_home(home), audit_out=sys.stdout).run(host, port)
+    target = open_home(home)
+    _forbid_core_dumps()  # before the master key or any provider key is in memory
+    Gateway(target, audit_out=sys.stdout).run(host, port)
 
 
 @click.command("demo")
@@ -59,6 +65,7 @@ def demo_cmd(home: Path, host: str, port: int) -> None:
     from appliance.gateway import Gateway  # here, not at the top: start-up cost (see ``serve``)
 
     target = Home(home.resolve())
+    _forbid_core_dumps()
     token, done = demo.prepare(target)
     for line in done:
         click.echo(line, err=True)
@@ -72,6 +79,11 @@ def demo_cmd(home: Path, host: str, port: int) -> None:
         err=True,
     )
     Gateway(target, audit_out=sys.stdout).run(host, port)
+
+
+def _forbid_core_dumps() -> None:
+    for problem in forbid_core_dumps():
+        log.warning("%s: a crash could leave secrets in a core file", problem)
 
 
 @click.command("status")

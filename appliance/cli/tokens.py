@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from appliance import files
 from appliance.cli.options import home_option, open_home, record_admin
 from appliance.errors import OperatorError
 from appliance.home import Vault
@@ -26,23 +27,32 @@ def token_group() -> None:
 
 
 _DURATION = re.compile(r"^(\d+)([dhm])$")
+_UNITS = {"d": "days", "h": "hours", "m": "minutes"}
+_LATEST_EXPIRY = datetime(9000, 1, 1, tzinfo=UTC)
+"""Far enough for any token, and far from datetime's year 9999, so no later arithmetic overflows."""
+_USAGE = "use 30d, 12h, 45m or an ISO 8601 time"
+_OUT_OF_RANGE = f"out of range (a token expires before {_LATEST_EXPIRY.year})"
 
 
 def _parse_expiry(value: str | None) -> datetime | None:
+    """``--expires``: a duration from now or a moment; out-of-range values are a message, not a crash."""
     if value is None:
         return None
     match = _DURATION.match(value)
-    if match:
-        amount, unit = int(match.group(1)), match.group(2)
-        delta = {"d": timedelta(days=amount), "h": timedelta(hours=amount), "m": timedelta(minutes=amount)}[
-            unit
-        ]
-        return datetime.now(UTC) + delta
     try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        if match:
+            amount, unit = int(match.group(1)), _UNITS[match.group(2)]
+            moment = datetime.now(UTC) + timedelta(**{unit: amount})
+        else:
+            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            moment = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC)
+    except OverflowError:
+        raise OperatorError(f"--expires {value!r}: {_OUT_OF_RANGE}") from None
     except ValueError as exc:
-        raise OperatorError(f"--expires {value!r}: use 30d, 12h, 45m or an ISO 8601 time") from exc
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+        raise OperatorError(f"--expires {value!r}: {_USAGE}") from exc
+    if moment >= _LATEST_EXPIRY:
+        raise OperatorError(f"--expires {value!r}: {_OUT_OF_RANGE}")
+    return moment
 
 
 @token_group.command("issue")
@@ -129,6 +139,7 @@ def token_import_cllama(
     home: Path | None, directory: Path, org: str, role: str, allow_unknown_role: bool
 ) -> None:
     """Import tokens from a cllama context directory (<agent-id>/metadata.json)."""
+    _require_regular_metadata(directory)
     with open_home(home).open_vault() as vault:
         if not allow_unknown_role:
             _require_role(vault, org, role)
@@ -137,3 +148,19 @@ def token_import_cllama(
             if outcome == "imported":
                 record_admin(vault, f"token_import_cllama org={org} role={role}", claw_id=caller)
             click.echo(f"{caller}: {outcome}")
+
+
+CLLAMA_METADATA = files.Input("cllama metadata.json", 1 << 20)
+
+
+def _require_regular_metadata(directory: Path) -> None:
+    """Refuse the import, before anything is read, if an agent's metadata.json is a FIFO, a device or
+    too large (the token store reads each one itself and would block on a FIFO)."""
+    try:
+        entries = sorted(directory.iterdir())
+    except OSError as exc:
+        raise OperatorError(f"cannot read {directory}: {exc.strerror or exc}") from None
+    for entry in entries:
+        meta = entry / "metadata.json"
+        if entry.is_dir() and meta.exists():
+            files.require_regular(meta, CLLAMA_METADATA)

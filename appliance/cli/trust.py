@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from appliance import files
 from appliance.cli.options import home_option, open_home, record_admin
 from appliance.home import Home
 
@@ -24,6 +25,7 @@ def trust_group() -> None:
 @click.argument("pubfile", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def trust_add(home: Path | None, pubfile: Path) -> None:
     """Pin an authoring public key."""
+    files.require_regular(pubfile, files.KEY_FILE)  # the trust store opens it itself: no FIFO may block
     target = open_home(home)
     trust = target.trust()
     keyid = trust.add(pubfile)

@@ -13,6 +13,14 @@ the batch's first seq is taken, nothing of it is inserted, and it is chained aga
 holds. The stdout line is printed only after the batch is durable. A record that cannot be written fails
 its future with ``LedgerUnavailable`` so the gateway answers 503 (fail closed).
 
+Outcome records (``lazy``) are owed, not dropped: one whose write fails (a full disk) waits in memory, at
+most ``MAX_OWED`` of them, and is written ahead of the next batch that commits, or by ``tick`` (backing
+off from 1 to 30 s), its future resolving then. While any is owed the ledger is not ``healthy`` (the
+gateway's /health says refusing), and a request's own record commits in the same transaction as every
+owed outcome, so no request is let through before the outcomes of the earlier ones are durable. Past the
+bound an outcome is lost: its future fails, ``outcomes_lost`` counts it, and its request stays open in
+``audit pending``.
+
 Must never: hold prompt or completion text, token secrets or provider keys (records are metadata and
 SHA-256 digests; long strings in an oversized record are clipped to length and digest); update or
 delete a record (nothing here does; ``verify`` catches whoever does it with the file); print a line for
@@ -22,11 +30,15 @@ a record that is not on disk; import ``export``, ``follow`` or ``operations`` (t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
 import sqlite3
 import sys
+import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Final, TextIO
 
@@ -49,6 +61,12 @@ MAX_RECORD_CHARS: Final = 4096
 """A record is a few hundred characters of metadata; anything this large is text that must not be here."""
 CLIP_CHARS: Final = 128
 """In an oversized record, string values longer than this are replaced by their length and digest."""
+
+MAX_OWED: Final = 4096
+"""Outcome records kept for a retry at most: far above the concurrency cap, the most that can be in
+flight when the disk fills (new requests are refused from then on); at 4 KiB a record, 16 MiB at worst."""
+RETRY_BACKOFF_S: Final = (1.0, 30.0)
+"""``tick`` retries owed outcomes after the first, doubling up to the second, while writes fail."""
 
 _LAST = "SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1"
 _INSERT_HEAD = "INSERT INTO ledger (seq, ts, type, request_id, claw_id, record, prev_hash, hash) VALUES "
@@ -99,6 +117,79 @@ class _SeqTaken(sqlite3.IntegrityError):
     """The first seq of a batch is already in the file: another process appended meanwhile."""
 
 
+_Item = tuple[dict[str, Any], str]
+_RETRY: Final = object()
+"""A batch item standing for nothing: queued by ``tick`` so that owed outcomes get a commit of their own."""
+
+
+class _Owed:
+    """Outcome records whose write failed, with the futures their callers hold, until they are durable.
+
+    Two threads touch it: the event loop adds (a lazy write failed), the writer thread takes a batch's
+    worth (``begin``), then settles it (``done`` after the commit, ``abort`` when it failed)."""
+
+    __slots__ = ("_lock", "_waiting", "_writing", "backoff", "lost", "retry_at")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: deque[tuple[_Item, asyncio.Future[int]]] = deque()
+        self._writing: list[tuple[_Item, asyncio.Future[int]]] = []
+        self.lost = 0
+        self.retry_at = 0.0
+        self.backoff = RETRY_BACKOFF_S[0]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._waiting) + len(self._writing)
+
+    def add(self, item: _Item, future: asyncio.Future[int]) -> bool:
+        """Keep ``item`` for a retry; False when ``MAX_OWED`` are owed already (the caller loses it)."""
+        with self._lock:
+            if len(self._waiting) + len(self._writing) >= MAX_OWED:
+                self.lost += 1
+                return False
+            if not self._waiting and not self._writing:
+                self.backoff = RETRY_BACKOFF_S[0]
+                self.retry_at = time.monotonic() + self.backoff
+            self._waiting.append((item, future))
+            return True
+
+    def begin(self) -> list[tuple[_Item, asyncio.Future[int]]]:
+        """Everything owed, for the batch being written (a batch whose settling never came gives its
+        items back first: the writer failed it outside ``commit_failed``)."""
+        with self._lock:
+            self._writing = [*self._writing, *self._waiting]
+            self._waiting.clear()
+            return list(self._writing)
+
+    def abort(self) -> None:
+        """The batch did not commit: what it carried is owed again, ahead of later failures."""
+        with self._lock:
+            self._waiting.extendleft(reversed(self._writing))
+            self._writing = []
+
+    def done(self) -> list[tuple[_Item, asyncio.Future[int]]]:
+        """The batch committed: what it carried is durable; returns it to be settled."""
+        with self._lock:
+            written, self._writing = self._writing, []
+            self.backoff = RETRY_BACKOFF_S[0]
+            return written
+
+    def due(self) -> bool:
+        """Whether ``tick`` should retry now (and, if so, when next: the backoff doubles)."""
+        with self._lock:
+            if not self._waiting or time.monotonic() < self.retry_at:
+                return False
+            self.retry_at = time.monotonic() + self.backoff
+            self.backoff = min(self.backoff * 2, RETRY_BACKOFF_S[1])
+            return True
+
+
+def _resolve(future: asyncio.Future[int], seq: int) -> None:
+    if not future.done():
+        future.set_result(seq)
+
+
 class _Stdout:
     """Default for ``Ledger(out=...)``: whatever ``sys.stdout`` is when the ledger is built."""
 
@@ -129,11 +220,23 @@ class Ledger:
         stream: TextIO | None = sys.stdout if isinstance(out, _Stdout) else out
         self._printer = None if stream is None else AuditPrinter(stream)
         self._ok = True  # only the writer thread changes it, so it follows commit order
+        self._owed = _Owed()
+        self._owed_seqs: list[int] = []
 
     @property
     def healthy(self) -> bool:
-        """False after a ledger write failed, until a later one succeeds."""
-        return self._ok and self._db.healthy
+        """False after a ledger write failed, until a later one succeeds, and while outcomes are owed."""
+        return self._ok and self._db.healthy and not len(self._owed)
+
+    @property
+    def owed_outcomes(self) -> int:
+        """Outcome records waiting for a write that succeeds (their requests show in ``audit pending``)."""
+        return len(self._owed)
+
+    @property
+    def outcomes_lost(self) -> int:
+        """Outcome records given up because ``MAX_OWED`` were owed already (each logged as an error)."""
+        return self._owed.lost
 
     # -- appending ----------------------------------------------------------------------------------------
 
@@ -144,9 +247,33 @@ class Ledger:
         for records nobody waits on before answering (outcomes), so they share the next request's fsync.
 
         A record with unknown fields or a bad type raises ValueError at once (a programming error); in an
-        oversized record, long strings are clipped to their length and digest (``CLIP_CHARS``).
+        oversized record, long strings are clipped to their length and digest (``CLIP_CHARS``). A lazy
+        record whose write fails is owed (see the module's docstring): its future waits for the retry.
         """
-        return self._db.awrite_batched(self, self._prepare(record), lazy=lazy)
+        item = self._prepare(record)
+        written = self._db.awrite_batched(self, item, lazy=lazy)
+        if not lazy:
+            return written
+        future: asyncio.Future[int] = written.get_loop().create_future()
+        written.add_done_callback(functools.partial(self._settle_lazy, item, future))
+        return future
+
+    def _settle_lazy(self, item: _Item, future: asyncio.Future[int], written: asyncio.Future[int]) -> None:
+        if written.cancelled():
+            future.cancel()
+            return
+        error = written.exception()
+        if error is None:
+            _resolve(future, written.result())
+        elif not isinstance(error, StorageUnavailable):  # not the disk: a bug, not worth a retry
+            future.set_exception(error)
+        elif not self._owed.add(item, future):
+            log.error(
+                "an outcome record is lost: %d are owed already, the most kept for a retry; its request "
+                "stays in audit pending",
+                MAX_OWED,
+            )
+            future.set_exception(error)
 
     def append_sync(self, record: dict[str, Any]) -> int:
         """Blocking append (CLI commands); returns the record's seq."""
@@ -157,7 +284,7 @@ class Ledger:
     def record_in(self, conn: sqlite3.Connection, record: dict[str, Any]) -> int:
         """Append ``record`` inside a write the caller is already in (the writer thread), so that an
         operator change and its audit record commit together; no stdout line (the terminal says it)."""
-        seq = self.write_batch(conn, [self._prepare(record)])[0]
+        seq = self._write_chained(conn, [self._prepare(record)])[0]  # owed outcomes wait for the writer
         self._tree = self._uncommitted = None  # committed with the caller's write, or not: read it again
         self._appended = True
         return seq
@@ -190,7 +317,25 @@ class Ledger:
 
     # -- the vault's BatchWriter: every record queued for one commit is written by one call ----------------
 
-    def write_batch(self, conn: sqlite3.Connection, items: list[tuple[dict[str, Any], str]]) -> list[int]:
+    def write_batch(self, conn: sqlite3.Connection, items: list[Any]) -> list[int | None]:
+        """Chain and insert the owed outcomes, then ``items``; the seqs of ``items`` (None for ``_RETRY``).
+
+        Owed outcomes go first, in the same INSERT: they and the batch are durable together or not at all.
+        """
+        owed = self._owed.begin()
+        real = [item for item in items if item is not _RETRY]
+        if not owed and not real:  # a retry whose outcomes an earlier batch carried
+            return [None] * len(items)
+        try:
+            seqs = self._write_chained(conn, [item for item, _ in owed] + real)
+        except BaseException:
+            self._owed.abort()
+            raise
+        self._owed_seqs = seqs[: len(owed)]  # the writer thread's, settled in after_commit
+        mine = iter(seqs[len(owed) :])
+        return [None if item is _RETRY else next(mine) for item in items]
+
+    def _write_chained(self, conn: sqlite3.Connection, items: list[_Item]) -> list[int]:
         """Chain and insert ``items`` with one multi-row INSERT per chunk; their seqs.
 
         The tree this process last committed is extended on a copy, which becomes current only in
@@ -271,18 +416,24 @@ class Ledger:
             self._tree = tree
         return tree
 
-    def after_commit(self, items: list[tuple[dict[str, Any], str]], seqs: list[int]) -> None:
-        """Hand one audit line per durable record to the stdout printer (which never blocks the writer)."""
-        self._tree, self._uncommitted = self._uncommitted, None
+    def after_commit(self, items: list[Any], seqs: list[int | None]) -> None:
+        """Settle the owed outcomes written, and hand one audit line per durable record to the stdout
+        printer (which never blocks the writer)."""
+        if self._uncommitted is not None:  # None: the batch was an empty retry, the tree is unchanged
+            self._tree, self._uncommitted = self._uncommitted, None
         self._appended = True
         self._ok = True
+        owed = self._owed.done()
+        durable = [(item, seq) for (item, _), seq in zip(owed, self._owed_seqs, strict=True)]
+        for (_, future), seq in zip(owed, self._owed_seqs, strict=True):
+            with contextlib.suppress(RuntimeError):  # its loop closed meanwhile: nobody waits for it
+                future.get_loop().call_soon_threadsafe(_resolve, future, seq)
+        self._owed_seqs = []
+        if owed:
+            log.info("%d owed outcome record(s) written to the audit ledger", len(owed))
+        durable += [(item, seq) for item, seq in zip(items, seqs, strict=True) if seq is not None]
         if self._printer is not None:
-            self._printer.put(
-                "".join(
-                    f'{canonical[:-1]},"seq":{seq}}}\n'
-                    for (_, canonical), seq in zip(items, seqs, strict=True)
-                )
-            )
+            self._printer.put("".join(f'{canonical[:-1]},"seq":{seq}}}\n' for (_, canonical), seq in durable))
 
     @property
     def dropped_lines(self) -> int:
@@ -316,6 +467,9 @@ class Ledger:
     async def tick(self) -> None:
         """Sign the head if it is behind (called once a second by the gateway, so that records of a
         quiet moment are signed within a second rather than at the next busy one)."""
+        if self._owed.due():
+            with contextlib.suppress(StorageUnavailable):  # still failing: the next tick tries again
+                await self._db.awrite_batched(self, _RETRY)
         signer = self._signer
         if signer is not None and self.head_stale():
             await self._db.awrite(lambda conn: signer.after_tick(conn, self._tree_in(conn)))
@@ -355,12 +509,15 @@ class Ledger:
 
     def close(self) -> None:
         """Stop the stdout printer after writing what is pending (the vault's writer is closed first)."""
+        if owed := len(self._owed):
+            log.error("%d outcome record(s) could not be written; their requests stay in audit pending", owed)
         if self._printer is not None:
             self._printer.close()
 
     def commit_failed(self, exc: StorageUnavailable) -> Exception:
         self._tree = self._uncommitted = None  # read the file again before the next append
         self._ok = False
+        self._owed.abort()
         error = LedgerUnavailable(f"the audit ledger cannot be written: {exc}")
         error.__cause__ = exc
         return error

@@ -18,9 +18,12 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from appliance import files
 from appliance.errors import OperatorError
 
 KEY_BYTES = 32
+MASTER_KEY_FILE = files.Input("master key", 4096)
+"""Far above the 32 bytes of a key, so a wrong size is reported as such, and far below anything harmful."""
 _VERSION = b"v1"
 _NONCE_BYTES = 12
 _TAG_BYTES = 16
@@ -76,10 +79,7 @@ class MasterKey:
                 f"the master key {path} is accessible by other users (mode {st.st_mode & 0o777:04o}); "
                 f"fix it with: chmod 600 {path}"
             )
-        try:
-            key = path.read_bytes()
-        except OSError as exc:
-            raise OperatorError(f"cannot read the master key {path}: {exc.strerror}") from exc
+        key = files.read_bytes(path, MASTER_KEY_FILE)  # a regular file only: never a FIFO or a device
         if len(key) != KEY_BYTES:
             raise OperatorError(
                 f"the master key {path} has {len(key)} bytes, expected {KEY_BYTES}: "
