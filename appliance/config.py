@@ -38,6 +38,9 @@ class ServerSettings(_Strict):
     """TCP port of the OpenAI-compatible API (8080 is the cllama contract)."""
     limits: HttpLimits = Field(default_factory=HttpLimits)
     """HTTP limits: header and body sizes, timeouts, concurrency cap."""
+    max_in_flight_per_caller: int = Field(64, ge=1)
+    """Requests one caller (one token) may have in progress at once, counted from the moment its token is
+    known, before its body is read; more are answered 429 at once, so one caller cannot take every slot."""
 
 
 class UpstreamSettings(_Strict):
@@ -76,6 +79,10 @@ class AuditSettings(_Strict):
     keeps the name of its first checkpoint."""
     checkpoint_interval_s: float = Field(300.0, gt=0)
     """How often a signed checkpoint is stored while records flow (the head is signed every second)."""
+    flood_window_s: float = Field(1.0, gt=0)
+    """Refusals of requests with no valid token (401, 403 for a revoked one, and the HTTP server's own
+    400/408/413/431/503): only the first of each window is recorded in full, the rest are counted in one
+    record at the window's end, so an outsider cannot fill the disk with ledger rows."""
     export_file: Path | None = None
     """Continuous export: every durable audit line is appended to this file for log shippers to tail;
     rotation-safe (a renamed or truncated file is noticed and a new one started)."""

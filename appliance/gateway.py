@@ -53,6 +53,7 @@ class Gateway:
         self.local: LocalRuntime | None = None
         self._preload: asyncio.Task[None] | None = None
         self.limits: LimitKeeper | None = None
+        self.pipeline: Pipeline | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._exporter: ExportFollower | None = None
 
@@ -79,7 +80,15 @@ class Gateway:
         self.limits = LimitKeeper()
         rebuilt = await asyncio.to_thread(self.limits.rebuild, vault.db)
         log.info("limits and budgets rebuilt from %d outcome records of this month", rebuilt)
-        pipeline = Pipeline(vault.tokens, vault.keys, vault.ledger, keeper, self.limits)
+        self.pipeline = pipeline = Pipeline(
+            vault.tokens,
+            vault.keys,
+            vault.ledger,
+            keeper,
+            self.limits,
+            max_in_flight_per_caller=settings.server.max_in_flight_per_caller,
+            flood_window_s=settings.audit.flood_window_s,
+        )
         api = Api(pipeline, keeper, vault.ledger, self.local)
         self.server = server = HttpServer(
             api.handle, settings.server.limits, on_reject=self._record_rejection
@@ -190,6 +199,8 @@ class Gateway:
             await self._client.aclose()
         if self._ticker is not None:
             self._ticker.cancel()
+        if self.pipeline is not None:  # the count of unidentified refusals of the last window
+            self.pipeline.record.flood.flush()
         if self.vault is not None:
             try:  # what the gateway recorded, signed and kept as it stops
                 await asyncio.to_thread(self.vault.ledger.checkpoint, "shutdown")
@@ -202,7 +213,7 @@ class Gateway:
             self._exporter = None
 
     def _record_rejection(self, rejection: Rejection) -> None:
-        if self.vault is None:
+        if self.vault is None or self.pipeline is None:
             return
         record = {
             "type": "error",
@@ -211,7 +222,7 @@ class Gateway:
             "decision": "denied",
             "detail": rejection.code,
         }
-        self.vault.ledger.append(record).add_done_callback(_ignore_result)
+        self.pipeline.record.unidentified(record)
 
     def run(self, host: str | None = None, port: int | None = None) -> None:
         """Serve until SIGTERM or SIGINT, then drain and stop (blocking)."""

@@ -1,7 +1,9 @@
 """The four phases every public request passes, in order: Identify, Police, Route, Record.
 
     Identify   the bearer token -> Caller(id, org, role)                          401 / 403
-    Police     the policy in force decides: verdict, edits, limits admission      403 / 429 / 503
+               at most ``max_in_flight_per_caller`` requests of one caller at once  429
+    Police     before the body is read: a caller already at its rate limit        429
+               the policy in force decides: verdict, edits, limits admission      403 / 429 / 503
     Record     the request record is durable in the ledger BEFORE anything leaves  503 if it cannot be
     Route      provider/model -> adapter; the caller's token is replaced by the sealed provider key
     Record     the outcome record (response or error) follows the answer
@@ -23,7 +25,7 @@ import contextlib
 import hashlib
 from typing import Any
 
-from appliance.errors import ClientDisconnected, GatewayError, LedgerUnavailable, Unavailable
+from appliance.errors import ClientDisconnected, GatewayError, LedgerUnavailable, RateLimited, Unavailable
 from appliance.http import Request, Responder
 from appliance.identity import TokenStore
 from appliance.ledger.store import Ledger
@@ -49,11 +51,16 @@ class Pipeline:
         ledger: Ledger,
         keeper: PolicyKeeper,
         limits: LimitKeeper | None = None,
+        *,
+        max_in_flight_per_caller: int = 64,
+        flood_window_s: float = 1.0,
     ) -> None:
         self.identify = Identify(tokens)
         self.police = Police(keeper, limits or LimitKeeper())
         self.route = Route(keys)
-        self.record = Record(ledger)
+        self.record = Record(ledger, flood_window_s)
+        self._max_in_flight = max_in_flight_per_caller
+        self._in_flight: dict[str, int] = {}  # caller id -> requests past Identify and not yet answered
 
     async def run(
         self,
@@ -65,11 +72,42 @@ class Pipeline:
     ) -> None:
         """Answer one request. ``refusal``: the dispatcher already knows it refuses it (404, 405)."""
         ex = Exchange(request, endpoint)
+        if refusal is not None:
+            # An identified caller's 404 is recorded in full; an outsider's is sampled like its 401.
+            with contextlib.suppress(GatewayError):
+                ex.caller = self.identify(request)
+            await self._refuse(ex, responder, refusal)
+            return
         try:
-            if refusal is not None:
-                raise refusal
             ex.caller = self.identify(request)
+        except GatewayError as error:
+            await self._refuse(ex, responder, error)
+            return
+        caller_id = ex.caller.id
+        held = self._in_flight.get(caller_id, 0)
+        self._in_flight[caller_id] = held + 1
+        try:
+            if held >= self._max_in_flight:
+                busy = RateLimited(
+                    f"this caller already has {held} requests in progress; retry when one has finished",
+                    code="too_many_concurrent_requests",
+                )
+                await self._refuse(ex, responder, busy)
+                return
+            await self._run_identified(ex, request, responder, endpoint)
+        finally:
+            left = self._in_flight[caller_id] - 1
+            if left:
+                self._in_flight[caller_id] = left
+            else:
+                del self._in_flight[caller_id]
+
+    async def _run_identified(
+        self, ex: Exchange, request: Request, responder: Responder, endpoint: Endpoint
+    ) -> None:
+        try:
             ex.state = self.police.current()
+            self.police.before_body(ex)
             if endpoint == "models":
                 listing = self.police.models_listing(ex)
             else:

@@ -1,24 +1,25 @@
 """What the Police phase needs to know about a request body, read once, in both wire formats.
 
-Owns: parsing the body as a request of its endpoint (a JSON object with a ``model`` and the endpoint's
-messages, prompt or input; 400 with the field named otherwise), the model name as the ledger may show it
-(a name, or a digest of text that is no model name); reading, from an OpenAI (chat/completions,
-completions, embeddings) or Anthropic (messages) body and the ``X-Phi-Data-Class`` header, the declared
-data class, the tool names, the message count, the message text (for deny patterns) and the requested
-``max_tokens``; and applying the Police phase's edits back to the body (tools dropped, ``max_tokens``
+Owns: parsing the body as a request of its endpoint (strict JSON: no ``NaN`` or ``Infinity``, integers of
+at most 20 digits, nesting bounded; a JSON object with a ``model`` and the endpoint's messages, prompt or
+input; 400 with the field named otherwise); reading, from an OpenAI (chat/completions, completions,
+embeddings) or Anthropic (messages) body and the ``X-Phi-Data-Class`` header, the declared data class, the
+tool names (one per tool, whatever its shape), the message count, every piece of text a model may read
+(``forwarding.screened_text``, for deny patterns and ``max_chars``) and the requested ``max_tokens``; and
+applying the Police phase's edits back to the body (tools dropped, ``max_tokens``
 clamped, the model replaced).
 Never: keeps or logs the text it reads (it lives only as long as the request).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from appliance.errors import BadRequest
-from appliance.policy.schema import DATA_CLASSES, split_model
+from appliance.pipeline.forwarding import screened_text
+from appliance.policy.schema import DATA_CLASSES
 
 
 @dataclass(slots=True)
@@ -31,22 +32,20 @@ class BodyFacts:
     max_tokens: int | None = None
 
 
-# Structural keys whose values are not text anyone wrote (ids, types, binary payloads): not scanned.
-_NOT_TEXT = frozenset(
-    {
-        "role",
-        "type",
-        "id",
-        "tool_call_id",
-        "tool_use_id",
-        "data",
-        "url",
-        "image_url",
-        "media_type",
-        "cache_control",
-        "signature",
-    }
-)
+_INT_DIGITS = 20  # a JSON integer longer than this is no count, price or seed anyone means
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > _INT_DIGITS:
+        raise ValueError(f"an integer of {len(text)} digits is out of range")
+    return int(text)
+
+
+_decode = json.JSONDecoder(parse_constant=_no_constant, parse_int=_bounded_int).decode
 
 
 def parse_request(body: bytes, endpoint: str) -> tuple[dict[str, Any], str]:
@@ -54,8 +53,10 @@ def parse_request(body: bytes, endpoint: str) -> tuple[dict[str, Any], str]:
     if not body:
         raise BadRequest("the request body is empty; expected a JSON object", code="invalid_json")
     try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+        payload = _decode(body.decode("utf-8"))
+    except RecursionError:
+        raise BadRequest("the request body is nested too deeply", code="invalid_json") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # NaN and Infinity too: they are not JSON
         raise BadRequest(f"the request body is not valid JSON: {exc}", code="invalid_json") from exc
     if not isinstance(payload, dict):
         raise BadRequest("the request body must be a JSON object", code="invalid_json")
@@ -64,6 +65,8 @@ def parse_request(body: bytes, endpoint: str) -> tuple[dict[str, Any], str]:
         raise BadRequest(
             "'model' is required: a string 'provider/model'", param="model", code="missing_model"
         )
+    if not model.isascii():  # no model name is, and an unpaired surrogate cannot even be encoded
+        raise BadRequest("'model' must be a 'provider/model' name", param="model", code="invalid_model")
     if endpoint in ("chat", "messages"):
         messages = payload.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -80,23 +83,13 @@ def parse_request(body: bytes, endpoint: str) -> tuple[dict[str, Any], str]:
     return payload, model
 
 
-def model_label(model: str) -> str:
-    """What the ledger may say of the requested model."""
-    # The caller writes this field: anything that is not a provider/model name may be pasted text (PHI),
-    # so the ledger gets its length and digest instead.
-    if split_model(model) is not None:
-        return model
-    digest = hashlib.sha256(model.encode()).hexdigest()[:16]
-    return f"[invalid model name: {len(model)} chars, sha256:{digest}]"
-
-
 def _text_or_texts(value: object) -> bool:
     if isinstance(value, str):
         return True
     return isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
 
 
-def read_facts(body: dict[str, Any], header_data_class: str | None) -> BodyFacts:
+def read_facts(body: dict[str, Any], endpoint: str, header_data_class: str | None) -> BodyFacts:
     facts = BodyFacts()
     if header_data_class is not None:
         declared = header_data_class.strip().lower()
@@ -109,11 +102,8 @@ def read_facts(body: dict[str, Any], header_data_class: str | None) -> BodyFacts
     messages = body.get("messages")
     if isinstance(messages, list):
         facts.message_count = len(messages)
-    # Every piece of text a model will read: system prompts in any form, message content and its parts,
-    # tool results and tool-call arguments, prompts and embedding inputs.
-    pieces: list[str] = []
-    for name in ("system", "messages", "prompt", "input"):
-        _collect_text(body.get(name), pieces)
+    # Every piece of text a model may read, from the fields the endpoint forwards (any other: 400).
+    pieces = screened_text(body, endpoint)
     facts.text = "\n".join(pieces)  # complete: the policy engine bounds its own scan (and denies past it)
     facts.text_len = sum(len(piece) for piece in pieces)
     requested = [body.get(key) for key in ("max_tokens", "max_completion_tokens")]
@@ -148,11 +138,7 @@ def _chosen(choice: object) -> str | None:
     """The tool a ``tool_choice``/``function_call`` forces, if it names one."""
     if not isinstance(choice, dict):
         return None
-    function = choice.get("function")
-    if isinstance(function, dict) and isinstance(function.get("name"), str):
-        return str(function["name"])
-    name = choice.get("name")
-    return name if isinstance(name, str) else None
+    return _tool_name(choice)
 
 
 def _tool_names(tools: object) -> list[str]:
@@ -164,30 +150,22 @@ def _tool_names(tools: object) -> list[str]:
     for tool in tools:
         name = _tool_name(tool)
         if name is None:
-            raise BadRequest("every tool needs a name", param="tools")
+            raise BadRequest("every tool needs exactly one name (a string)", param="tools")
         names.append(name)
     return names
 
 
 def _tool_name(tool: object) -> str | None:
+    """The one name a provider will call the tool by, in any shape: OpenAI's ``function.name`` and
+    ``custom.name``, Anthropic's and the legacy functions' ``name``. A tool carrying two different names
+    has none: the gateway would check one while the provider used the other."""
     if not isinstance(tool, dict):
         return None
-    function = tool.get("function")
-    if isinstance(function, dict) and isinstance(function.get("name"), str):
-        return str(function["name"])  # OpenAI: {"type": "function", "function": {"name": ...}}
-    name = tool.get("name")  # Anthropic, and OpenAI's legacy functions: {"name": ...}
+    names = set()
+    for holder in (tool, tool.get("function"), tool.get("custom")):
+        if isinstance(holder, dict) and "name" in holder:
+            names.add(holder["name"])
+    if len(names) != 1:
+        return None
+    name = names.pop()
     return name if isinstance(name, str) else None
-
-
-def _collect_text(value: object, pieces: list[str], depth: int = 0) -> None:
-    if depth > 32:  # nesting deeper than any real request: refuse rather than skip
-        raise BadRequest("the request is nested too deeply", code="invalid_request")
-    if isinstance(value, str):
-        pieces.append(value)
-    elif isinstance(value, list):
-        for item in value:
-            _collect_text(item, pieces, depth + 1)
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            if key not in _NOT_TEXT:
-                _collect_text(item, pieces, depth + 1)

@@ -221,6 +221,31 @@ class LimitKeeper:
             self._open[ticket] = None
             return ticket
 
+    def check_rate(self, subject: Subject, limits: RoleLimits | None) -> None:
+        """Before the body is read: refuse at once a caller (or role) already at its requests or tokens per
+        minute, so a limited caller cannot hold a connection and a request slot while it sends the body.
+        Counts nothing; ``admit`` decides with the request's estimate once the body is known."""
+        if limits is None:
+            return
+        org, role = subject.org, subject.role
+        with self._lock:
+            now = self._clock()
+            refusals: list[_Refusal] = []
+            prefix = f"organizations.{org}.roles.{role}"
+            caller_window = self._caller_windows.get((org, role, subject.caller))
+            role_window = self._role_windows.get((org, role))
+            if caller_window is not None:
+                caller_window.trim(now)
+                _check_rate(refusals, caller_window, limits.per_caller, 0, now, f"{prefix}.limits.per_caller")
+            if role_window is not None:
+                role_window.trim(now)
+                _check_rate(refusals, role_window, limits.per_role, 0, now, f"{prefix}.limits.per_role")
+        if refusals:
+            retry, code, rule, message = max(refusals, key=lambda r: r[0])
+            raise LimitReached(
+                message, rule=rule, retry_after=float(max(1, math.ceil(retry - 1e-6))), code=code
+            )
+
     def settle(self, ticket: Ticket, *, tokens: int, cost_usd: float) -> None:
         """Replace the ticket's reservation with the actual usage (for a stream: when it has ended).
 

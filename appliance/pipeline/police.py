@@ -18,7 +18,7 @@ import json
 from appliance.errors import NoPolicy, PolicyDenied
 from appliance.identity import Caller
 from appliance.pipeline.exchange import Exchange
-from appliance.pipeline.facts import BodyFacts, apply_edits, model_label, parse_request, read_facts
+from appliance.pipeline.facts import BodyFacts, apply_edits, parse_request, read_facts
 from appliance.pipeline.limits import DEFAULT_MAX_TOKENS, LimitKeeper, Subject, Ticket
 from appliance.policy.engine import RequestFacts, Verdict
 from appliance.policy_state import PolicyKeeper, PolicyState
@@ -41,16 +41,24 @@ class Police:
             raise NoPolicy("no valid policy is in force on this gateway; every request is refused")
         return state
 
+    def before_body(self, ex: Exchange) -> None:
+        """What can be decided before the body is read: a policy in force, and the caller's rate limits (a
+        limited caller must not hold a request slot while it sends, or dribbles, a body)."""
+        state = self.require_state(ex.state)
+        caller = ex.caller
+        assert caller is not None
+        role = state.engine.role(caller.org, caller.role)
+        if role is not None and role.limits is not None:
+            self.limits.check_rate(Subject(caller.id, caller.org, caller.role), role.limits)
+
     def __call__(self, ex: Exchange, body: bytes) -> None:
         """Decide on a model request: fills payload, model, verdict, its actions and its ticket."""
-        ex.payload, ex.model = parse_request(body, ex.endpoint)
-        ex.model_label = model_label(ex.model)
-        facts = read_facts(ex.payload, ex.request.headers.get("x-phi-data-class"))
-        assert ex.caller is not None
         state = self.require_state(ex.state)
+        ex.payload, ex.model = parse_request(body, ex.endpoint)
+        ex.model_label = state.engine.ledger_name(ex.model)  # caller text never reaches a record
+        facts = read_facts(ex.payload, ex.endpoint, ex.request.headers.get("x-phi-data-class"))
+        assert ex.caller is not None
         ex.verdict = verdict = self._verdict(state, ex.caller, ex.model, facts)
-        if ex.model in state.policy.aliases:
-            ex.model_label = ex.model  # a name the policy defines, not caller text
         generates = ex.endpoint != "embeddings"
         clamped = verdict.max_tokens if generates and verdict.max_tokens != facts.max_tokens else None
         apply_edits(ex.payload, model=verdict.model, drop_tools=verdict.drop_tools, max_tokens=clamped)

@@ -1,7 +1,8 @@
 """Phase 4, Record: the ledger records of one request, durable before anything leaves.
 
 Owns: the request record and one record per policy action taken on it (durable before forwarding), the
-refusal record (durable before the caller is told), the models-listing record, a fallback's record as it
+refusal record (durable before the caller is told; refusals of unidentified requests sampled per window,
+``sampling``), the models-listing record, a fallback's record as it
 happens, and the outcome record that follows the answer (lazy: it shares the next request's fsync, and a
 crash before it leaves the request visibly open in ``audit pending``). When the ledger cannot be written
 the request is refused with 503 (fail closed).
@@ -19,6 +20,7 @@ from typing import Any
 from appliance.errors import GatewayError, LedgerUnavailable, LimitReached, PolicyDenied, StorageUnavailable
 from appliance.ledger.store import Ledger
 from appliance.pipeline.exchange import Exchange
+from appliance.pipeline.sampling import FloodSampler
 from routes.pricing import cost_usd
 from routes.result import RouteResult
 
@@ -47,8 +49,9 @@ class Outcome:
 
 
 class Record:
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(self, ledger: Ledger, flood_window_s: float = 1.0) -> None:
         self._ledger = ledger
+        self.flood = FloodSampler(self._queue, flood_window_s)
 
     async def admitted(self, ex: Exchange) -> None:
         """The request record, and one record per policy action taken on it; durable before forwarding."""
@@ -65,7 +68,9 @@ class Record:
         await self._durable(records)
 
     async def refused(self, ex: Exchange, error: GatewayError) -> None:
-        """A refusal, durable before the caller is told."""
+        """A refusal, durable before the caller is told; with no identified caller, sampled (``sampling``)."""
+        if ex.caller is None and not self.flood.take(error.status):
+            return
         denied = isinstance(error, PolicyDenied | LimitReached)
         record = ex.base_record("intervention" if denied else "error")
         record["decision"] = "denied"
@@ -85,13 +90,23 @@ class Record:
         record = ex.base_record("intervention")
         primary = ex.verdict.model if ex.verdict else frm
         position = ex.verdict.fallbacks.index(to) if ex.verdict and to in ex.verdict.fallbacks else 0
+        # A fallback's key and alternatives are policy names; the primary may have matched only a glob.
+        named = ex.state.engine.ledger_name if ex.state else str
         record.update(
             decision="allowed",
             intervention="fallback",
-            rule=f"fallbacks.{primary}[{position}]",
-            detail=f"{frm} -> {to} after {error.code}",
+            rule=f"fallbacks.{named(primary)}[{position}]",
+            detail=f"{named(frm)} -> {named(to)} after {error.code}",
             status_code=error.status,
         )
+        self._ledger.append(record, lazy=True).add_done_callback(_log_failed_outcome)
+
+    def unidentified(self, record: dict[str, Any]) -> None:
+        """A refusal the HTTP server answered itself (no caller is known yet): sampled, queued."""
+        if self.flood.take(record.get("status_code") or 0):
+            self._queue(record)
+
+    def _queue(self, record: dict[str, Any]) -> None:
         self._ledger.append(record, lazy=True).add_done_callback(_log_failed_outcome)
 
     async def listed(self, ex: Exchange, body: bytes) -> None:

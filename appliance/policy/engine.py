@@ -20,6 +20,7 @@ pattern into a message a caller can see, or put prompt text into a message or an
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -319,11 +320,23 @@ class PolicyEngine:
         }
         self._aliases = {alias: (target, f"aliases.{alias}") for alias, target in policy.aliases.items()}
         self._fallbacks = {model: tuple(alts) for model, alts in policy.fallbacks.items()}
+        self._named = frozenset(
+            {*policy.pricing, *policy.models, *policy.aliases, *policy.aliases.values(), *policy.fallbacks}
+            | {alt for alts in policy.fallbacks.values() for alt in alts}
+            | {name for rules in self._roles.values() for name in (*rules.exact, rules.force) if name}
+        )
         self._expired: _Refusal = (
             "policy_expired",
             "expires_at",
             f"the policy in force (v{policy.version}) expired at {rfc3339(policy.expires_at, seconds=True)}",
         )
+
+    def ledger_name(self, model: str) -> str:
+        """What a record may say of a requested model: the name if the policy itself names it (a price, a
+        local model, an alias, a fallback, a literal role entry), else its length and digest. A name that
+        only matches a glob (``openai/*``) is caller text, and caller text may be PHI: append-only rows
+        cannot be purged of it."""
+        return model if model in self._named else unnamed(model)
 
     def role(self, org: str, role: str) -> Role | None:
         rules = self._roles.get((org, role))
@@ -382,7 +395,7 @@ class PolicyEngine:
         force = rules.force
         if force is not None and model != force:
             # The requested text may be anything the caller typed: name it only if it is a model name.
-            asked = model if split_model(model) is not None else f"a {len(model)}-character model name"
+            asked = self.ledger_name(model)
             draft.interventions.append(Intervention("model_forced", rules.force_rule, f"{asked} -> {force}"))
             draft.model = force
 
@@ -443,10 +456,8 @@ class PolicyEngine:
         if not rules.tool_drop:
             return "tools_denied", rule, f"tool {_echo(outside[0])} is not allowed for role {rules.name!r}"
         draft.drop_tools = outside
-        names = ", ".join(_echo(t) for t in outside[:8]) + (", ..." if len(outside) > 8 else "")
-        draft.interventions.append(
-            Intervention("tool_dropped", rule, f"dropped {len(outside)} tool(s): {names}")
-        )
+        # Tool names are caller text (the record must not carry them): the count and the rule say enough.
+        draft.interventions.append(Intervention("tool_dropped", rule, f"dropped {len(outside)} tool(s)"))
         return None
 
     def _screen_prompt(self, draft: _Draft) -> _Refusal | None:
@@ -533,6 +544,12 @@ class PolicyEngine:
 
     def price(self, model: str) -> Price | None:
         return self.policy.pricing.get(model)
+
+
+def unnamed(model: str) -> str:
+    """A requested model name the policy does not define, as a record may show it: length and digest."""
+    digest = hashlib.sha256(model.encode("utf-8", "replace")).hexdigest()[:16]
+    return f"[model not named by the policy: {len(model)} chars, sha256:{digest}]"
 
 
 def _echo(text: str) -> str:

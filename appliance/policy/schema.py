@@ -77,7 +77,7 @@ DATA_CLASS_RANK: dict[str, int] = {name: len(DATA_CLASSES) - 1 - i for i, name i
 
 
 def _name(value: str) -> str:
-    if _NAME_RE.match(value) is None:
+    if _NAME_RE.fullmatch(value) is None:
         raise ValueError(f"{value[:70]!r} is not a name (1-64 of A-Z a-z 0-9 . _ -, starting alphanumeric)")
     return value
 
@@ -92,7 +92,7 @@ _DEFAULT_AUTH: dict[str, str] = {"openai": "bearer", "anthropic": "x-api-key", "
 def split_model(model: str) -> tuple[str, str] | None:
     """``"provider/model"`` -> ``(provider, model)``; None when either part is not a valid name."""
     provider, sep, rest = model.partition("/")
-    if not sep or _NAME_RE.match(provider) is None or _MODEL_RE.match(rest) is None:
+    if not sep or _NAME_RE.fullmatch(provider) is None or _MODEL_RE.fullmatch(rest) is None:
         return None
     return provider, rest
 
@@ -157,7 +157,7 @@ class LocalModelSpec(_Frozen):
     @field_validator("file")
     @classmethod
     def _bare_name(cls, value: str) -> str:
-        if _FILE_RE.match(value) is None or ".." in value:
+        if _FILE_RE.fullmatch(value) is None or ".." in value:
             raise ValueError("file must be a bare file name (no folders, no '..') under <home>/models/")
         return value
 
@@ -172,7 +172,7 @@ class ToolRules(_Frozen):
     @classmethod
     def _check_globs(cls, globs: list[str]) -> list[str]:
         for glob in globs:
-            if _TOOL_GLOB_RE.match(glob) is None:
+            if _TOOL_GLOB_RE.fullmatch(glob) is None:
                 raise ValueError(f"{glob[:70]!r} is not a tool name glob (1-128 of A-Z a-z 0-9 _ . : - * ?)")
         return globs
 
@@ -238,9 +238,9 @@ class Role(_Frozen):
     def _check_globs(cls, globs: list[str]) -> list[str]:
         for glob in globs:
             provider, sep, rest = glob.partition("/")
-            if not sep or not rest or _GLOB_BODY_RE.match(rest) is None:
+            if not sep or not rest or _GLOB_BODY_RE.fullmatch(rest) is None:
                 raise ValueError(f"{glob!r} is not a 'provider/model' glob")
-            if provider != "*" and _NAME_RE.match(provider) is None:
+            if provider != "*" and _NAME_RE.fullmatch(provider) is None:
                 raise ValueError(f"{glob!r}: the provider must be a route name or '*'")
         return globs
 
@@ -286,6 +286,11 @@ class Price(_Frozen):
     output_per_mtok: float = Field(ge=0)
 
 
+_EARLIEST_DATE = datetime(1970, 1, 1, tzinfo=UTC)
+_LATEST_DATE = datetime(9000, 1, 1, tzinfo=UTC)
+_DATES_ALLOWED = f"a date from {_EARLIEST_DATE.year} to {_LATEST_DATE.year - 1}, in UTC"
+
+
 class Policy(_Frozen):
     version: int = Field(ge=1, le=2**62)
     issued_at: AwareDatetime
@@ -305,7 +310,15 @@ class Policy(_Frozen):
     @field_validator("issued_at", "expires_at")
     @classmethod
     def _to_utc(cls, value: datetime) -> datetime:
-        return value.astimezone(UTC)
+        # A valid date with an offset can leave datetime's range in UTC (9999-12-31T23:59-23:59); and
+        # expiry checks add durations to these: keep them well inside the range, as a schema error.
+        try:
+            moment = value.astimezone(UTC)
+        except OverflowError:
+            raise ValueError(f"out of range: {_DATES_ALLOWED}") from None
+        if not _EARLIEST_DATE <= moment < _LATEST_DATE:
+            raise ValueError(f"out of range: {_DATES_ALLOWED}")
+        return moment
 
     @model_validator(mode="after")
     def _check_references(self) -> Policy:

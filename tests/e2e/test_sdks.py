@@ -6,6 +6,7 @@ import anthropic
 import openai
 import pytest
 
+from appliance.policy.engine import unnamed
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.gateway import PROVIDER_KEYS, GatewayHarness
 
@@ -161,9 +162,10 @@ def test_unknown_provider_and_bad_model_names(harness: GatewayHarness) -> None:
         with pytest.raises(openai.PermissionDeniedError):
             client.chat.completions.create(model=pasted, messages=[{"role": "user", "content": "x"}])
     records = _wait_records(harness, 3)
-    assert records[0]["model"] == "mistral/large"
-    assert records[1]["model"].startswith("[invalid model name: 6 chars, sha256:")
-    assert records[2]["model"].startswith("[invalid model name: 55 chars, sha256:")
+    # None of these is a name the policy defines: caller text, so the ledger keeps length and digest only.
+    assert records[0]["model"] == unnamed("mistral/large")
+    assert records[1]["model"].startswith("[model not named by the policy: 6 chars, sha256:")
+    assert records[2]["model"].startswith("[model not named by the policy: 55 chars, sha256:")
     assert "Jane" not in harness.audit.text
 
 
@@ -210,15 +212,18 @@ def test_upstream_failures_give_clean_errors_and_error_records(harness: GatewayH
             assert PROVIDER_KEYS["openai"] not in str(err.value.body)
             assert "fake-key" not in str(err.value.body)
     statuses = {r["model"]: r["status_code"] for r in _wait_records(harness, 12) if r["type"] == "error"}
+    # openai/* allows these names, but the policy does not name them: the ledger has their digests.
     assert statuses == {
-        "openai/fail-500": 502,
-        "openai/fail-reset": 502,
-        "openai/fail-timeout": 504,
-        "openai/fail-401": 502,
-        "openai/fail-429": 429,
+        unnamed("openai/fail-500"): 502,
+        unnamed("openai/fail-reset"): 502,
+        unnamed("openai/fail-timeout"): 504,
+        unnamed("openai/fail-401"): 502,
+        unnamed("openai/fail-429"): 429,
     }
     outcomes = [
-        r for r in harness.audit.records() if r["model"] == "openai/fail-400" and r["type"] == "response"
+        r
+        for r in harness.audit.records()
+        if r["model"] == unnamed("openai/fail-400") and r["type"] == "response"
     ]
     assert outcomes and outcomes[0]["status_code"] == 400
 

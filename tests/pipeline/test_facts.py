@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from appliance.errors import BadRequest
-from appliance.pipeline.facts import apply_edits, read_facts
+from appliance.pipeline.facts import BodyFacts, apply_edits, read_facts
 
 OPENAI = {
     "model": "openai/gpt-4o",
@@ -28,41 +30,46 @@ ANTHROPIC = {
 }
 
 
+def read_facts_of(endpoint: str, body: dict[str, Any], header: str | None) -> BodyFacts:
+    return read_facts(body, endpoint, header)
+
+
 def test_openai_body() -> None:
-    facts = read_facts(OPENAI, "Deidentified ")
+    facts = read_facts(OPENAI, "chat", "Deidentified ")
     assert facts.data_class == "deidentified"
     assert facts.tools == ["lookup_patient", "search"]
-    assert facts.message_count == 2 and facts.text == "be brief\nMRN 1234" and facts.text_len == 16
+    # Tool names reach the model too: they are text to screen.
+    assert facts.message_count == 2 and facts.text == "be brief\nMRN 1234\nlookup_patient\nsearch"
     assert facts.max_tokens == 900
 
 
 def test_anthropic_body_and_no_header() -> None:
-    facts = read_facts(ANTHROPIC, None)
+    facts = read_facts(ANTHROPIC, "messages", None)
     assert facts.data_class is None and facts.tools == ["lookup_patient"]
-    assert facts.text == "be careful\nhello" and facts.max_tokens == 64
+    assert facts.text == "be careful\nhello\nlookup_patient" and facts.max_tokens == 64
 
 
 def test_completions_and_embeddings_text() -> None:
-    assert read_facts({"prompt": "abc"}, None).text == "abc"
-    assert read_facts({"input": ["a", "b"]}, None).text == "a\nb"
+    assert read_facts_of("completions", {"prompt": "abc"}, None).text == "abc"
+    assert read_facts_of("embeddings", {"input": ["a", "b"]}, None).text == "a\nb"
 
 
 def test_text_is_complete_and_its_length_exact() -> None:
-    facts = read_facts({"messages": [{"role": "user", "content": "x" * 200_000}]}, None)
+    facts = read_facts_of("chat", {"messages": [{"role": "user", "content": "x" * 200_000}]}, None)
     assert len(facts.text) == 200_000 == facts.text_len  # the policy engine bounds its own scan
 
 
 @pytest.mark.parametrize("header", ["secret", "PHI;", ""])
 def test_unknown_data_class_is_400(header: str) -> None:
     with pytest.raises(BadRequest, match="X-Phi-Data-Class"):
-        read_facts(OPENAI, header)
+        read_facts(OPENAI, "chat", header)
 
 
 def test_tools_without_names_are_400() -> None:
     with pytest.raises(BadRequest):
-        read_facts({"tools": [{"type": "function"}]}, None)
+        read_facts_of("chat", {"tools": [{"type": "function"}]}, None)
     with pytest.raises(BadRequest):
-        read_facts({"tools": "lookup"}, None)
+        read_facts_of("chat", {"tools": "lookup"}, None)
 
 
 def test_edits() -> None:
@@ -99,10 +106,10 @@ def test_every_text_a_model_reads_is_scanned() -> None:
             },
         ],
     }
-    text = read_facts(body, None).text
+    text = read_facts(body, "messages", None).text
     for needle in ("111-11-1111", "222-22-2222", "333-33-3333", "444", "555"):
         assert needle in text
-    assert "AAAA" not in text and "t1" not in text
+    assert "AAAA" not in text  # an image payload is not text; ids are screened as well as shaped
 
 
 def test_legacy_functions_count_as_tools_and_are_dropped() -> None:
@@ -110,7 +117,7 @@ def test_legacy_functions_count_as_tools_and_are_dropped() -> None:
         "functions": [{"name": "lookup"}, {"name": "delete_record"}],
         "function_call": {"name": "delete_record"},
     }
-    assert read_facts(body, None).tools == ["lookup", "delete_record"]
+    assert read_facts(body, "chat", None).tools == ["lookup", "delete_record"]
     apply_edits(body, model="m", drop_tools=["delete_record"], max_tokens=None)
     assert body["functions"] == [{"name": "lookup"}] and "function_call" not in body
 
@@ -123,6 +130,6 @@ def test_a_tool_choice_naming_a_dropped_tool_goes_too() -> None:
 
 def test_both_token_limits_count_and_are_both_clamped() -> None:
     body = {"max_completion_tokens": 10, "max_tokens": 100_000}
-    assert read_facts(body, None).max_tokens == 100_000
+    assert read_facts(body, "chat", None).max_tokens == 100_000
     apply_edits(body, model="m", drop_tools=[], max_tokens=256)
     assert body["max_tokens"] == body["max_completion_tokens"] == 256
