@@ -91,7 +91,12 @@ class Gateway:
         )
         api = Api(pipeline, keeper, vault.ledger, self.local)
         self.server = server = HttpServer(
-            api.handle, settings.server.limits, on_reject=self._record_rejection
+            api.handle,
+            settings.server.limits,
+            on_reject=self._record_rejection,
+            # /health says whether this node can serve (policy, ledger), not how busy it is this instant:
+            # a load balancer must not drop a node because its request slots are momentarily full.
+            exempt=lambda request: request.path == "/health",
         )
         await server.start(
             host or settings.server.host, settings.server.port if port is None else port, sock=sock

@@ -1,10 +1,12 @@
 """The HTTP/1.1 connection: an asyncio Protocol that parses with httptools and runs request cycles.
 
-Owns the per-connection state: the parser, keep-alive, head and discard timers, the queue of
-pipelined requests, read pausing, and the refusals the server answers itself (400, 408, 413, 431,
-503) with their ``Rejection`` records. It must never interpret a request beyond HTTP framing and
-limits, never let chunked trailers into a request's headers (they arrive after the handler may have
-read them), never log headers or bodies, and never write a response out of order.
+Owns the per-connection state: the parser, keep-alive, the head, body-deadline, discard and lingering
+timers, the queue of pipelined requests, read pausing, the lingering close, and the refusals the server
+answers itself (400, 408, 413, 429, 431, 503) with their ``Rejection`` records; ``admission`` keeps the
+counts behind the connection and concurrency caps. It must never interpret a request beyond HTTP
+framing and limits, never let chunked trailers into a request's headers (they arrive after the handler
+may have read them), never log headers or bodies, never write a response out of order, and never read
+a request on a connection it turned away.
 """
 
 from __future__ import annotations
@@ -12,11 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import cast
 from urllib.parse import unquote
 
@@ -27,75 +27,46 @@ from appliance.errors import (
     GatewayError,
     HeadersTooLarge,
     MalformedHTTP,
-    Overloaded,
     PayloadTooLarge,
     RequestTimeout,
 )
-from appliance.http.cycle import Handler, Request, Responder
+from appliance.http.admission import Admission, Rejection
+from appliance.http.cycle import Handler, Request, Responder, new_request_id
 from appliance.http.flow_control import FlowControl
 from appliance.http.limits import HttpLimits
+from appliance.http.responses import error_response
 
 logger = logging.getLogger("phi.http")
 
 
-class _RandomPool:
-    """os.urandom bytes fetched 4 KiB at a time: one getrandom call per 409 ids instead of one each (a
-    system call releases and retakes the GIL, which the ledger's writer thread contends for)."""
-
-    def __init__(self) -> None:
-        self._pool = b""
-        self._at = 0
-
-    def take(self, n: int) -> bytes:
-        if self._at + n > len(self._pool):
-            self._pool, self._at = os.urandom(4096), 0
-        self._at += n
-        return self._pool[self._at - n : self._at]
-
-
-_random = _RandomPool()  # the event loop's thread only
-
-
-def new_request_id() -> str:
-    """32 hex digits: milliseconds since the epoch (12), then 80 random bits (20).
-
-    Time-ordered so the ledger's request_id index grows at its right edge: with random ids every insert
-    lands on a random B-tree page, and the durable append rate of the ledger falls by more than half
-    (bench/ledger.py). 80 random bits keep ids unguessable and unique.
-    """
-    return f"{time.time_ns() // 1_000_000:012x}{_random.take(10).hex()}"
-
-
-@dataclass(slots=True)
-class Rejection:
-    """A request the server refused itself, without (or before) calling the handler; for the audit."""
-
-    status: int
-    code: str
-    method: str | None
-    path: str | None
-    client: tuple[str, int] | None
-    request_id: str
-
-
 class ServerState:
-    """What every connection of one server shares: the handler, limits, and live bookkeeping."""
+    """What every connection of one server shares: the handler, limits, and live bookkeeping.
 
-    __slots__ = ("connections", "draining", "handler", "in_flight", "limits", "on_reject", "tasks")
+    ``exempt``, when given, picks the requests that bypass the concurrency caps (a readiness probe);
+    it is called once per request on the event loop, so it must be quick and must not raise.
+    """
+
+    __slots__ = ("admission", "connections", "draining", "exempt", "handler", "limits", "tasks")
 
     def __init__(
         self,
         handler: Handler,
         limits: HttpLimits,
         on_reject: Callable[[Rejection], None] | None = None,
+        exempt: Callable[[Request], bool] | None = None,
     ) -> None:
         self.handler = handler
         self.limits = limits
-        self.on_reject = on_reject
+        self.exempt = exempt
+        self.admission = Admission(limits, on_reject)
         self.connections: set[HttpProtocol] = set()
         self.tasks: set[asyncio.Task[None]] = set()
-        self.in_flight = 0
         self.draining = False
+
+    @property
+    def in_flight(self) -> int:
+        """Requests whose handler is running now."""
+        return self.admission.in_flight
 
 
 class _StopParsing(Exception):
@@ -118,11 +89,16 @@ class HttpProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport = cast(asyncio.Transport, None)
         self.flow: FlowControl = cast(FlowControl, None)
         self.client: tuple[str, int] | None = None
+        self._address: str | None = None  # the client's host, the key of the per-address caps
+        self._admitted = False  # counted by admission: given back once, on connection_lost
         self.active: Responder | None = None  # the cycle whose response is being produced
         self.pipeline: deque[Responder] = deque()  # parsed cycles waiting for their turn
         self._keepalive_timer: asyncio.TimerHandle | None = None
         self._header_timer: asyncio.TimerHandle | None = None
         self._discard_timer: asyncio.TimerHandle | None = None  # body still owed after an early answer
+        self._body_timer: asyncio.TimerHandle | None = None  # body_deadline_s of the body being read
+        self._linger_timer: asyncio.TimerHandle | None = None  # set once the lingering close began
+        self._linger_left = 0  # input bytes the lingering close still reads and drops
         self._closing = False  # shutdown asked: close after the current response
         self._broken = False  # stop parsing: a refusal is pending or the body was abandoned
         self._eof = False
@@ -139,6 +115,8 @@ class HttpProtocol(asyncio.Protocol):
         self._header_bytes = 0
         self._header_count = 0
         self._head_seen = 0  # raw bytes of a head (or trailer section) still being accumulated
+        self._heads_begun = 0  # messages begun on this connection: did one start inside this segment?
+        self._body_seen = 0  # body bytes parsed on this connection: how much of a segment was body
         self._head_started = 0.0
         # True from a chunk-size line until that chunk's data: for the last chunk, the trailers.
         self._maybe_trailers = False
@@ -152,13 +130,32 @@ class HttpProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             self.client = (str(peer[0]), int(peer[1]))
-        self.state.connections.add(self)
-        if self.state.draining:
+            self._address = self.client[0]
+        state = self.state
+        if state.draining:
+            self._broken = True
             self.transport.close()
             return
+        refusal = state.admission.open(self._address)
+        if refusal is not None:
+            self._turn_away(refusal)
+            return
+        self._admitted = True
+        state.connections.add(self)
         self._arm_keepalive()
 
+    def _turn_away(self, refusal: GatewayError) -> None:
+        # A short answer and a close, without reading: the request is unread, so the close may reset
+        # and lose the answer, but lingering would spend the very descriptors the cap protects.
+        self._broken = True
+        request_id = self.state.admission.report(refusal, None, self.client)
+        self.transport.write(error_response(refusal, request_id=request_id, keep_alive=False))
+        self.transport.close()
+
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._admitted:
+            self._admitted = False
+            self.state.admission.close(self._address)
         self.state.connections.discard(self)
         self._lost = True
         if self._closed is not None and not self._closed.done():
@@ -167,6 +164,10 @@ class HttpProtocol(asyncio.Protocol):
         self._cancel_keepalive()
         self._cancel_header_timer()
         self._cancel_discard_timer()
+        self._cancel_body_timer()
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
         self.flow.resume_writing()  # wake drain waiters; they see ``disconnected`` and stop
         if self.active is not None:
             self.active.connection_lost()
@@ -195,10 +196,15 @@ class HttpProtocol(asyncio.Protocol):
             self._keepalive_timer.cancel()
             self._keepalive_timer = None
         if self._broken:
+            if self._linger_timer is not None:  # lingering: read and drop, within a budget
+                self._linger_left -= len(data)
+                if self._linger_left < 0:
+                    self.transport.close()
             return
-        was_in_head = self._in_head
         was_in_trailers = self._maybe_trailers
         chunk_headers = self._chunk_headers
+        heads_begun = self._heads_begun
+        body_seen = self._body_seen
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -219,20 +225,28 @@ class HttpProtocol(asyncio.Protocol):
                 self._fail(HeadersTooLarge("request trailers too large"))
                 return
         if self._in_head:
-            if was_in_head:
+            if self._heads_begun != heads_begun:
+                # The head began inside ``data``, after whatever requests came before it in the same
+                # segment: count only its own bytes (see _head_bytes), never the whole segment.
+                self._head_seen = _head_bytes(data, self._body_seen - body_seen)
+            else:
                 self._head_seen += len(data)
-                if self._head_seen > self._head_cap:
-                    self._fail(HeadersTooLarge("request head too large"))
-                    return
+            if self._head_seen > self._head_cap:
+                self._fail(HeadersTooLarge("request head too large"))
+                return
             if self._header_timer is None:
                 self._header_timer = self.loop.call_at(
                     self._head_started + self.limits.header_timeout_s, self._on_header_timeout
                 )
+        elif self._in_body and self._body_timer is None and not self._broken:
+            # The head completed in this segment and its body did not: the body's whole deadline starts.
+            self._body_timer = self.loop.call_later(self.limits.body_deadline_s, self._on_body_deadline)
 
     # ---- httptools callbacks ------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
         self._in_head = True
+        self._heads_begun += 1
         self._head_started = self.loop.time()
         self._head_seen = 0
         self._url = b""
@@ -334,6 +348,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self._maybe_trailers = False
+        self._body_seen += len(body)
         cycle = cast(Responder, self._current)
         if not cycle.feed_body(body):
             self._fail(PayloadTooLarge(f"request body exceeds {self.limits.max_body_bytes} bytes"))
@@ -344,6 +359,9 @@ class HttpProtocol(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self._in_body = False
         self._maybe_trailers = False
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
         cycle = self._current
         self._current = None
         if cycle is not None:
@@ -370,32 +388,22 @@ class HttpProtocol(asyncio.Protocol):
             self._refuse(cycle, cycle.rejection)
             return
         state = self.state
-        if state.in_flight >= self.limits.max_concurrency:
-            self._refuse(cycle, Overloaded("the gateway is at its concurrency limit; retry shortly"))
+        exempt = state.exempt
+        refusal = state.admission.start(self._address, exempt=exempt is not None and exempt(cycle.request))
+        if refusal is not None:
+            self._refuse(cycle, refusal)
             return
-        state.in_flight += 1
         task = self.loop.create_task(cycle.run(state.handler))
         state.tasks.add(task)
         task.add_done_callback(state.tasks.discard)
 
     def _refuse(self, cycle: Responder, error: GatewayError) -> None:
-        on_reject = self.state.on_reject
-        if on_reject is not None:
-            request = cycle.request
-            try:
-                on_reject(
-                    Rejection(
-                        error.status,
-                        error.code,
-                        request.method or None,
-                        request.path or None,
-                        request.client,
-                        request.request_id,
-                    )
-                )
-            except Exception:
-                logger.exception("on_reject callback failed")
+        self.state.admission.report(error, cycle.request, self.client)
         cycle.answer_error(error)
+
+    def handler_finished(self) -> None:
+        """Called once by each cycle whose handler ``_dispatch`` started, when the handler returns."""
+        self.state.admission.finish(self._address)
 
     def response_complete(self, cycle: Responder) -> None:
         """Called by the active cycle once its response is fully written."""
@@ -403,7 +411,7 @@ class HttpProtocol(asyncio.Protocol):
             return
         self.active = None
         if not cycle.keep_alive or self._closing or (self._eof and not self.pipeline):
-            self.transport.close()
+            self._close()
             return
         if self.pipeline:
             self._dispatch(self.pipeline.popleft())
@@ -448,7 +456,7 @@ class HttpProtocol(asyncio.Protocol):
             cycle.keep_alive = False
             if cycle.complete:  # already answered while its body was arriving
                 if self.active is None:
-                    self.transport.close()
+                    self._close()
             elif cycle.dispatched:
                 cycle.fail_body(error)  # the handler sees it through body()
             else:
@@ -468,6 +476,29 @@ class HttpProtocol(asyncio.Protocol):
         cycle.rejection = error
         self._in_head = False
         self._enqueue(cycle)
+
+    def _close(self) -> None:
+        """Close after the last answer; first linger if the client may still be sending.
+
+        Closing a socket with unread input makes the kernel send a reset, and a reset can overtake the
+        answer and destroy it in the client's buffers. So, as nginx's lingering_close: half-close
+        (the client reads the answer and then end-of-file), read and drop what still comes for a
+        bounded time and number of bytes, then close; the client's own close ends it sooner.
+        """
+        transport = self.transport
+        pending = self._broken or self._in_head or self._in_body or self.pipeline
+        if not pending or self._eof or transport.is_closing() or not transport.can_write_eof():
+            transport.close()
+            return
+        self._broken = True
+        self._cancel_keepalive()
+        self._cancel_header_timer()
+        self._cancel_discard_timer()
+        self._cancel_body_timer()
+        self._linger_left = self.limits.lingering_bytes
+        self._linger_timer = self.loop.call_later(self.limits.lingering_timeout_s, transport.close)
+        transport.write_eof()
+        self.flow.resume_reading()
 
     # ---- timers and shutdown ------------------------------------------------------------------
 
@@ -489,6 +520,20 @@ class HttpProtocol(asyncio.Protocol):
         if self._discard_timer is not None:
             self._discard_timer.cancel()
             self._discard_timer = None
+
+    def _cancel_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _on_body_deadline(self) -> None:
+        self._body_timer = None
+        if not self._in_body or self._broken:
+            return
+        if self.flow.read_paused:  # we stopped reading, not the client: give it a fresh period
+            self._body_timer = self.loop.call_later(self.limits.body_deadline_s, self._on_body_deadline)
+            return
+        self._fail(RequestTimeout("request body not received in time"))
 
     def _on_discard_timeout(self) -> None:
         self._discard_timer = None
@@ -532,3 +577,17 @@ class HttpProtocol(asyncio.Protocol):
     def abort(self) -> None:
         """Drop the connection at once (after the drain timeout)."""
         self.transport.abort()
+
+
+def _head_bytes(segment: bytes, body_bytes: int) -> int:
+    """An upper bound on the bytes of the head that began inside ``segment`` and is still incomplete.
+
+    Every complete head ends with an empty line, and an incomplete one holds none, so the head is within
+    what follows the segment's last CRLF CRLF; it is also within what is not body (``body_bytes`` of
+    the segment were). The smaller of the two counts it, pipelined requests before it excluded.
+    """
+    beyond_body = len(segment) - body_bytes
+    end = segment.rfind(b"\r\n\r\n")
+    if end < 0:
+        return beyond_body
+    return min(beyond_body, len(segment) - end - 4)

@@ -16,9 +16,10 @@ import signal
 import socket
 from collections.abc import Callable
 
-from appliance.http.cycle import Handler
+from appliance.http.admission import Rejection
+from appliance.http.cycle import Handler, Request
 from appliance.http.limits import HttpLimits
-from appliance.http.protocol import HttpProtocol, Rejection, ServerState
+from appliance.http.protocol import HttpProtocol, ServerState
 
 __all__ = ["HttpServer", "Rejection", "install_event_loop_policy"]
 
@@ -34,9 +35,13 @@ class HttpServer:
         limits: HttpLimits | None = None,
         *,
         on_reject: Callable[[Rejection], None] | None = None,
+        exempt: Callable[[Request], bool] | None = None,
     ) -> None:
+        """``on_reject`` hears of every request the server refuses itself; ``exempt`` picks requests
+        that bypass the concurrency caps, global and per address (a readiness probe: a node that is
+        busy is still ready). ``exempt`` runs on the event loop for every request: quick, no raising."""
         self.limits = limits if limits is not None else HttpLimits()
-        self._state = ServerState(handler, self.limits, on_reject)
+        self._state = ServerState(handler, self.limits, on_reject, exempt)
         self._server: asyncio.Server | None = None
 
     @property

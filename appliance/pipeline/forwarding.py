@@ -10,8 +10,9 @@ request may carry are an allow-list per endpoint, not a deny-list, and each fiel
 
 Inside text fields, a few structural keys carry values that are not prose (``role``, ``type``, ids, base64
 payloads). Each must have the strict shape of its kind or the request is refused with 400 naming the
-field; only the closed-set ones and base64 payloads go unscreened: ``"role": "system\\n..."`` cannot smuggle text into a chat
-template, nor ``"type"`` text to a provider. A string that cannot be encoded (a lone surrogate) is refused.
+field; only the closed-set ones and base64 payloads go unscreened. So ``"role": "system\\n..."`` cannot
+smuggle text into a chat template, nor ``"type"`` text to a provider. A string that cannot be encoded (a
+lone surrogate) is refused.
 
 Owns: the per-endpoint allow-lists, the structural shapes, and ``screened_text`` (one walk of the body).
 Never: keeps the text it reads; forwards a field not listed here (the caller gets a 400 naming it).

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from appliance.http.limits import HttpLimits
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.gateway import GatewayHarness, policy_doc
 
@@ -108,3 +109,22 @@ def test_a_caller_at_its_rate_limit_is_refused_before_sending_its_body(h: Gatewa
         sock.sendall(_request(token, send_body=False))  # the head only: the answer must not wait for more
         status, body = _read_response(sock)
     assert status == 429 and json.loads(body)["error"]["code"] == "rate_limited"
+
+
+def test_health_reports_readiness_not_a_moment_of_saturation(tmp_path: Path, upstream: FakeUpstream) -> None:
+    harness = GatewayHarness(tmp_path)
+    harness.import_policy(policy_doc(upstream.base_url))
+    harness.start(limits=HttpLimits(max_concurrency=1))
+    try:
+        with socket.create_connection(("127.0.0.1", harness.port), timeout=10) as held:
+            held.sendall(_request(harness.issue("busy-bot"), send_body=False))  # the only slot, held
+            time.sleep(0.2)
+            with socket.create_connection(("127.0.0.1", harness.port), timeout=10) as sock:
+                sock.sendall(_request(harness.issue("other-bot")))
+                assert _read_response(sock)[0] == 503  # the gateway is full ...
+            with socket.create_connection(("127.0.0.1", harness.port), timeout=10) as sock:
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                status, body = _read_response(sock)
+            assert status == 200 and json.loads(body)["status"] == "ok"  # ... and still ready
+    finally:
+        harness.stop()

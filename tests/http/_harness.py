@@ -39,18 +39,32 @@ def async_test(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., No
 
 
 class MockTransport(asyncio.Transport):
-    def __init__(self) -> None:
+    """A transport that keeps what is written. ``half_close``: it supports ``write_eof``, as TCP does (off
+    by default, as for TLS, so tests see the plain close unless they ask for the lingering one)."""
+
+    def __init__(self, peer: tuple[str, int] = ("127.0.0.1", 54321), *, half_close: bool = False) -> None:
         super().__init__()
         self.buffer = bytearray()
         self.closed = False
         self.read_paused = False
+        self.peer = peer
+        self.half_close = half_close
+        self.eof_written = False
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return {"peername": ("127.0.0.1", 54321), "sockname": ("127.0.0.1", 8080)}.get(name, default)
+        return {"peername": self.peer, "sockname": ("127.0.0.1", 8080)}.get(name, default)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         assert not self.closed, "write after close"
+        assert not self.eof_written, "write after write_eof"
         self.buffer += data
+
+    def can_write_eof(self) -> bool:
+        return self.half_close
+
+    def write_eof(self) -> None:
+        assert self.half_close, "write_eof on a transport that cannot"
+        self.eof_written = True
 
     def close(self) -> None:
         self.closed = True
@@ -110,12 +124,26 @@ def parse_responses(data: bytes) -> list[Response]:
 class Harness:
     """One protocol on a mock transport, with the rejections it reported."""
 
-    def __init__(self, handler: Callable[[Request, Responder], Awaitable[None]], **limits: Any) -> None:
+    def __init__(
+        self,
+        handler: Callable[[Request, Responder], Awaitable[None]],
+        *,
+        half_close: bool = False,
+        exempt: Callable[[Request], bool] | None = None,
+        **limits: Any,
+    ) -> None:
         self.rejections: list[Rejection] = []
-        self.state = ServerState(handler, HttpLimits(**limits), self.rejections.append)
-        self.protocol = HttpProtocol(self.state)
-        self.transport = MockTransport()
-        self.protocol.connection_made(self.transport)
+        self.state = ServerState(handler, HttpLimits(**limits), self.rejections.append, exempt)
+        self.protocol, self.transport = self.open(half_close=half_close)
+
+    def open(
+        self, peer: tuple[str, int] = ("127.0.0.1", 54321), *, half_close: bool = False
+    ) -> tuple[HttpProtocol, MockTransport]:
+        """Another connection to the same server state."""
+        protocol = HttpProtocol(self.state)
+        transport = MockTransport(peer, half_close=half_close)
+        protocol.connection_made(transport)
+        return protocol, transport
 
     def feed(self, data: bytes) -> None:
         self.protocol.data_received(data)

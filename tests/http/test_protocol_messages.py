@@ -350,7 +350,7 @@ async def test_on_reject_failure_does_not_break_the_server(caplog: pytest.LogCap
         raise RuntimeError("audit down")
 
     h = Harness(ok)
-    h.state.on_reject = explode
+    h.state.admission.on_reject = explode
     with caplog.at_level(logging.ERROR, logger="phi.http"):
         h.feed(MALFORMED)
         await h.settle()

@@ -8,10 +8,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any
 
-import httptools
 import pytest
 
 from appliance.errors import ClientDisconnected
@@ -22,126 +19,7 @@ from appliance.http import (
     Responder,
     install_event_loop_policy,
 )
-
-Runner = Callable[[Coroutine[Any, Any, None]], None]
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def run(request: pytest.FixtureRequest) -> Runner:
-    if request.param == "uvloop":
-        uvloop = pytest.importorskip("uvloop")
-        factory = uvloop.new_event_loop
-    else:
-        factory = None
-
-    def runner(coro: Coroutine[Any, Any, None]) -> None:
-        with asyncio.Runner(loop_factory=factory) as loop_runner:
-            loop_runner.run(asyncio.wait_for(coro, 15))
-
-    return runner
-
-
-class Response:
-    def __init__(self) -> None:
-        self.status = 0
-        self.headers: dict[bytes, bytes] = {}
-        self.body = bytearray()
-        self.chunks = 0
-
-
-class Client:
-    """A raw HTTP/1.1 client over asyncio streams; every wait is bounded."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.done: list[Response] = []
-        self.current: Response | None = None
-        self.parser = httptools.HttpResponseParser(self)
-
-    @classmethod
-    async def connect(cls, port: int, *, rcvbuf: int | None = None) -> Client:
-        if rcvbuf is None:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            return cls(reader, writer)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        sock.setblocking(False)
-        try:
-            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-        except BaseException:
-            sock.close()
-            raise
-        reader, writer = await asyncio.open_connection(sock=sock, limit=rcvbuf)
-        return cls(reader, writer)
-
-    # httptools callbacks
-    def on_message_begin(self) -> None:
-        self.current = Response()
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        assert self.current is not None
-        self.current.headers[name.lower()] = value
-
-    def on_headers_complete(self) -> None:
-        assert self.current is not None
-        self.current.status = self.parser.get_status_code()
-
-    def on_body(self, body: bytes) -> None:
-        assert self.current is not None
-        self.current.body += body
-        self.current.chunks += 1
-
-    def on_message_complete(self) -> None:
-        assert self.current is not None
-        self.done.append(self.current)
-        self.current = None
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-    async def read_some(self, wait_s: float = 5.0) -> bytes:
-        data = await asyncio.wait_for(self.reader.read(65536), wait_s)
-        if data:
-            self.parser.feed_data(data)
-        return data
-
-    async def response(self, wait_s: float = 5.0) -> Response:
-        while not self.done:
-            if not await self.read_some(wait_s):
-                raise ConnectionError("server closed the connection")
-        return self.done.pop(0)
-
-    async def request(self, data: bytes) -> Response:
-        await self.send(data)
-        return await self.response()
-
-    async def closed_by_server(self, wait_s: float = 5.0) -> bool:
-        try:
-            return await self.read_some(wait_s) == b""
-        except ConnectionResetError:
-            return True
-
-    async def close(self) -> None:
-        self.writer.close()
-        with contextlib.suppress(ConnectionError):
-            await self.writer.wait_closed()
-
-
-@contextlib.asynccontextmanager
-async def serving(
-    handler: Any, *, sock: socket.socket | None = None, **limits: Any
-) -> AsyncIterator[HttpServer]:
-    server = HttpServer(handler, HttpLimits(**limits))
-    if sock is None:
-        await server.start("127.0.0.1", 0)
-    else:
-        await server.start(sock=sock)
-    try:
-        yield server
-    finally:
-        await server.shutdown()
+from tests.http._sockets import Client, Runner, serving
 
 
 async def hello(request: Request, responder: Responder) -> None:
