@@ -30,7 +30,8 @@ FinishReason = Literal["stop", "length", "cancelled", "timeout"]
 class GenerationRequest:
     kind: Literal["chat", "completion"]
     messages: list[dict[str, Any]] | None = None
-    """chat: OpenAI messages; content is a string (or a list of text parts)."""
+    """chat: ``{"role", "content"}`` messages; a role from ``prompt.CHAT_ROLES``, content a string (or a
+    list of text parts). The worker checks them again (``prompt.chat_turns``); other keys are dropped."""
     prompt: str | None = None
     """completion: the prompt text."""
     max_tokens: int | None = None

@@ -1,7 +1,8 @@
 """What a worker thread does with its one ``Llama`` instance: prompts, sampling, the token loop, embeddings.
 
 Owns: ``LoadedModel`` — loading the GGUF into a ``Llama``, rendering chat prompts with the model's own
-template (``tokenizer.chat_template`` from the GGUF metadata), tokenizing, building the sampler chain
+template (``tokenizer.chat_template`` from the GGUF metadata), tokenizing (through ``prompt``: caller
+text never becomes a control token), building the sampler chain
 (logit bias, grammar, top-k/top-p/min-p, temperature, seed), generating token ids one at a time, turning
 each token into bytes and the bytes into text (``decode.CompletionText``), counting usage exactly, and the
 llama.cpp abort callback that stops prompt processing when a request is cancelled or out of time.
@@ -27,6 +28,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from appliance import errors
 from local_models.decode import CompletionText
 from local_models.generation import FinishReason, Generation, GenerationRequest
+from local_models.prompt import PromptTokenizer, chat_segments, chat_turns, check_fits, plain_text
 
 PROMPT_BATCH = 512
 """Tokens per llama_decode call while the prompt is processed."""
@@ -68,6 +70,8 @@ class LoadedModel:
         self._pieces: dict[int, bytes] = {}
         self._piece_buf = ctypes.create_string_buffer(64)
         self._chat = None if embedding else self._chat_formatter()
+        # Reads the whole vocabulary once (control tokens, longest piece): generation instances only.
+        self._tokenizer = None if embedding else PromptTokenizer(self._vocab, self._n_vocab)
         # The callback object must stay referenced as long as llama.cpp may call it.
         self._abort_target: Generation | None = None
         self._abort_callback = llama_cpp.ggml_abort_callback(self._should_abort)
@@ -95,12 +99,15 @@ class LoadedModel:
         request = gen.request
         if gen.should_stop():
             return "cancelled" if gen.cancelled else "timeout"
-        tokens = self._prompt_tokens(request)
+        tokens = self._prompt_tokens(gen)
+        if tokens is None:
+            return "cancelled" if gen.cancelled else "timeout"
         gen.prompt_tokens = len(tokens)
         room = self.n_ctx - len(tokens)
         if room <= 0:
+            size = len(tokens) if len(tokens) <= self.n_ctx else f"more than {self.n_ctx}"  # cut short
             raise errors.BadRequest(
-                f"the prompt is {len(tokens)} tokens; this model's context is {self.n_ctx}",
+                f"the prompt is {size} tokens; this model's context is {self.n_ctx}",
                 code="context_length_exceeded",
                 param="messages" if request.kind == "chat" else "prompt",
             )
@@ -208,27 +215,40 @@ class LoadedModel:
             stop_token_ids=[eos],
         )
 
-    def _prompt_tokens(self, request: GenerationRequest) -> list[int]:
+    def _prompt_tokens(self, gen: Generation) -> list[int] | None:
+        """The prompt's token ids (see ``prompt``: caller text never becomes a control token); None if the
+        request was cancelled or ran out of time while it was tokenized. A prompt that cannot fit the
+        context is refused before it is rendered."""
+        request = gen.request
         if request.kind == "chat":
-            if self._chat is None:
+            if self._chat is None or self._tokenizer is None:
                 raise errors.BadRequest(
                     "this local model has no chat template; use completions", code="no_chat_template"
                 )
-            try:
-                rendered = self._chat(messages=request.messages or [])  # type: ignore[arg-type]
-            except Exception as exc:  # the template is the model's code: any error is a refused request
-                raise errors.BadRequest(
-                    "the messages cannot be rendered with this model's chat template",
-                    code="chat_template_error",
-                ) from exc
-            # The template writes bos itself (added_special): tokenize special tokens, add no second bos.
-            return self.llama.tokenize(
-                rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True
-            )
-        prompt = request.prompt or ""
+            turns = chat_turns(request.messages)
+            chars = sum(len(text) for _, text in turns)
+            check_fits(len(turns), chars, self.n_ctx, self._tokenizer.longest_piece, "messages")
+            segments = chat_segments(self._render, turns)
+            if gen.should_stop():
+                return None
+            # The template writes bos itself: nothing is added around the segments.
+            return self._tokenizer.segments(segments, limit=self.n_ctx, stop=gen.should_stop)
+        prompt = plain_text(request.prompt or "", "prompt")
         if not prompt:
             return [self.llama.token_bos()]
-        return self.llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+        assert self._tokenizer is not None  # only embedding instances have none, and they never generate
+        check_fits(1, len(prompt), self.n_ctx, self._tokenizer.longest_piece, "prompt")
+        return self._tokenizer.plain(prompt, add_special=True)
+
+    def _render(self, messages: list[dict[str, str]]) -> str:
+        assert self._chat is not None
+        try:
+            return self._chat(messages=messages).prompt  # type: ignore[arg-type]
+        except Exception as exc:  # the template is the model's code: any error is a refused request
+            raise errors.BadRequest(
+                "the messages cannot be rendered with this model's chat template",
+                code="chat_template_error",
+            ) from exc
 
     def _sampler(self, request: GenerationRequest) -> llama_cpp.llama_sampler_p:
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())

@@ -14,7 +14,10 @@ NULL sampler: unconstrained output or a crash); accepts a repetition bound that 
 recursive grammar parser overflow a thread stack, nor a ``pattern`` quantifier (``{n}``, ``{n,}``,
 ``{n,m}``) above it: the converter spells each repetition out, so ``a{0,100000000}`` alone would take
 seconds and gigabytes before any size check could run; nor a ``pattern`` with a stray ``]`` or ``}``,
-on which the converter loops for ever.
+on which the converter loops for ever; nor lets a schema's strings act as grammar: literals (property
+names, ``enum`` and ``const`` values) are escaped for GBNF here, as llama_cpp's converter leaves backslashes
+alone and a ``"`` in a name would end its literal, and a ``pattern`` may not produce, nor escape its way
+to, a character that JSON must escape.
 """
 
 from __future__ import annotations
@@ -26,7 +29,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import llama_cpp
-from llama_cpp.llama_grammar import PRIMITIVE_RULES, json_schema_to_gbnf
+from llama_cpp.llama_grammar import (
+    DOT,
+    ESCAPED_IN_REGEXPS_BUT_NOT_IN_LITERALS,
+    PRIMITIVE_RULES,
+    SchemaConverter,
+)
 
 from appliance import errors
 
@@ -45,6 +53,14 @@ _SUBSCHEMA_MAPS = ("properties", "$defs", "definitions")
 _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _REPEAT_KEYS = ("minItems", "maxItems", "minLength", "maxLength")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_ENUM = 1024
+"""Most values one ``enum`` may list."""
+MAX_SCHEMA_CHARS = 128 * 1024
+"""Longest schema (as JSON) converted: the converter's work grows with it before any grammar check."""
+_PATTERN_ESCAPES = frozenset(ESCAPED_IN_REGEXPS_BUT_NOT_IN_LITERALS)
+"""What a pattern may escape: the converter turns these escapes into the plain character."""
+_ESCAPES_SHOWN = " ".join(sorted(_PATTERN_ESCAPES))
+_JSON_ESCAPED_CODES = (0x22, 0x5C, 0x7F, *range(0x20))
 
 # The converter's JSON string character is [^"\\]: raw newlines and other control characters would make
 # the output invalid JSON. JSON (RFC 8259 §7) needs them escaped, as llama.cpp's own json.gbnf has it.
@@ -52,11 +68,42 @@ _LOOSE_CHAR_RULE = "char ::= " + PRIMITIVE_RULES["char"].content
 _STRICT_CHAR_RULE = _LOOSE_CHAR_RULE.replace(r'[^"\\]', r'[^"\\\x7F\x00-\x1F]', 1)
 
 
+# A pattern's '.' is any character but a line break; inside a JSON string it must not be a quote, a
+# backslash or a control character either.
+_LOOSE_DOT_RULE = "dot ::= " + DOT
+_STRICT_DOT_RULE = r'dot ::= [^"\\\x7F\x00-\x1F]'
+_REPAIRS = {_LOOSE_CHAR_RULE: _STRICT_CHAR_RULE, _LOOSE_DOT_RULE: _STRICT_DOT_RULE}
+
+
 def _repair(gbnf: str) -> str:
-    return "\n".join(_STRICT_CHAR_RULE if line == _LOOSE_CHAR_RULE else line for line in gbnf.split("\n"))
+    return "\n".join(_REPAIRS.get(line, line) for line in gbnf.split("\n"))
 
 
-JSON_OBJECT_GBNF = _repair(json_schema_to_gbnf(json.dumps({"type": "object"})))
+_GBNF_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+class _Converter(SchemaConverter):
+    """llama_cpp's converter with literals escaped for GBNF: its own ``_format_literal`` leaves ``\\``
+    alone, so the JSON of a property name, enum or const holding ``"`` (``\\"``) closed the literal
+    early and the rest of the string was read as grammar."""
+
+    def _format_literal(self, literal: str) -> str:
+        escaped = "".join(
+            _GBNF_ESCAPES.get(c) or (f"\\x{ord(c):02X}" if ord(c) < 0x20 or c == "\x7f" else c)
+            for c in literal
+        )
+        return f'"{escaped}"'
+
+
+def _to_gbnf(schema_json: str) -> str:
+    """``llama_grammar.json_schema_to_gbnf`` with ``_Converter`` and the repairs above; never fetches."""
+    converter = _Converter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    schema = converter.resolve_refs(json.loads(schema_json), "stdin")
+    converter.visit(schema, "")
+    return _repair(converter.format_grammar())
+
+
+JSON_OBJECT_GBNF = _to_gbnf(json.dumps({"type": "object"}))
 """Any JSON object (``response_format: {"type": "json_object"}``), one optional space between tokens."""
 
 
@@ -132,12 +179,18 @@ def _schema_grammar(schema: object, where: str) -> str:
     _check_schema(schema, where, 0)
     try:
         text = json.dumps(schema, allow_nan=False)
-        gbnf = _repair(json_schema_to_gbnf(text))
+        if len(text) > MAX_SCHEMA_CHARS:
+            raise _bad(f"{where} is too large: more than {MAX_SCHEMA_CHARS} characters as JSON")
+        gbnf = _to_gbnf(text)
     except Exception as exc:  # the converter signals with assert, KeyError, TypeError…
         detail = str(exc).splitlines()[0][:200] if str(exc) else exc.__class__.__name__
         raise _bad(f"{where} cannot be turned into a grammar: {detail}") from exc
     if len(gbnf) > MAX_GRAMMAR_CHARS:
         raise _bad(f"{where} is too large: its grammar exceeds {MAX_GRAMMAR_CHARS} characters")
+    try:
+        gbnf.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _bad(f"{where} is not valid Unicode: it holds a lone surrogate (such as \\ud800)") from None
     if not grammar_compiles(gbnf):
         raise _bad(f"{where} is not supported: llama.cpp cannot parse the grammar made from it")
     return gbnf
@@ -163,8 +216,8 @@ def _check_schema(node: Mapping[Any, Any], where: str, depth: int) -> None:
             raise _bad(f"{where}: {low} is greater than {high}")
     if "pattern" in node:
         _check_pattern(node["pattern"], f"{where}.pattern")
-    if "enum" in node and (not isinstance(node["enum"], list) or not node["enum"]):
-        raise _bad(f"{where}.enum must be a non-empty list")
+    if "enum" in node and (not isinstance(node["enum"], list) or not 0 < len(node["enum"]) <= MAX_ENUM):
+        raise _bad(f"{where}.enum must be a non-empty list of at most {MAX_ENUM} values")
     properties = node.get("properties", {})
     if "required" in node and "allOf" not in node:  # with allOf the converter takes required from the parts
         required = node["required"]
@@ -204,7 +257,13 @@ def _check_pattern(pattern: object, where: str) -> None:
     (``llama_grammar.SchemaConverter._visit_pattern``): a backslash escapes the next character, a
     character class runs to the first unescaped ``]``, and any other ``{`` opens a quantifier up to the
     next ``}``, whose comma-separated bounds go through ``int``. A ``]`` or ``}`` outside those is refused:
-    the converter would loop on it for ever."""
+    the converter would loop on it for ever.
+
+    The converter copies a pattern's characters and classes into the grammar as they are, inside a JSON
+    string: so a character JSON must escape (quote, backslash, control characters) is refused wherever the
+    pattern could produce it (a literal, a class, a range spanning one, a negated class), and so is an
+    escape the converter does not turn into a plain character (such as ``\\d``, or a trailing
+    backslash): in the grammar it would be GBNF syntax. ``.`` is narrowed in ``_repair``."""
     if not isinstance(pattern, str):
         raise _bad(f"{where} must be a string")
     total = 0
@@ -212,12 +271,11 @@ def _check_pattern(pattern: object, where: str) -> None:
     while i < length:
         c = pattern[i]
         if c == "\\":
+            if i + 1 >= length or pattern[i + 1] not in _PATTERN_ESCAPES:
+                raise _bad(f"{where}: unsupported escape at index {i} (only {_ESCAPES_SHOWN} can be escaped)")
             i += 2
         elif c == "[":
-            i += 1
-            while i < length and pattern[i] != "]":
-                i += 2 if pattern[i] == "\\" else 1
-            i += 1
+            i = _check_class(pattern, i, where)
         elif c == "{":
             end = pattern.find("}", i)
             if end < 0:
@@ -229,7 +287,47 @@ def _check_pattern(pattern: object, where: str) -> None:
         elif c in "]}":
             raise _bad(f"{where}: unmatched {c!r} at index {i} (escape it as '\\{c}')")
         else:
+            _check_json_char(c, i, where)
             i += 1
+
+
+def _check_class(pattern: str, i: int, where: str) -> int:
+    """Check the character class opening at ``i``; return the index after its ``]``."""
+    start, length = i, len(pattern)
+    i += 1
+    if i < length and pattern[i] == "^":
+        raise _bad(f"{where}: negated class at index {start}: it would admit quotes and control characters")
+    chars: list[tuple[str, int]] = []  # (character, index), with '-' between two ends of a range kept
+    while i < length and pattern[i] != "]":
+        if pattern[i] == "\\":
+            if i + 1 >= length or pattern[i + 1] not in "[]":
+                raise _bad(f"{where}: unsupported escape in the class at index {i} (only \\[ and \\])")
+            chars.append((pattern[i + 1], i))
+            i += 2
+        else:
+            chars.append((pattern[i], i))
+            i += 1
+    if i >= length:
+        raise _bad(f"{where}: unbalanced '[' at index {start}")
+    k = 0
+    while k < len(chars):
+        low, at = chars[k]
+        if k + 2 < len(chars) and chars[k + 1][0] == "-":
+            high = chars[k + 2][0]
+            if ord(low) > ord(high):
+                raise _bad(f"{where}: reversed range at index {at}")
+            if any(ord(low) <= code <= ord(high) for code in _JSON_ESCAPED_CODES):
+                raise _bad(f"{where}: the range at index {at} spans a quote, backslash or control character")
+            k += 3
+        else:
+            _check_json_char(low, at, where)
+            k += 1
+    return i + 1
+
+
+def _check_json_char(c: str, at: int, where: str) -> None:
+    if c in '"\\' or ord(c) < 0x20 or c == "\x7f":
+        raise _bad(f"{where}: index {at} is a quote, backslash or control character, which JSON must escape")
 
 
 def _repeat_count(quantifier: str, where: str) -> int:

@@ -2,7 +2,9 @@
 
 Owns: turning an OpenAI request (chat, completions, embeddings) into a ``GenerationRequest`` for the
 engine (sampling parameters, stop strings, ``response_format`` as a grammar, the role's priority, the
-deadline), and the engine's text back into OpenAI JSON or SSE chunks, with exact usage.
+deadline), the allow-list of body and message fields each endpoint reads (others refused, a few
+ignored: see ``_CHAT_FIELDS`` and below), and the engine's text back into OpenAI JSON or SSE chunks, with
+exact usage.
 Never: touches a ``Llama`` object (the engine's worker threads do); lets a generation run on after its
 caller has gone (``aclose`` cancels it).
 """
@@ -21,11 +23,65 @@ from typing import Any, Literal
 from appliance.errors import BadRequest
 from local_models.engine import Generation, GenerationRequest
 from local_models.json_schema import grammar_for
+from local_models.prompt import chat_turns, plain_text
 from local_models.runtime import LocalRuntime
 from routes.result import EVENT_STREAM, JSON, RouteResult, Usage, UsageView
 
 _FINISH = {"stop": "stop", "length": "length", "timeout": "length", "cancelled": "stop"}
-_UNSUPPORTED = ("tools", "functions", "logprobs", "top_logprobs", "audio", "modalities")
+
+# The body fields each endpoint reads. A field outside its list is refused (400, ``param`` naming it)
+# unless it is null or listed in _IGNORED; a field in _UNSUPPORTED is refused when set (not null, false,
+# zero or empty): local models cannot honour it, and a silent default would answer a different question.
+_SAMPLING = (
+    "model",
+    "stream",
+    "stream_options",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+    "n",
+    "logit_bias",
+    "response_format",
+)
+_CHAT_FIELDS = frozenset({*_SAMPLING, "messages"})
+_COMPLETION_FIELDS = frozenset({*_SAMPLING, "prompt"})
+_EMBEDDING_FIELDS = frozenset({"model", "input", "encoding_format"})
+_UNSUPPORTED = frozenset(
+    {
+        "tools",
+        "functions",
+        "logprobs",
+        "top_logprobs",
+        "audio",
+        "modalities",
+        "presence_penalty",
+        "frequency_penalty",
+        "echo",
+        "suffix",
+        "best_of",
+        "dimensions",
+        "prediction",
+    }
+)
+_IGNORED = frozenset(
+    {
+        "user",
+        "metadata",
+        "store",
+        "service_tier",
+        "parallel_tool_calls",
+        "tool_choice",
+        "function_call",
+    }
+)
+"""Accepted and without effect: bookkeeping for the provider, or tool settings with no tools."""
+_MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_call_id"})
+"""What a chat message may carry: role and content reach the template; ``name`` and ``tool_call_id`` are
+accepted and dropped (a name is caller text a template would put among its own). Other non-null fields
+(``tool_calls``, ``audio``…) are refused."""
 
 
 def _dumps(obj: Any) -> bytes:
@@ -169,33 +225,37 @@ class LocalRoute:
     async def chat_completions(
         self, body: dict[str, Any], *, upstream_model: str, key: str | None, priority: int = 0
     ) -> RouteResult:
-        messages = body.get("messages") or []
-        for message in messages:
-            if not isinstance(message, dict) or not isinstance(message.get("content", ""), str | None):
-                raise BadRequest("local models take text messages (content as a string)", param="messages")
+        _check_fields(body, _CHAT_FIELDS)
+        turns = chat_turns(body.get("messages"))
+        for i, message in enumerate(body["messages"]):
+            _check_message(message, f"messages[{i}]")
         request = self._request(body, priority, kind="chat")
-        request.messages = [
-            {"role": m.get("role", "user"), "content": m.get("content") or ""} for m in messages
-        ]
+        request.messages = [{"role": role, "content": text} for role, text in turns]
         return await self._generate(body, upstream_model, request, _ChatFrame, chat=True)
 
     async def completions(
         self, body: dict[str, Any], *, upstream_model: str, key: str | None, priority: int = 0
     ) -> RouteResult:
+        _check_fields(body, _COMPLETION_FIELDS)
         prompt = body.get("prompt")
         if isinstance(prompt, list):
             if len(prompt) != 1:
                 raise BadRequest("local models take one prompt per request", param="prompt")
             prompt = prompt[0]
         request = self._request(body, priority, kind="completion")
-        request.prompt = str(prompt)
+        request.prompt = "" if prompt is None else plain_text(prompt, "prompt")
         return await self._generate(body, upstream_model, request, _CompletionFrame, chat=False)
 
     async def embeddings(
         self, body: dict[str, Any], *, upstream_model: str, key: str | None, priority: int = 0
     ) -> RouteResult:
+        _check_fields(body, _EMBEDDING_FIELDS)
         raw = body.get("input")
-        inputs = [raw] if isinstance(raw, str) else list(raw or [])
+        if not isinstance(raw, str | list):
+            raise BadRequest("'input' must be a string or a list of strings", param="input")
+        inputs = [raw] if isinstance(raw, str) else raw
+        for i, text in enumerate(inputs):
+            plain_text(text, f"input[{i}]")
         encoding = body.get("encoding_format", "float")
         if encoding not in ("float", "base64"):
             raise BadRequest("'encoding_format' must be 'float' or 'base64'", param="encoding_format")
@@ -225,15 +285,14 @@ class LocalRoute:
     def _request(
         self, body: dict[str, Any], priority: int, *, kind: Literal["chat", "completion"]
     ) -> GenerationRequest:
-        for name in _UNSUPPORTED:
-            if body.get(name):
-                raise BadRequest(f"'{name}' is not supported by local models", param=name)
-        if body.get("n", 1) != 1:
+        if body.get("n", 1) not in (1, None):
             raise BadRequest("local models return one choice ('n' must be 1)", param="n")
         stop = body.get("stop") or []
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
             raise BadRequest("'stop' must be a string or up to 4 strings", param="stop")
+        for i, text in enumerate(stop):
+            plain_text(text, f"stop[{i}]")
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
             raise BadRequest("'max_tokens' must be a positive integer", param="max_tokens")
@@ -300,6 +359,35 @@ class LocalRoute:
             "usage": _usage(usage),
         }
         return RouteResult(200, JSON, _dumps(answer), None, usage, upstream_model)
+
+
+def _check_fields(body: dict[str, Any], read: frozenset[str]) -> None:
+    """Refuse a field the endpoint does not read (see _UNSUPPORTED and _IGNORED above)."""
+    for name, value in body.items():
+        if name in read or value is None or name in _IGNORED:
+            continue
+        if name in _UNSUPPORTED:
+            if value is False or value == 0 or value == [] or value == {}:
+                continue
+            raise BadRequest(f"'{name}' is not supported by local models", param=name)
+        raise BadRequest(f"'{_shown(name)}' is not a field local models take", param=_shown(name))
+
+
+def _check_message(message: dict[str, Any], where: str) -> None:
+    """A message's fields beyond role and content (see _MESSAGE_FIELDS): dropped, or refused when set."""
+    for name, value in message.items():
+        if name in ("name", "tool_call_id"):
+            if value is not None and not isinstance(value, str):
+                raise BadRequest(f"'{where}.{name}' must be a string", param=f"{where}.{name}")
+        elif name not in _MESSAGE_FIELDS and value is not None and value != []:
+            shown = f"{where}.{_shown(name)}"
+            raise BadRequest(f"'{shown}' is not supported by local models", param=shown)
+
+
+def _shown(name: str) -> str:
+    """A field name as an error may quote it: short, and printable."""
+    clean = "".join(c if c.isprintable() and not "\ud800" <= c <= "\udfff" else "?" for c in name)
+    return clean if len(clean) <= 64 else clean[:61] + "..."
 
 
 def _number(body: dict[str, Any], name: str, default: float, low: float, high: float) -> float:

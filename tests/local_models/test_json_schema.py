@@ -288,7 +288,7 @@ def test_huge_grammar_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_a_grammar_llama_cpp_rejects_is_a_bad_request(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(json_schema, "json_schema_to_gbnf", lambda text: "root ::= nowhere")
+    monkeypatch.setattr(json_schema, "_to_gbnf", lambda text: "root ::= nowhere")
     with pytest.raises(errors.BadRequest) as info:
         grammar_for(as_json_schema(PERSON))
     assert "llama.cpp cannot parse" in info.value.message
