@@ -55,6 +55,11 @@ def _dumps(obj: object) -> str:
     return json.dumps(obj, separators=(",", ":"))
 
 
+def _fields(value: object) -> Mapping[str, Any]:
+    """``value`` if it is a JSON object, else an empty one: an upstream's malformed member reads as absent."""
+    return value if isinstance(value, dict) else {}
+
+
 # --- request: OpenAI chat -> Anthropic Messages ------------------------------------------------------------
 
 
@@ -264,7 +269,8 @@ def messages_response_to_chat(message: Mapping[str, Any], *, created: int | None
     """An OpenAI ``chat.completion`` equivalent to an Anthropic Messages response."""
     texts: list[str] = []
     tool_calls: list[dict[str, Any]] = []
-    for block in message.get("content") or ():
+    content = message.get("content")
+    for block in content if isinstance(content, list) else ():
         if not isinstance(block, dict):
             continue
         if block.get("type") == "text":
@@ -362,28 +368,33 @@ class MessagesStreamToChat:
         return b"data: " + _dumps(chunk).encode() + b"\n\n"
 
     def event(self, event_type: str, obj: Mapping[str, Any]) -> bytes:
-        """SSE bytes (maybe ``b""``) for one Anthropic event; raises ``UpstreamError`` on an error event."""
+        """SSE bytes (maybe ``b""``) for one Anthropic event; raises ``UpstreamError`` on an error event or
+        a tool_use block it could not index. Members of the wrong JSON type read as absent."""
         anthropic_event_usage(event_type, obj, self.usage)
         if event_type == "content_block_delta":
-            delta = obj.get("delta") or {}
+            delta = _fields(obj.get("delta"))
             if delta.get("type") == "text_delta":
                 return self._chunk({"content": delta.get("text", "")})
-            if delta.get("type") == "input_json_delta" and obj.get("index") in self._blocks:
+            index = obj.get("index")
+            if delta.get("type") == "input_json_delta" and isinstance(index, int) and index in self._blocks:
                 call = {
-                    "index": self._blocks[obj["index"]],
+                    "index": self._blocks[index],
                     "function": {"arguments": delta.get("partial_json", "")},
                 }
                 return self._chunk({"tool_calls": [call]})
             return b""  # thinking and signature deltas have no chat completions form
         if event_type == "message_start":
-            message = obj.get("message") or {}
+            message = _fields(obj.get("message"))
             self._id = f"chatcmpl-{message.get('id', '')}"
             self._model = str(message.get("model", ""))
             return self._chunk({"role": "assistant", "content": ""})
         if event_type == "content_block_start":
-            block = obj.get("content_block") or {}
+            block = _fields(obj.get("content_block"))
             if block.get("type") == "tool_use":
-                index = self._blocks[obj.get("index", 0)] = len(self._blocks)
+                at = obj.get("index", 0)
+                if not isinstance(at, int):
+                    raise UpstreamError(f"upstream {self._route} sent a tool_use block without an index")
+                index = self._blocks[at] = len(self._blocks)
                 call = {
                     "index": index,
                     "id": block.get("id"),
@@ -395,7 +406,7 @@ class MessagesStreamToChat:
                 return self._chunk({"content": block["text"]})
             return b""
         if event_type == "message_delta":
-            self._finish = finish_reason((obj.get("delta") or {}).get("stop_reason")) or "stop"
+            self._finish = finish_reason(_fields(obj.get("delta")).get("stop_reason")) or "stop"
             return self._chunk({}, self._finish)
         if event_type == "message_stop":
             self.done = True
@@ -412,7 +423,7 @@ class MessagesStreamToChat:
                 tail = b"data: " + _dumps(chunk).encode() + b"\n\n"
             return tail + b"data: [DONE]\n\n"
         if event_type == "error":
-            error = obj.get("error") or {}
+            error = _fields(obj.get("error"))
             kind = str(error.get("type", "error"))[:60]
             raise UpstreamError(f"upstream {self._route} failed mid-stream ({kind})")
         return b""  # ping, content_block_stop, and event types added after this was written

@@ -287,6 +287,7 @@ class HttpProtocol(asyncio.Protocol):
         self._cancel_header_timer()
         parser = self.parser
         url = self._url
+        self._url = b""  # a later refusal of the next head must not take this request's target or method
         if url[:1] == b"/":
             raw_path, _, raw_query = url.partition(b"?")
         else:
@@ -466,8 +467,9 @@ class HttpProtocol(asyncio.Protocol):
             return
         # The head itself is refused: a cycle carrying only what is known so far answers in turn.
         method = ""
-        with contextlib.suppress(httptools.HttpParserError, UnicodeDecodeError):
-            method = self.parser.get_method().decode("ascii")
+        if self._url:  # the method precedes the target: without one, the parser still holds the last method
+            with contextlib.suppress(httptools.HttpParserError, UnicodeDecodeError):
+                method = self.parser.get_method().decode("ascii")
         path = ""
         if len(self._url) <= self.limits.max_request_line_bytes:
             path = self._url.partition(b"?")[0].decode("latin-1")

@@ -161,11 +161,11 @@ def _tool_name(tool: object) -> str | None:
     has none: the gateway would check one while the provider used the other."""
     if not isinstance(tool, dict):
         return None
-    names = set()
+    names: set[str] = set()
     for holder in (tool, tool.get("function"), tool.get("custom")):
         if isinstance(holder, dict) and "name" in holder:
-            names.add(holder["name"])
-    if len(names) != 1:
-        return None
-    name = names.pop()
-    return name if isinstance(name, str) else None
+            name = holder["name"]
+            if not isinstance(name, str):
+                return None
+            names.add(name)
+    return names.pop() if len(names) == 1 else None

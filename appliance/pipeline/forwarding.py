@@ -10,9 +10,9 @@ request may carry are an allow-list per endpoint, not a deny-list, and each fiel
 
 Inside text fields, a few structural keys carry values that are not prose (``role``, ``type``, ids, base64
 payloads). Each must have the strict shape of its kind or the request is refused with 400 naming the
-field; only the closed-set ones and base64 payloads go unscreened. So ``"role": "system\\n..."`` cannot
-smuggle text into a chat template, nor ``"type"`` text to a provider. A string that cannot be encoded (a
-lone surrogate) is refused.
+field; only the closed-set ones (``role``, ``detail``) and base64 images and audio go unscreened. So
+``"role": "system\\n..."`` cannot smuggle text into a chat template, nor ``"type"`` text to a provider. A
+string that cannot be encoded (a lone surrogate) is refused.
 
 Owns: the per-endpoint allow-lists, the structural shapes, and ``screened_text`` (one walk of the body).
 Never: keeps the text it reads; forwards a field not listed here (the caller gets a 400 naming it).
@@ -113,8 +113,8 @@ ROLES: Final = frozenset({"system", "developer", "user", "assistant", "tool", "f
 _WORD = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
 _ID = re.compile(r"[A-Za-z0-9_.:-]{1,256}")
 _MEDIA_TYPE = re.compile(r"[a-z]+/[A-Za-z0-9.+-]{1,64}")
-_BASE64 = re.compile(r"[A-Za-z0-9+/=_\-\s]*")
-_DATA_URL = re.compile(r"data:[A-Za-z0-9.+/-]{1,128};base64,[A-Za-z0-9+/=\s]*")
+_BASE64 = re.compile(r"[A-Za-z0-9+/_-]+={0,2}")
+_MEDIA_DATA_URL = re.compile(r"data:(?:image|audio)/[A-Za-z0-9.+-]{1,64};base64,[A-Za-z0-9+/]+={0,2}")
 
 _STRUCTURAL: Final[dict[str, Callable[[str], bool]]] = {
     "role": ROLES.__contains__,
@@ -124,15 +124,15 @@ _STRUCTURAL: Final[dict[str, Callable[[str], bool]]] = {
     "tool_use_id": lambda v: _ID.fullmatch(v) is not None,
     "media_type": lambda v: _MEDIA_TYPE.fullmatch(v) is not None,
     "detail": lambda v: v in ("auto", "low", "high"),
-    "data": lambda v: _BASE64.fullmatch(v) is not None,
     "signature": lambda v: _BASE64.fullmatch(v) is not None,
 }
 """Keys whose string values are structure, with the only shape each may have. ``url`` is structural only
 as a ``data:`` URL (an image); any other URL is text (it can carry words)."""
 
-_OPAQUE: Final = frozenset({"role", "detail", "media_type", "data", "signature"})
-"""Structural keys whose values are not screened: a closed set of words, or a base64 payload (an image or
-a provider's signature, which no deny pattern could read). Ids and types are screened as well as shaped."""
+_OPAQUE: Final = frozenset({"role", "detail"})
+"""Structural keys whose values are not screened: each a closed set of words. Ids, types, media types and
+signatures are screened as well as shaped. A ``data`` payload is left unscreened only when it is base64
+of an image or audio (``_is_media``): Anthropic's text documents carry plain text in ``data``."""
 
 _VOCABULARY: Final = frozenset(
     {
@@ -192,6 +192,8 @@ def screened_text(body: dict[str, object], endpoint: str) -> list[str]:
             continue
         elif not _KIND_CHECKS[kind](value):
             raise BadRequest(f"'{name}' must be {_KIND_WORDS[kind]}", param=name, code="invalid_parameter")
+        elif kind == "word":
+            pieces.append(str(value))  # a setting, but still a word the caller chose and the provider reads
     return pieces
 
 
@@ -212,16 +214,31 @@ def _walk(value: object, pieces: list[str], path: str, depth: int, *, free: bool
                 if key not in _OPAQUE and item not in _TYPES:  # short, but still words a caller chose
                     pieces.append(item)
                 continue
-            if not free and key == "url" and isinstance(item, str) and item.startswith("data:"):
-                if _DATA_URL.fullmatch(item) is None:
-                    raise BadRequest(f"'{where}' is not a base64 data URL", param=where)
-                continue
+            if not free and isinstance(item, str) and _is_media(key, item, value):
+                continue  # an image or a sound: no deny pattern can read it, and it is not text
             _walk(item, pieces, where, depth + 1, free=free or key in _FREE_FORM)
     elif isinstance(value, list):
         for index, item in enumerate(value):
             _walk(item, pieces, f"{path}[{index}]", depth + 1, free=free)
     elif isinstance(value, int) and not isinstance(value, bool) and not -_INT_LIMIT < value < _INT_LIMIT:
         raise BadRequest(f"'{path}' is out of range", param=path, code="invalid_parameter")
+
+
+_AUDIO_FORMATS: Final = frozenset({"wav", "mp3", "flac", "opus", "pcm16", "aac"})
+
+
+def _is_media(key: str, item: str, holder: dict[str, object]) -> bool:
+    """``item`` is base64 of an image or audio clip: a ``data:image/...`` or ``data:audio/...`` URL, or the
+    ``data`` of a source whose ``media_type`` is an image or audio type (or of OpenAI's ``input_audio``,
+    which has a ``format``). Anything else (a text document, a PDF, a ``data:text/plain`` URL) is text."""
+    if key == "url":
+        return _MEDIA_DATA_URL.fullmatch(item) is not None
+    if key != "data" or _BASE64.fullmatch(item) is None:
+        return False
+    media = holder.get("media_type")
+    if isinstance(media, str):
+        return media.startswith(("image/", "audio/"))
+    return holder.get("format") in _AUDIO_FORMATS
 
 
 def _encodable(text: str, path: str) -> str:

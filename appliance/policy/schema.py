@@ -123,7 +123,8 @@ class RouteSpec(_Frozen):
     @model_validator(mode="before")
     @classmethod
     def _default_auth(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "auth" not in data and data.get("kind") in _DEFAULT_AUTH:
+        kind = data.get("kind") if isinstance(data, dict) else None
+        if isinstance(kind, str) and "auth" not in data and kind in _DEFAULT_AUTH:
             data = {**data, "auth": _DEFAULT_AUTH[data["kind"]]}
         return data
 

@@ -68,7 +68,7 @@ class TrustStore:
             raise OperatorError(f"cannot read {path}: {exc.strerror or exc}") from exc
         try:
             doc = json.loads(raw)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # deep nesting exhausts the decoder's stack
             raise OperatorError(f"{path} is not valid JSON: {exc}") from exc
         if not isinstance(doc, dict) or doc.get("version") != FORMAT_VERSION:
             raise OperatorError(f"{path}: expected a trust file with version {FORMAT_VERSION}")
