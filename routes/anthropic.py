@@ -24,7 +24,14 @@ from routes.translate import (
     messages_response_to_chat,
 )
 from routes.upstream import RouteSpecLike, Upstream, dumps, json_object
-from routes.usage import SSEScanner, anthropic_usage, event_fields, scan_anthropic_sse, split_events
+from routes.usage import (
+    SSEScanner,
+    anthropic_usage,
+    check_events,
+    event_fields,
+    scan_anthropic_sse,
+    split_events,
+)
 
 ANTHROPIC_VERSION = b"2023-06-01"
 
@@ -64,6 +71,7 @@ class MessagesStream:
         return chunk
 
     def _watch(self, region: bytes) -> None:
+        check_events(region, self._name, done_marker=False)
         scan_anthropic_sse(region, self.usage)
         if b"message_stop" not in region and b"error" not in region:
             return  # neither event can be in this region; most regions end here

@@ -17,7 +17,14 @@ from appliance.errors import BadRequest, UpstreamError
 from routes.client import UpstreamClient, UpstreamHTTPResponse
 from routes.result import RouteResult, Usage
 from routes.upstream import RouteSpecLike, Upstream, json_object
-from routes.usage import SSEScanner, event_fields, filter_openai_sse, openai_usage, split_events
+from routes.usage import (
+    SSEScanner,
+    check_events,
+    event_fields,
+    filter_openai_sse,
+    openai_usage,
+    split_events,
+)
 
 
 class OpenAIStream:
@@ -59,6 +66,7 @@ class OpenAIStream:
                     return out
 
     def _pass(self, region: bytes) -> bytes:
+        check_events(region, self._name, done_marker=True)
         if not self._done and b"[DONE]" in region:  # the substring may be content: confirm on the events
             self._done = any(event_fields(event)[1] == b"[DONE]" for event in split_events(region))
         return filter_openai_sse(region, self.usage, keep_usage_chunk=self._keep_usage)

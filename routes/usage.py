@@ -4,7 +4,8 @@ Owns: reading usage numbers out of OpenAI and Anthropic JSON bodies and SSE stre
 byte stream into whole events even when an event (or a CRLF) is split across network chunks.
 
 It must never rewrite an event it does not have to (content chunks pass through byte for byte), never
-parse an event that cannot carry usage, and never keep or log event content.
+keep or log event content. Each event is parsed once to check it is a JSON object (``check_events``): a
+stream of garbage under a 200 is an upstream failure, not an answer.
 """
 
 from __future__ import annotations
@@ -98,6 +99,18 @@ def event_fields(event: bytes) -> tuple[str, bytes]:
     return name, b"\n".join(data)
 
 
+def check_events(region: bytes, route: str, *, done_marker: bool) -> None:
+    """Every event of ``region`` must carry a JSON object (or OpenAI's ``[DONE]`` when ``done_marker``), or be
+    data-less (a comment, a keep-alive): an upstream that streams garbage has failed, even under a 200, and
+    must not be relayed and recorded as a success. Raises ``UpstreamError``; never looks at the content."""
+    for event in split_events(region):
+        data = event_fields(event)[1]
+        if not data or (done_marker and data == b"[DONE]"):
+            continue
+        if _json_object(data) is None:
+            raise UpstreamError(f"upstream {route} sent a stream event that is not a JSON object")
+
+
 def _count(value: object) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
@@ -152,7 +165,7 @@ def anthropic_event_usage(event_type: str, obj: Mapping[str, Any], usage: Usage)
 def _json_object(data: bytes) -> dict[str, Any] | None:
     try:
         obj = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
     return obj if isinstance(obj, dict) else None
 

@@ -55,12 +55,14 @@ class HttpLimits(BaseModel):
     max_concurrency: int = Field(default=1024, gt=0)
     """Requests handled at once across all connections; above it the server answers 503 itself."""
 
-    max_concurrency_per_address: int = Field(default=64, gt=0)
+    max_concurrency_per_address: int = Field(default=256, gt=0)
     """Requests handled at once for one client address; above it the server answers 429 itself
-    (``too_many_requests_from_address``). At 64, one sixteenth of ``max_concurrency``, sixteen
-    clients must be saturating together before anyone else is turned away, and an application
-    server's usual pool (tens of parallel calls) is never refused. Behind a reverse proxy every
-    client has the proxy's address: raise it to ``max_concurrency`` there."""
+    (``too_many_requests_from_address``). At 256, a quarter of ``max_concurrency`` and as many as the
+    connections one address may hold: an SDK's keep-alive pool (100 for OpenAI's and Anthropic's) is
+    never refused, and the handlers of streams a client has just left (still finishing while its next
+    request arrives on a new connection) have room; the soak drill overran 64 that way with 64 clients.
+    Behind a reverse proxy every client has the proxy's address: raise it to ``max_concurrency`` there.
+    One caller is bounded separately by ``server.max_in_flight_per_caller``."""
 
     max_connections: int = Field(default=4096, gt=0)
     """Open client connections across the server; a connection beyond it is answered 503
