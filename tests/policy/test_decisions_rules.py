@@ -245,9 +245,7 @@ def test_explain_a_denial_names_the_rule_and_its_value() -> None:
         rf"rule: {SM}.billing.prompt.deny_patterns[0] = {{id: ssn, pattern: \b\d{{3}}-\d{{2}}-\d{{4}}\b}}"
         in lines
     )
-    assert (
-        f"intervention: tool_dropped by {SM}.billing.tools.allow (dropped 1 tool(s))" in lines
-    )
+    assert f"intervention: tool_dropped by {SM}.billing.tools.allow (dropped 1 tool(s))" in lines
 
 
 def test_explain_unknown_role_and_dotted_names() -> None:
