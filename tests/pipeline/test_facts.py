@@ -101,7 +101,10 @@ def test_every_text_a_model_reads_is_scanned() -> None:
                     {"type": "tool_result", "tool_use_id": "t1", "content": "333-33-3333"},
                     {"type": "tool_result", "content": [{"type": "text", "text": "444"}]},
                     {"type": "tool_use", "id": "u1", "name": "g", "input": {"q": "555"}},
-                    {"type": "image", "source": {"type": "base64", "data": "AAAA"}},
+                    {
+                        "type": "image",
+                        "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"},
+                    },
                 ],
             },
         ],
