@@ -17,37 +17,21 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from appliance import signing_keys
 from appliance.home import Home
 from appliance.policy import dsse, importer
+from bench.drill_gateway import free_port, wait_port
 from tests.support.gateway import SITE, policy_doc
 
 ROOT = Path(__file__).resolve().parent.parent
 
 CHAT = '{"model":"%s","messages":[{"role":"user","content":"Summarise the discharge note in two lines."}]%s}'
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
 
 
 def _cpus() -> tuple[set[int] | None, set[int] | None]:
@@ -140,7 +124,7 @@ def main() -> None:
     args = ap.parse_args()
     gw_cpus, other_cpus = _cpus()
     levels = [int(c) for c in args.connections.split(",")]
-    up_port, gw_port = _free_port(), _free_port()
+    up_port, gw_port = free_port(), free_port()
     rows: list[tuple[str, dict[str, float]]] = []
     with tempfile.TemporaryDirectory(prefix="phi-bench-") as tmp:
         home, token = _prepare_home(Path(tmp), up_port)
@@ -163,8 +147,8 @@ def main() -> None:
             _process(upstream_cmd, other_cpus),
             _process(gateway_cmd, None if args.no_pin else gw_cpus, stdout=audit_file),
         ):
-            _wait_port(up_port)
-            _wait_port(gw_port)
+            wait_port(up_port, timeout=30.0)
+            wait_port(gw_port, timeout=30.0)
             plain = CHAT % ("gpt-4o", "")
             routed = CHAT % ("openai/gpt-4o", "")
             _load(gw_port, "/v1/chat/completions", routed, 4, 1.0, other_cpus, auth)  # warm both paths

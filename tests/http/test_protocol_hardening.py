@@ -11,7 +11,6 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import httptools
 import pytest
 
 from appliance.http import Rejection, Request, Responder
@@ -41,25 +40,8 @@ BIG_HEAD = b"GET / HTTP/1.1\r\nHost: t\r\nX-Big: " + b"v" * 200_000 + b"\r\n\r\n
 
 
 def parse_one(data: bytes) -> Response:
-    """The single response in ``data`` (the socket tests' own parser)."""
-    responses: list[Response] = []
-
-    class Callbacks:
-        def on_message_begin(self) -> None:
-            responses.append(Response())
-
-        def on_header(self, name: bytes, value: bytes) -> None:
-            responses[-1].headers[name.lower()] = value
-
-        def on_headers_complete(self) -> None:
-            responses[-1].status = parser.get_status_code()
-
-        def on_body(self, body: bytes) -> None:
-            responses[-1].body += body
-
-    parser = httptools.HttpResponseParser(Callbacks())
-    parser.feed_data(data)
-    [response] = responses
+    """The single response in ``data``."""
+    [response] = parse_responses(data)
     return response
 
 
