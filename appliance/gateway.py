@@ -96,7 +96,7 @@ class Gateway:
             on_reject=self._record_rejection,
             # /health says whether this node can serve (policy, ledger), not how busy it is this instant:
             # a load balancer must not drop a node because its request slots are momentarily full.
-            exempt=lambda request: request.path == "/health",
+            exempt=lambda request: request.path == "/health" and request.method in ("GET", "HEAD"),
         )
         await server.start(
             host or settings.server.host, settings.server.port if port is None else port, sock=sock

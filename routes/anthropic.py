@@ -89,7 +89,7 @@ class MessagesStream:
 def _error_type(data: bytes) -> str:
     try:
         return str(json.loads(data)["error"]["type"])[:60]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return "error"
 
 
@@ -140,7 +140,7 @@ class ChatFromMessagesStream:
                 out.append(self._translator.event(name or str(obj.get("type", "")), obj))
             except GatewayError:
                 raise
-            except (ValueError, AttributeError, TypeError, KeyError):
+            except (ValueError, AttributeError, TypeError, KeyError, RecursionError):
                 raise UpstreamError(f"upstream {self._name} sent a malformed stream event") from None
         return b"".join(out)
 

@@ -120,7 +120,7 @@ def _tool_use_blocks(tool_calls: object) -> list[dict[str, Any]]:
         arguments = function.get("arguments") or "{}"
         try:
             parsed = json.loads(arguments) if isinstance(arguments, str) else arguments
-        except ValueError:
+        except (ValueError, RecursionError):  # nesting deep enough exhausts the stack
             raise BadRequest("tool call arguments must be a JSON object", param="messages") from None
         if not isinstance(parsed, dict):
             raise BadRequest("tool call arguments must be a JSON object", param="messages")
@@ -315,7 +315,7 @@ def anthropic_error_to_openai(body: bytes, status: int) -> bytes:
     kind = "invalid_request_error"
     try:
         obj = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # nesting deep enough exhausts the stack
         obj = None
     if isinstance(obj, dict) and isinstance(obj.get("error"), dict):
         error = obj["error"]

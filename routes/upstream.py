@@ -55,7 +55,7 @@ def json_object(body: bytes, route: str) -> dict[str, Any]:
     """A 2xx upstream body as a JSON object; UpstreamError when it is not one."""
     try:
         obj = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # nesting deep enough exhausts the stack
         obj = None
     if not isinstance(obj, dict):
         raise UpstreamError(f"upstream {route} returned a malformed response")
@@ -166,7 +166,7 @@ class Upstream:
         if status in PASS_THROUGH_STATUSES:
             try:
                 valid = isinstance(json.loads(body), dict)
-            except ValueError:
+            except (ValueError, RecursionError):  # nesting deep enough exhausts the stack
                 valid = False
             if not valid:
                 body = dumps(

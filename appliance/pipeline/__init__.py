@@ -72,16 +72,11 @@ class Pipeline:
     ) -> None:
         """Answer one request. ``refusal``: the dispatcher already knows it refuses it (404, 405)."""
         ex = Exchange(request, endpoint)
-        if refusal is not None:
-            # An identified caller's 404 is recorded in full; an outsider's is sampled like its 401.
-            with contextlib.suppress(GatewayError):
-                ex.caller = self.identify(request)
-            await self._refuse(ex, responder, refusal)
-            return
         try:
             ex.caller = self.identify(request)
         except GatewayError as error:
-            await self._refuse(ex, responder, error)
+            # An outsider's 404 is sampled like its 401 (sampling); the 404 is what it is told.
+            await self._refuse(ex, responder, refusal or error)
             return
         caller_id = ex.caller.id
         held = self._in_flight.get(caller_id, 0)
@@ -93,6 +88,9 @@ class Pipeline:
                     code="too_many_concurrent_requests",
                 )
                 await self._refuse(ex, responder, busy)
+                return
+            if refusal is not None:  # an identified caller's 404 or 405: recorded in full
+                await self._refuse(ex, responder, refusal)
                 return
             await self._run_identified(ex, request, responder, endpoint)
         finally:

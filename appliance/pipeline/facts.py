@@ -32,6 +32,10 @@ class BodyFacts:
     max_tokens: int | None = None
 
 
+WEB_SEARCH = "web_search"
+"""The tool name ``web_search_options`` counts as (Anthropic's server tool has the same name): a role's
+tool allow-list decides on it like on any other tool."""
+
 _INT_DIGITS = 20  # a JSON integer longer than this is no count, price or seed anyone means
 
 
@@ -99,6 +103,8 @@ def read_facts(body: dict[str, Any], endpoint: str, header_data_class: str | Non
             )
         facts.data_class = declared
     facts.tools = _tool_names(body.get("tools")) + _tool_names(body.get("functions"))  # legacy functions too
+    if body.get("web_search_options") is not None:  # OpenAI's built-in search: a tool under another name
+        facts.tools.append(WEB_SEARCH)
     messages = body.get("messages")
     if isinstance(messages, list):
         facts.message_count = len(messages)
@@ -128,6 +134,8 @@ def apply_edits(body: dict[str, Any], *, model: str, drop_tools: list[str], max_
                 body.pop(field_name, None)
             if not kept or _chosen(body.get(choice)) in dropped:
                 body.pop(choice, None)
+    if WEB_SEARCH in drop_tools:
+        body.pop("web_search_options", None)
     if max_tokens is not None:
         written = [key for key in ("max_tokens", "max_completion_tokens") if key in body]
         for key in written or ["max_tokens"]:

@@ -68,6 +68,9 @@ FIELDS: Final[dict[str, dict[str, Kind]]] = {
         "prompt_cache_key": "text",
         "safety_identifier": "text",
         "web_search_options": "text",
+        "prompt_cache_retention": "text",
+        "prompt_cache_options": "text",
+        "moderation": "text",
     },
     "messages": {
         **_SHARED_SAMPLING,
@@ -79,6 +82,12 @@ FIELDS: Final[dict[str, dict[str, Kind]]] = {
         "tool_choice": "text",
         "thinking": "text",
         "service_tier": "word",
+        "cache_control": "text",
+        "output_config": "text",
+        "container": "text",
+        "inference_geo": "text",
+        "speed": "text",
+        "diagnostics": "text",
     },
     "completions": {
         **_SHARED_SAMPLING,
@@ -111,9 +120,9 @@ ROLES: Final = frozenset({"system", "developer", "user", "assistant", "tool", "f
 """Message roles of either wire format; any other value is refused (a chat template would render it)."""
 
 _WORD = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
-_ID = re.compile(r"[A-Za-z0-9_.:-]{1,256}")
-_MEDIA_TYPE = re.compile(r"[a-z]+/[A-Za-z0-9.+-]{1,64}")
-_BASE64 = re.compile(r"[A-Za-z0-9+/_-]+={0,2}")
+_ID = re.compile(r"[A-Za-z0-9_.:-]{0,256}")
+_MEDIA_TYPE = re.compile(r"[a-z]+/[A-Za-z0-9.+-]{1,64}(?:\s*;\s*[A-Za-z0-9_.-]+=[A-Za-z0-9_.\"-]+){0,4}")
+_BASE64 = re.compile(r"[A-Za-z0-9+/_-]*={0,2}")
 _MEDIA_DATA_URL = re.compile(r"data:(?:image|audio)/[A-Za-z0-9.+-]{1,64};base64,[A-Za-z0-9+/]+={0,2}")
 
 _STRUCTURAL: Final[dict[str, Callable[[str], bool]]] = {
@@ -123,7 +132,7 @@ _STRUCTURAL: Final[dict[str, Callable[[str], bool]]] = {
     "tool_call_id": lambda v: _ID.fullmatch(v) is not None,
     "tool_use_id": lambda v: _ID.fullmatch(v) is not None,
     "media_type": lambda v: _MEDIA_TYPE.fullmatch(v) is not None,
-    "detail": lambda v: v in ("auto", "low", "high"),
+    "detail": lambda v: v in ("auto", "low", "high", "original"),
     "signature": lambda v: _BASE64.fullmatch(v) is not None,
 }
 """Keys whose string values are structure, with the only shape each may have. ``url`` is structural only
@@ -151,10 +160,14 @@ _VOCABULARY: Final = frozenset(
 """Object keys of the wire formats themselves: not screened (every other key is, as text)."""
 
 _FREE_FORM: Final = frozenset(
-    {"input", "arguments", "properties", "enum", "const", "default", "examples", "metadata", "logit_bias"}
-)
-"""Keys whose values are the caller's own data (tool arguments, schema property maps, enum values): no key
-in them is structural, so a tool argument named ``type`` is text to screen, not a shape to check."""
+    {
+        "input", "arguments", "properties", "enum", "const", "default", "examples", "metadata", "logit_bias",
+        "parameters", "input_schema", "schema",
+    }
+)  # fmt: skip
+"""Keys whose values are the caller's own data (tool arguments, JSON schemas, enum values): no key in them
+is structural, so a tool argument named ``type`` or a draft-04 schema ``id`` URL is text to screen, not a
+shape to check."""
 
 _TYPES: Final = frozenset(
     {
@@ -189,7 +202,7 @@ def screened_text(body: dict[str, object], endpoint: str) -> list[str]:
         if kind == "text":
             _walk(value, pieces, name, 0, free=name in _FREE_FORM)
         elif kind == "model":
-            continue
+            pieces.append(str(value))  # a glob (openai/*) lets the caller choose it, and it goes upstream
         elif not _KIND_CHECKS[kind](value):
             raise BadRequest(f"'{name}' must be {_KIND_WORDS[kind]}", param=name, code="invalid_parameter")
         elif kind == "word":
@@ -220,8 +233,10 @@ def _walk(value: object, pieces: list[str], path: str, depth: int, *, free: bool
     elif isinstance(value, list):
         for index, item in enumerate(value):
             _walk(item, pieces, f"{path}[{index}]", depth + 1, free=free)
-    elif isinstance(value, int) and not isinstance(value, bool) and not -_INT_LIMIT < value < _INT_LIMIT:
-        raise BadRequest(f"'{path}' is out of range", param=path, code="invalid_parameter")
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        if not -_INT_LIMIT < value < _INT_LIMIT:
+            raise BadRequest(f"'{path}' is out of range", param=path, code="invalid_parameter")
+        pieces.append(repr(value))  # a number in a tool argument or an enum is read by the model too
 
 
 _AUDIO_FORMATS: Final = frozenset({"wav", "mp3", "flac", "opus", "pcm16", "aac"})

@@ -24,7 +24,9 @@ def _doc(upstream: FakeUpstream) -> dict[str, Any]:
     doc = policy_doc(upstream.base_url)
     roles = doc["organizations"]["stmarys"]["roles"]
     roles["radiology"]["tools"] = {"allow": ["lookup"]}
-    roles["radiology"]["prompt"] = {"deny_patterns": [{"id": "secret", "pattern": SECRET}]}
+    roles["radiology"]["prompt"] = {
+        "deny_patterns": [{"id": "secret", "pattern": SECRET}, {"id": "mrn", "pattern": "87654321"}]
+    }
     roles["radiology"]["limits"] = {"per_caller": {"requests_per_min": 1000, "tokens_per_min": 10_000_000}}
     return doc
 
@@ -112,6 +114,22 @@ SCREENED = {
 }
 
 
+# Found in review (reproduced before the fix): a glob-allowed model name, numbers in tool arguments.
+SCREENED["model name under a glob"] = _chat(model=f"openai/gpt-4o-{SECRET}")
+SCREENED["number in a tool argument"] = _chat(
+    messages=[
+        {
+            "role": "assistant",
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"},
+    ],
+    tools=[_tool("lookup", q={"type": "integer", "enum": [87654321]})],
+)
+
+
 @pytest.mark.parametrize("case", list(SCREENED))
 def test_every_string_a_model_reads_is_screened(h: GatewayHarness, token: str, case: str) -> None:
     status, body, request_id = _post(h, token, "/v1/chat/completions", json.dumps(SCREENED[case]).encode())
@@ -153,6 +171,45 @@ def test_anthropic_system_blocks_and_tool_descriptions_are_screened(h: GatewayHa
     assert status == 403, body
 
 
+def test_web_search_options_is_a_tool_the_allow_list_decides_on(h: GatewayHarness, token: str) -> None:
+    payload = _chat(web_search_options={"search_context_size": "high"})
+    status, body, _ = _post(h, token, "/v1/chat/completions", json.dumps(payload).encode())
+    assert status == 403 and body["error"]["code"] == "tools_denied", body
+
+
+LEGITIMATE = {
+    "prompt_cache_retention": _chat(prompt_cache_retention="24h"),
+    "image detail original": _chat(
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": "https://x/y.png", "detail": "original"}}
+                ],
+            }
+        ]
+    ),
+    "draft-04 schema id": _chat(tools=[_tool("lookup", q={"id": "http://example.org/q", "type": "string"})]),
+    "empty tool call id": _chat(
+        messages=[
+            {
+                "role": "assistant",
+                "tool_calls": [
+                    {"id": "", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}
+                ],
+            },
+            {"role": "tool", "tool_call_id": "", "content": "ok"},
+        ]
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(LEGITIMATE))
+def test_legitimate_sdk_parameters_pass(h: GatewayHarness, token: str, case: str) -> None:
+    status, body, _ = _post(h, token, "/v1/chat/completions", json.dumps(LEGITIMATE[case]).encode())
+    assert status == 200, body
+
+
 # ---- class 5: malformed bodies get a 4xx and a record, never a 500 ------------------------------------
 
 MALFORMED = {
@@ -167,6 +224,25 @@ MALFORMED = {
     "NaN temperature": json.dumps(_chat()).encode()[:-1] + b', "temperature": NaN}',
     "Infinity top_p": json.dumps(_chat()).encode()[:-1] + b', "top_p": -Infinity}',
 }
+
+
+def test_nested_json_in_tool_arguments_is_a_400_on_an_anthropic_route(h: GatewayHarness, token: str) -> None:
+    arguments = "[" * 5_000  # nesting inside a string: the body itself is shallow
+    payload = _chat(
+        model="anthropic/claude-sonnet-4-5",
+        messages=[
+            {
+                "role": "assistant",
+                "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": arguments}}
+                ],
+            },
+            {"role": "tool", "tool_call_id": "c1", "content": "ok"},
+        ],
+    )
+    status, body, request_id = _post(h, token, "/v1/chat/completions", json.dumps(payload).encode())
+    assert status == 400, body
+    assert _records(h, request_id)
 
 
 @pytest.mark.parametrize("case", list(MALFORMED))

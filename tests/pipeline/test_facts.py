@@ -38,15 +38,16 @@ def test_openai_body() -> None:
     facts = read_facts(OPENAI, "chat", "Deidentified ")
     assert facts.data_class == "deidentified"
     assert facts.tools == ["lookup_patient", "search"]
-    # Tool names reach the model too: they are text to screen.
-    assert facts.message_count == 2 and facts.text == "be brief\nMRN 1234\nlookup_patient\nsearch"
+    # Tool names reach the model, and the model name the provider: both are text to screen.
+    assert facts.message_count == 2
+    assert facts.text == "openai/gpt-4o\nbe brief\nMRN 1234\nlookup_patient\nsearch"
     assert facts.max_tokens == 900
 
 
 def test_anthropic_body_and_no_header() -> None:
     facts = read_facts(ANTHROPIC, "messages", None)
     assert facts.data_class is None and facts.tools == ["lookup_patient"]
-    assert facts.text == "be careful\nhello\nlookup_patient" and facts.max_tokens == 64
+    assert facts.text == "anthropic/claude\nbe careful\nhello\nlookup_patient" and facts.max_tokens == 64
 
 
 def test_completions_and_embeddings_text() -> None:
