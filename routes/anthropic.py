@@ -11,7 +11,6 @@ upstream stream end look like a complete answer when ``message_stop`` never came
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from appliance.errors import BadRequest, GatewayError, UpstreamError
@@ -29,6 +28,7 @@ from routes.usage import (
     anthropic_usage,
     check_events,
     event_fields,
+    parse_object,
     scan_anthropic_sse,
     split_events,
 )
@@ -87,10 +87,9 @@ class MessagesStream:
 
 
 def _error_type(data: bytes) -> str:
-    try:
-        return str(json.loads(data)["error"]["type"])[:60]
-    except (ValueError, KeyError, TypeError, RecursionError):
-        return "error"
+    obj = parse_object(data)
+    error = obj.get("error") if obj is not None else None
+    return str(error["type"])[:60] if isinstance(error, dict) and "type" in error else "error"
 
 
 class ChatFromMessagesStream:
@@ -135,12 +134,14 @@ class ChatFromMessagesStream:
             name, data = event_fields(event)
             if not data or self._translator.done:
                 continue
+            obj = parse_object(data)
+            if obj is None:
+                raise UpstreamError(f"upstream {self._name} sent a malformed stream event")
             try:
-                obj = json.loads(data)
                 out.append(self._translator.event(name or str(obj.get("type", "")), obj))
             except GatewayError:
                 raise
-            except (ValueError, AttributeError, TypeError, KeyError, RecursionError):
+            except (AttributeError, TypeError, KeyError):
                 raise UpstreamError(f"upstream {self._name} sent a malformed stream event") from None
         return b"".join(out)
 

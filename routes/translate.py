@@ -18,7 +18,7 @@ from typing import Any
 
 from appliance.errors import BadRequest, UpstreamError
 from routes.result import Usage
-from routes.usage import anthropic_event_usage, anthropic_usage
+from routes.usage import anthropic_event_usage, anthropic_usage, parse_object
 
 DEFAULT_MAX_TOKENS = 1024
 
@@ -118,10 +118,7 @@ def _tool_use_blocks(tool_calls: object) -> list[dict[str, Any]]:
         if not isinstance(function, dict) or call.get("type", "function") != "function":
             raise BadRequest("only function tool calls are supported by anthropic routes", param="messages")
         arguments = function.get("arguments") or "{}"
-        try:
-            parsed = json.loads(arguments) if isinstance(arguments, str) else arguments
-        except (ValueError, RecursionError):  # nesting deep enough exhausts the stack
-            raise BadRequest("tool call arguments must be a JSON object", param="messages") from None
+        parsed = parse_object(arguments) if isinstance(arguments, str) else arguments
         if not isinstance(parsed, dict):
             raise BadRequest("tool call arguments must be a JSON object", param="messages")
         blocks.append(
@@ -313,11 +310,8 @@ def anthropic_error_to_openai(body: bytes, status: int) -> bytes:
     """An OpenAI-shaped error body for an Anthropic error body (``{"type":"error","error":{...}}``)."""
     message = f"upstream answered status {status}"
     kind = "invalid_request_error"
-    try:
-        obj = json.loads(body)
-    except (ValueError, RecursionError):  # nesting deep enough exhausts the stack
-        obj = None
-    if isinstance(obj, dict) and isinstance(obj.get("error"), dict):
+    obj = parse_object(body)
+    if obj is not None and isinstance(obj.get("error"), dict):
         error = obj["error"]
         message = str(error.get("message") or message)
         kind = str(error.get("type") or kind)

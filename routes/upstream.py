@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from appliance.errors import RateLimited, UpstreamError
 from routes.client import UpstreamClient, UpstreamHTTPResponse
 from routes.result import EVENT_STREAM, JSON, ByteStream, RouteResult, Usage
+from routes.usage import parse_object
 
 # Upstream errors whose body is the caller's to read: the request itself was wrong or too big.
 PASS_THROUGH_STATUSES = frozenset({400, 404, 409, 413, 422})
@@ -53,11 +54,8 @@ def dumps(obj: object) -> bytes:
 
 def json_object(body: bytes, route: str) -> dict[str, Any]:
     """A 2xx upstream body as a JSON object; UpstreamError when it is not one."""
-    try:
-        obj = json.loads(body)
-    except (ValueError, RecursionError):  # nesting deep enough exhausts the stack
-        obj = None
-    if not isinstance(obj, dict):
+    obj = parse_object(body)
+    if obj is None:
         raise UpstreamError(f"upstream {route} returned a malformed response")
     return obj
 
@@ -164,11 +162,7 @@ class Upstream:
         finally:
             await response.aclose()
         if status in PASS_THROUGH_STATUSES:
-            try:
-                valid = isinstance(json.loads(body), dict)
-            except (ValueError, RecursionError):  # nesting deep enough exhausts the stack
-                valid = False
-            if not valid:
+            if parse_object(body) is None:
                 body = dumps(
                     {
                         "error": {

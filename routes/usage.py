@@ -107,7 +107,7 @@ def check_events(region: bytes, route: str, *, done_marker: bool) -> None:
         data = event_fields(event)[1]
         if not data or (done_marker and data == b"[DONE]"):
             continue
-        if _json_object(data) is None:
+        if parse_object(data) is None:
             raise UpstreamError(f"upstream {route} sent a stream event that is not a JSON object")
 
 
@@ -162,7 +162,10 @@ def anthropic_event_usage(event_type: str, obj: Mapping[str, Any], usage: Usage)
             usage.reported = True
 
 
-def _json_object(data: bytes) -> dict[str, Any] | None:
+def parse_object(data: bytes | str) -> dict[str, Any] | None:
+    """``data`` as a JSON object; None for anything else: not JSON (invalid UTF-8 included), another JSON
+    type, or nesting deep enough to exhaust the decoder's stack. The one parser for what a provider (or a
+    caller's tool-call arguments) sends, so no such input can raise past a route."""
     try:
         obj = json.loads(data)
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
@@ -181,7 +184,7 @@ def filter_openai_sse(region: bytes, usage: Usage, *, keep_usage_chunk: bool) ->
     out: list[bytes] = []
     for event in split_events(region):
         if _USAGE_OBJECT.search(event) is not None:
-            obj = _json_object(event_fields(event)[1])
+            obj = parse_object(event_fields(event)[1])
             if (
                 obj is not None
                 and openai_usage(obj, usage)
@@ -202,6 +205,6 @@ def scan_anthropic_sse(region: bytes, usage: Usage) -> None:
         if b'"usage"' not in event:
             continue
         name, data = event_fields(event)
-        obj = _json_object(data)
+        obj = parse_object(data)
         if obj is not None:
             anthropic_event_usage(name or str(obj.get("type", "")), obj, usage)
