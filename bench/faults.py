@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import errno
 import os
 import shutil
 import subprocess
@@ -44,6 +43,7 @@ from bench.drill_gateway import (
     verify,
 )
 from bench.hostile_upstream import HostileUpstream
+from tests.support.small_fs import MountFailed, fill, small_tmpfs
 
 CHAT = "/v1/chat/completions"
 ROUTE_TIMEOUT_S = 2.0  # the hostile route's timeout_s: a stall must end as 504 soon after it
@@ -89,15 +89,20 @@ class Drill:
         return self.gateway
 
 
-def ask(port: int, token: str, body: dict[str, Any] | None, *, path: str = CHAT) -> Answer:
-    """One request on a fresh connection, under the hang deadline."""
+def ask(
+    port: int,
+    token: str,
+    body: dict[str, Any] | None,
+    *,
+    path: str = CHAT,
+    timeout: float = CLIENT_DEADLINE_S,
+) -> Answer:
+    """One request on a fresh connection (GET without a body), under the hang deadline."""
 
     async def once() -> Answer:
         conn = Connection(port, token)
         try:
-            return await conn.request(
-                "POST" if body is not None else "GET", path, body, timeout=CLIENT_DEADLINE_S
-            )
+            return await conn.request("POST" if body is not None else "GET", path, body, timeout=timeout)
         finally:
             await conn.close()
 
@@ -306,46 +311,26 @@ def local_unload(drill: Drill) -> Row:
 # -- the disk fills up -----------------------------------------------------------------------------------
 
 
-def _fill(directory: Path) -> Path:
-    """Write a file until the file system is full (unbuffered: a partial write takes the last bytes)."""
-    filler = directory / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        while True:
-            os.write(fd, b"\0" * 65536)
-    except OSError as exc:
-        if exc.errno != errno.ENOSPC:
-            raise
-    finally:
-        os.close(fd)
-    return filler
-
-
 def disk_full(drill: Drill) -> Row:
     name = "disk-full"
     expected = "503 ledger error, /health 503, then 200 by itself once space returns; verify ok"
     if os.geteuid() != 0:
         return Row(name, expected, "needs root to mount a tmpfs", "SKIP")
-    mount = drill.root / "small-fs"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)], capture_output=True
-    )
-    if done.returncode != 0:
-        return Row(name, expected, f"cannot mount a tmpfs: {done.stderr.decode().strip()}", "SKIP")
-    gateway = GatewayProcess(drill.copy_home(name, into=mount / "home"), drill.root)
     try:
-        return _disk_full(name, expected, gateway, drill.token)
-    finally:
-        gateway.ensure_dead()
-        if subprocess.run(["umount", str(mount)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "--lazy", str(mount)], check=False)  # never leave a mount behind
+        with small_tmpfs(drill.root / "small-fs", 24) as mount:
+            gateway = GatewayProcess(drill.copy_home(name, into=mount / "home"), drill.root)
+            try:
+                return _disk_full(name, expected, gateway, drill.token)
+            finally:
+                gateway.ensure_dead()  # before the unmount: the gateway holds files there
+    except MountFailed as exc:
+        return Row(name, expected, str(exc), "SKIP")
 
 
 def _disk_full(name: str, expected: str, gateway: GatewayProcess, token: str) -> Row:
     port = gateway.start()
     before = [ask(port, token, chat("openai/ok")).status for _ in range(20)]
-    filler = _fill(gateway.home.parent)
+    filler = fill(gateway.home.parent)
     refused: Answer | None = None
     tries = 0
     while refused is None and tries < 3000:
@@ -353,7 +338,7 @@ def _disk_full(name: str, expected: str, gateway: GatewayProcess, token: str) ->
         answer = ask(port, token, chat("openai/ok"))
         refused = answer if answer.status != 200 else None
     err = refused.error_object() if refused else None
-    health = _health(port)
+    health = ask(port, "", None, path="/health", timeout=10).status
     filler.unlink()
     recovered_after = None
     started = time.monotonic()
@@ -363,7 +348,7 @@ def _disk_full(name: str, expected: str, gateway: GatewayProcess, token: str) ->
             break
         time.sleep(0.1)
     after = [ask(port, token, chat("openai/ok")).status for _ in range(5)]
-    health_after = _health(port)
+    health_after = ask(port, "", None, path="/health", timeout=10).status
     stop = gateway.stop()
     verified, line = verify(gateway.home)
     observed = (
@@ -387,17 +372,6 @@ def _disk_full(name: str, expected: str, gateway: GatewayProcess, token: str) ->
         and verified
     )
     return Row(name, expected, observed, "PASS" if ok else "FAIL")
-
-
-def _health(port: int) -> int:
-    async def once() -> Answer:
-        conn = Connection(port, "")
-        try:
-            return await conn.request("GET", "/health", None, timeout=10)
-        finally:
-            await conn.close()
-
-    return asyncio.run(once()).status
 
 
 # -- the wall clock steps back an hour -------------------------------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import hashlib
 import http.client
 import json
@@ -30,6 +29,7 @@ import pytest
 
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.gateway import GatewayHarness, policy_doc
+from tests.support.small_fs import fill, small_tmpfs
 from tests.support.subprocess_gateway import (
     GatewayProcess,
     chat_body,
@@ -192,17 +192,8 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A 16 MiB tmpfs at ``tmp_path/home`` (the gateway home goes there), unmounted afterwards."""
     if os.geteuid() != 0:
         pytest.fail("the disk-full and read-only tests mount a tmpfs: run them as root (CI does)")
-    mount = tmp_path / "home"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True
-    )
-    assert done.returncode == 0, f"cannot mount a tmpfs: {done.stderr.decode()}"
-    try:
+    with small_tmpfs(tmp_path / "home", 16) as mount:
         yield mount
-    finally:
-        if subprocess.run(["umount", str(mount)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "--lazy", str(mount)], check=False)  # never leave a mount behind
 
 
 class _Caller:
@@ -261,20 +252,6 @@ def _assert_recovered(caller: _Caller, home: Path, gateway: GatewayProcess) -> N
     _verify_ok(home)
 
 
-def _fill(directory: Path) -> Path:
-    """Write a file until the file system is full (unbuffered: a partial write takes the last bytes)."""
-    filler = directory / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        while True:
-            os.write(fd, b"\0" * 65536)
-    except OSError as exc:
-        assert exc.errno == errno.ENOSPC, exc
-    finally:
-        os.close(fd)
-    return filler
-
-
 def test_a_full_disk_fails_closed_and_recovers_by_itself(
     tmp_path: Path, small_fs: Path, upstream: FakeUpstream
 ) -> None:
@@ -285,7 +262,7 @@ def test_a_full_disk_fails_closed_and_recovers_by_itself(
         with contextlib.closing(_Caller(gateway.start(), token)) as caller:
             for _ in range(20):
                 assert caller.send()[1] == 200
-            filler = _fill(home)
+            filler = fill(home)
             marker, data = caller.until(503, attempts=2000)
             _assert_fail_closed(marker, data, upstream, gateway.port)
             filler.unlink()
