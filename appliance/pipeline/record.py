@@ -2,10 +2,10 @@
 
 Owns: the request record and one record per policy action taken on it (durable before forwarding), the
 refusal record (durable before the caller is told; refusals of unidentified requests sampled per window,
-``sampling``), the models-listing record, a fallback's record as it
-happens, and the outcome record that follows the answer (lazy: it shares the next request's fsync, and a
-crash before it leaves the request visibly open in ``audit pending``). When the ledger cannot be written
-the request is refused with 503 (fail closed).
+``sampling``), the models-listing record, a fallback's record as it happens, and the outcome record that
+follows the answer (lazy: it shares the next request's fsync, and a crash before it leaves the request
+visibly open in ``audit pending``). When the ledger cannot be written the request is refused with 503
+(fail closed).
 Never: records prompt or completion text (only SHA-256 digests of the bodies), a token or a provider key.
 """
 
@@ -99,7 +99,7 @@ class Record:
             detail=f"{named(frm)} -> {named(to)} after {error.code}",
             status_code=error.status,
         )
-        self._ledger.append(record, lazy=True).add_done_callback(_log_failed_outcome)
+        self._queue(record)
 
     def unidentified(self, record: dict[str, Any]) -> None:
         """A refusal the HTTP server answered itself (no caller is known yet): sampled, queued."""
@@ -107,6 +107,8 @@ class Record:
             self._queue(record)
 
     def _queue(self, record: dict[str, Any]) -> None:
+        """Append without waiting (lazy: it joins the next commit); a failure is logged, and an outcome
+        that fails is kept and retried by the ledger until it is durable."""
         self._ledger.append(record, lazy=True).add_done_callback(_log_failed_outcome)
 
     async def listed(self, ex: Exchange, body: bytes) -> None:
@@ -139,7 +141,7 @@ class Record:
             if price is None and detail is None:
                 detail = "unpriced_model"
         record["detail"] = error.code if error is not None else detail
-        self._ledger.append(record, lazy=True).add_done_callback(_log_failed_outcome)
+        self._queue(record)
 
     async def _durable(self, records: list[dict[str, Any]]) -> None:
         try:
