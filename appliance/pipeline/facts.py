@@ -132,7 +132,7 @@ def apply_edits(body: dict[str, Any], *, model: str, drop_tools: list[str], max_
                 body[field_name] = kept
             else:
                 body.pop(field_name, None)
-            if not kept or _chosen(body.get(choice)) in dropped:
+            if not kept or _tool_name(body.get(choice)) in dropped:  # the tool it forces, if any
                 body.pop(choice, None)
     if WEB_SEARCH in drop_tools:
         body.pop("web_search_options", None)
@@ -140,13 +140,6 @@ def apply_edits(body: dict[str, Any], *, model: str, drop_tools: list[str], max_
         written = [key for key in ("max_tokens", "max_completion_tokens") if key in body]
         for key in written or ["max_tokens"]:
             body[key] = max_tokens
-
-
-def _chosen(choice: object) -> str | None:
-    """The tool a ``tool_choice``/``function_call`` forces, if it names one."""
-    if not isinstance(choice, dict):
-        return None
-    return _tool_name(choice)
 
 
 def _tool_names(tools: object) -> list[str]:
