@@ -31,6 +31,27 @@ def _request(token: str | None, body: bytes = CHAT, *, send_body: bool = True) -
 
 
 def _read_response(sock: socket.socket) -> tuple[int, bytes]:
+    head, body = _read(sock)
+    return int(head.split()[1]), body
+
+
+def _refusal(h: GatewayHarness, sock: socket.socket, status: int) -> dict[str, object]:
+    """The refusal on ``sock``: its status, its OpenAI-shaped error, its X-Request-Id and its record."""
+    head, body = _read(sock)
+    assert int(head.split()[1]) == status
+    error = json.loads(body)["error"]
+    assert {"message", "type", "code", "param"} <= set(error)
+    found = re.search(rb"(?i)x-request-id: ([0-9a-f]{32})", head)
+    assert found is not None
+    request_id = found.group(1).decode()
+    deadline = time.monotonic() + 5
+    while not (records := h.audit.for_request(request_id)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [r["status_code"] for r in records] == [status]
+    return dict(error)
+
+
+def _read(sock: socket.socket) -> tuple[bytes, bytes]:
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = sock.recv(65536)
@@ -41,7 +62,7 @@ def _read_response(sock: socket.socket) -> tuple[int, bytes]:
     length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))  # type: ignore[union-attr]
     while len(rest) < length:
         rest += sock.recv(65536)
-    return int(head.split()[1]), rest[:length]
+    return head, rest[:length]
 
 
 @pytest.fixture
@@ -90,8 +111,7 @@ def test_one_caller_cannot_hold_every_request_slot(h: GatewayHarness) -> None:
         time.sleep(0.2)
         with socket.create_connection(("127.0.0.1", h.port), timeout=10) as sock:
             sock.sendall(_request(slow))
-            status, body = _read_response(sock)
-        assert status == 429 and json.loads(body)["error"]["code"] == "too_many_concurrent_requests"
+            assert _refusal(h, sock, 429)["code"] == "too_many_concurrent_requests"
         with socket.create_connection(("127.0.0.1", h.port), timeout=10) as sock:
             sock.sendall(_request(h.issue("other-bot")))
             assert _read_response(sock)[0] == 200  # another caller is served meanwhile
@@ -107,8 +127,7 @@ def test_a_caller_at_its_rate_limit_is_refused_before_sending_its_body(h: Gatewa
         assert _read_response(sock)[0] == 200
     with socket.create_connection(("127.0.0.1", h.port), timeout=10) as sock:
         sock.sendall(_request(token, send_body=False))  # the head only: the answer must not wait for more
-        status, body = _read_response(sock)
-    assert status == 429 and json.loads(body)["error"]["code"] == "rate_limited"
+        assert _refusal(h, sock, 429)["code"] == "rate_limited"
 
 
 def test_health_reports_readiness_not_a_moment_of_saturation(tmp_path: Path, upstream: FakeUpstream) -> None:

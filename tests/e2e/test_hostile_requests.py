@@ -173,8 +173,9 @@ def test_anthropic_system_blocks_and_tool_descriptions_are_screened(h: GatewayHa
 
 def test_web_search_options_is_a_tool_the_allow_list_decides_on(h: GatewayHarness, token: str) -> None:
     payload = _chat(web_search_options={"search_context_size": "high"})
-    status, body, _ = _post(h, token, "/v1/chat/completions", json.dumps(payload).encode())
+    status, body, request_id = _post(h, token, "/v1/chat/completions", json.dumps(payload).encode())
     assert status == 403 and body["error"]["code"] == "tools_denied", body
+    assert _records(h, request_id)[0]["intervention"] == "tool_denied"
 
 
 LEGITIMATE = {
