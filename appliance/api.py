@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from typing import Any
 
 from appliance import __version__
 from appliance.errors import MethodNotAllowed, NotFound
@@ -42,8 +44,17 @@ _ENDPOINTS: dict[str, tuple[str, Endpoint | None]] = {
 
 class Api:
     def __init__(
-        self, pipeline: Pipeline, keeper: PolicyKeeper, ledger: Ledger, local: LocalRuntime | None = None
+        self,
+        pipeline: Pipeline,
+        keeper: PolicyKeeper,
+        ledger: Ledger,
+        local: LocalRuntime | None = None,
+        *,
+        transport: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
+        """``transport`` says how the public port is protected (TLS in force, its certificate, or plain
+        HTTP the operator chose) for the health document."""
+        self._transport = transport
         self._pipeline = pipeline
         self._local = local
         self._keeper = keeper
@@ -84,6 +95,7 @@ class Api:
                 model: row.get("state", "not loaded")
                 for model, row in (self._local.status() if self._local else {}).items()
             },
+            "transport": self._transport() if self._transport is not None else {"tls": False},
             "uptime_s": round(time.monotonic() - self._started, 1),
         }
         body = json.dumps(doc, separators=(",", ":")).encode()

@@ -18,6 +18,7 @@ from typing import Protocol
 from appliance.errors import ClientDisconnected, GatewayError, MalformedHTTP, RequestTimeout
 from appliance.http.flow_control import FlowControl
 from appliance.http.limits import HttpLimits
+from appliance.http.peer import Peer
 from appliance.http.responses import (
     CHUNKED,
     CONTINUE,
@@ -89,6 +90,7 @@ class Request:
         "headers",
         "method",
         "path",
+        "peer",
         "query",
         "raw_headers",
         "received_at",
@@ -105,6 +107,7 @@ class Request:
         client: tuple[str, int] | None,
         request_id: str,
         received_at: float,
+        peer: Peer | None = None,
     ) -> None:
         self.method = method
         self.path = path
@@ -114,6 +117,8 @@ class Request:
         self.client = client
         self.request_id = request_id
         self.received_at = received_at
+        self.peer = peer if peer is not None else Peer(client)
+        """What the transport knows of the client: OS user on the admin socket, certificate under TLS."""
         self._cycle: Responder | None = None
 
     async def body(self) -> bytes:

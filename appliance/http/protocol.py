@@ -34,6 +34,7 @@ from appliance.http.admission import Admission, Rejection
 from appliance.http.cycle import Handler, Request, Responder, new_request_id
 from appliance.http.flow_control import FlowControl
 from appliance.http.limits import HttpLimits
+from appliance.http.peer import Peer, peer_of
 from appliance.http.responses import error_response
 
 logger = logging.getLogger("phi.http")
@@ -89,6 +90,7 @@ class HttpProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport = cast(asyncio.Transport, None)
         self.flow: FlowControl = cast(FlowControl, None)
         self.client: tuple[str, int] | None = None
+        self.peer = Peer()
         self._address: str | None = None  # the client's host, the key of the per-address caps
         self._admitted = False  # counted by admission: given back once, on connection_lost
         self.active: Responder | None = None  # the cycle whose response is being produced
@@ -127,9 +129,9 @@ class HttpProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.flow = FlowControl(self.transport)
-        peer = transport.get_extra_info("peername")
-        if isinstance(peer, tuple) and len(peer) >= 2:
-            self.client = (str(peer[0]), int(peer[1]))
+        self.peer = peer = peer_of(transport)
+        if peer.address is not None:
+            self.client = peer.address
             self._address = self.client[0]
         state = self.state
         if state.draining:
@@ -310,6 +312,7 @@ class HttpProtocol(asyncio.Protocol):
             self.client,
             new_request_id(),
             time.perf_counter(),
+            self.peer,
         )
         cycle = Responder(
             request,
@@ -473,7 +476,9 @@ class HttpProtocol(asyncio.Protocol):
         path = ""
         if len(self._url) <= self.limits.max_request_line_bytes:
             path = self._url.partition(b"?")[0].decode("latin-1")
-        request = Request(method, path, "", {}, [], self.client, new_request_id(), time.perf_counter())
+        request = Request(
+            method, path, "", {}, [], self.client, new_request_id(), time.perf_counter(), self.peer
+        )
         cycle = Responder(request, self, keep_alive=False, http10=False)
         cycle.rejection = error
         self._in_head = False

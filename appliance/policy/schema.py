@@ -215,6 +215,17 @@ class PromptRules(_Frozen):
         return self
 
 
+class ClientCertificate(_Frozen):
+    """A client certificate (mutual TLS) the caller's connection must present, verified against the CA
+    file of the ``server.tls.client_ca_file`` setting; its subject is recorded with the caller."""
+
+    required: bool = True
+    """Refuse (403 ``client_certificate_required``) a request whose connection presented none."""
+    subjects: list[str] = Field(default=[], max_length=256)
+    """Accepted subjects, as RFC 4514 strings (``CN=radiology-bot,O=St Example``); empty: any certificate
+    the site's client CA signed."""
+
+
 class Role(_Frozen):
     models: list[str]
     """Globs over ``provider/model`` (``*`` and ``?``); provider is a route name or ``*``."""
@@ -233,6 +244,8 @@ class Role(_Frozen):
     """Request and token rates (counted by ``appliance.pipeline.limits``)."""
     budgets: RoleBudgets | None = None
     """Spend caps (counted by ``appliance.pipeline.limits``)."""
+    client_certificate: ClientCertificate | None = None
+    """Mutual TLS for this role's callers; absent: the organization's rule, if any."""
 
     @field_validator("models")
     @classmethod
@@ -250,6 +263,8 @@ class Organization(_Frozen):
     roles: dict[Name, Role]
     budgets: Spend | None = None
     """Spend caps for the whole organization (counted by ``appliance.pipeline.limits``)."""
+    client_certificate: ClientCertificate | None = None
+    """Mutual TLS for every caller of the organization (a role's own rule takes precedence)."""
 
 
 class TrustKey(_Frozen):
