@@ -497,7 +497,13 @@ def _check_spend(
         if spend.day_usd - spend.day_reserved + cost <= day_cap + _EPS:
             wait = min(wait, IN_FLIGHT_RETRY_S)
         refusals.append(
-            (wait, "budget_exceeded", f"{rule}.usd_per_day", f"budget exhausted: {day_cap:g} USD per day")
+            (
+                wait,
+                "budget_exceeded",
+                f"{rule}.usd_per_day",
+                f"budget exhausted: {day_cap:g} USD per day; "
+                + _accounts(spend.day_usd, spend.day_reserved, cost),
+            )
         )
     if month_cap is not None and spend.month_usd + cost > month_cap + _EPS:
         wait = _month_start(spend.month + 1) - now
@@ -508,9 +514,19 @@ def _check_spend(
                 wait,
                 "budget_exceeded",
                 f"{rule}.usd_per_month",
-                f"budget exhausted: {month_cap:g} USD per month",
+                f"budget exhausted: {month_cap:g} USD per month; "
+                + _accounts(spend.month_usd, spend.month_reserved, cost),
             )
         )
+
+
+def _accounts(total: float, reserved: float, cost: float) -> str:
+    """Where the budget went, so the caller (and the operator reading the 429) can tell spend that is
+    settled from reservations of requests still in flight, and this request's own estimate."""
+    return (
+        f"spent ${max(total - reserved, 0.0):.4f}, reserved ${reserved:.4f} by requests in flight, "
+        f"this request estimated at ${cost:.4f}"
+    )
 
 
 def _first_seq_from(conn: sqlite3.Connection, ts: str) -> int:

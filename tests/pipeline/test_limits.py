@@ -540,3 +540,19 @@ def test_rebuild_of_200k_records_is_fast(db: Database, clock: Clock) -> None:
     snap = keeper.snapshot(Subject("c0", "o0", "r0"))
     assert snap["organization"]["usd_this_month"] == pytest.approx(o0 * 0.001)
     assert elapsed < 10  # about 0.25 s on the dev machine
+
+
+def test_a_budget_429_names_the_settled_spend_the_reservations_and_its_own_estimate(
+    keeper: LimitKeeper,
+) -> None:
+    budgets = RoleBudgets(per_role=Spend(usd_per_day=1.0))
+    settled = _admit(keeper, ALICE, budgets=budgets, cost=0.25)
+    keeper.settle(settled, tokens=100, cost_usd=0.5)
+    _admit(keeper, ALICE, budgets=budgets, cost=0.3)  # still in flight: reserved, not spent
+    error = _refused(keeper, ALICE, budgets=budgets, cost=0.4)
+    assert error.code == "budget_exceeded"
+    message = str(error)
+    assert "1 USD per day" in message
+    assert "spent $0.5000" in message
+    assert "reserved $0.3000 by requests in flight" in message
+    assert "this request estimated at $0.4000" in message
