@@ -88,6 +88,7 @@ class Api:
                 "in_force": state is not None,
                 "version": state.version if state else None,
                 "expires_at": state.policy.expires_at.isoformat() if state else None,
+                "expires_in_s": _whole(self._keeper.remaining_s()),
                 "reason": self._keeper.reason,
             },
             "ledger": {"writable": ledger_ok, "stdout_lines_dropped": self._ledger.dropped_lines},
@@ -100,3 +101,7 @@ class Api:
         }
         body = json.dumps(doc, separators=(",", ":")).encode()
         await responder.send(200 if serving else 503, _JSON, body)
+
+
+def _whole(seconds: float | None) -> int | None:
+    return None if seconds is None else max(int(seconds), 0)

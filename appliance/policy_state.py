@@ -30,6 +30,11 @@ from routes.table import Route, RouteTable
 
 log = logging.getLogger("phi.policy")
 
+WARN_DAYS = (14, 7, 1)
+"""Remaining validity at which the gateway logs a warning that the policy in force will expire (once per
+threshold and policy version): an expired policy refuses every request, so the authoring side must send a
+renewed bundle before then."""
+
 
 @dataclass(frozen=True, slots=True)
 class PolicyState:
@@ -59,6 +64,7 @@ class PolicyKeeper:
         self.current: PolicyState | None = None
         self.reason = "no policy imported"
         self._seen: tuple[int | None, float] = (None, -1.0)
+        self._warned: tuple[int, int] | None = None  # (version, smallest threshold already warned of)
         self._task: asyncio.Task[None] | None = None
 
     def refresh(self, *, force: bool = False) -> bool:
@@ -87,6 +93,33 @@ class PolicyKeeper:
             log.info("policy v%d in force (expires %s)", policy.version, policy.expires_at.isoformat())
         return True
 
+    def remaining_s(self, now: datetime | None = None) -> float | None:
+        """Seconds until the policy in force expires (None: no policy in force)."""
+        state = self.current
+        if state is None:
+            return None
+        return (state.policy.expires_at - (now or datetime.now(UTC))).total_seconds()
+
+    def warn_of_expiry(self, now: datetime | None = None) -> str | None:
+        """Log (and return) a warning when the policy in force has crossed one of ``WARN_DAYS`` since the
+        last warning: at 14, 7 and 1 days left, once each per policy version (a gateway started with 5 days
+        left warns once, for 7)."""
+        state, left = self.current, self.remaining_s(now)
+        if state is None or left is None or left <= 0:
+            return None
+        crossed = min((d for d in WARN_DAYS if left <= d * 86400), default=None)
+        if crossed is None:
+            return None
+        if self._warned is not None and self._warned[0] == state.version and self._warned[1] <= crossed:
+            return None
+        self._warned = (state.version, crossed)
+        message = (
+            f"policy v{state.version} expires in {_duration(left)} ({state.policy.expires_at.isoformat()}): "
+            "import a renewed bundle before then; at expiry every API request is refused"
+        )
+        log.warning("%s", message)
+        return message
+
     def _build(self, policy: Policy) -> PolicyState:
         runtime = self._local
         local: Callable[[str], Route] | None = None
@@ -98,6 +131,7 @@ class PolicyKeeper:
 
     def start(self, interval_s: float) -> None:
         self.refresh()
+        self.warn_of_expiry()
         self._task = asyncio.get_running_loop().create_task(self._watch(interval_s), name="policy-watch")
 
     async def stop(self) -> None:
@@ -111,5 +145,14 @@ class PolicyKeeper:
             await asyncio.sleep(interval_s)
             try:
                 self.refresh()
+                self.warn_of_expiry()
             except Exception:  # a broken refresh must not kill the watcher; the old state stays
                 log.exception("policy refresh failed; keeping the policy in force")
+
+
+def _duration(seconds: float) -> str:
+    days, rest = divmod(int(seconds), 86400)
+    hours = rest // 3600
+    if days:
+        return f"{days} day{'s' if days != 1 else ''} {hours} h"
+    return f"{hours} h {rest % 3600 // 60} min"
