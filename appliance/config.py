@@ -16,7 +16,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -31,9 +31,28 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
+class TlsSettings(_Strict):
+    """TLS on the public port. It is in force whenever the home holds a certificate (``<home>/tls/cert.pem``
+    and ``key.pem``, made by ``phi-gateway tls self-signed`` or ``tls import``); these settings tune it."""
+
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    """Oldest TLS version accepted; 1.3 is preferred whenever the client offers it."""
+    ciphers: str = "ECDHE+AESGCM:ECDHE+CHACHA20"
+    """OpenSSL cipher list for TLS 1.2 (forward secrecy and AEAD only); TLS 1.3's suites are all AEAD and
+    are not changed by it."""
+    client_ca_file: Path | None = None
+    """PEM bundle of the CA(s) that issue client certificates (mutual TLS); relative: under the home. When
+    set, a client may present a certificate, which must verify against it, and a policy may require one
+    per organization or role (``client_certificate``). Read when the gateway starts."""
+    reload_interval_s: float = Field(1.0, gt=0)
+    """How often a running gateway looks for a new certificate in the home; a new one serves new
+    connections without a restart, and open connections keep the one they began with."""
+
+
 class ServerSettings(_Strict):
     host: str = "0.0.0.0"  # noqa: S104 - an appliance listens on its ward-facing interface by design
-    """Address the API listens on."""
+    """Address the API listens on. Plain HTTP is refused on any address but loopback unless
+    ``insecure_http`` says otherwise; with a certificate in the home the port speaks TLS."""
     port: int = Field(8080, ge=0, le=65535)
     """TCP port of the OpenAI-compatible API (8080 is the cllama contract)."""
     limits: HttpLimits = Field(default_factory=HttpLimits)
@@ -41,6 +60,11 @@ class ServerSettings(_Strict):
     max_in_flight_per_caller: int = Field(64, ge=1)
     """Requests one caller (one token) may have in progress at once, counted from the moment its token is
     known, before its body is read; more are answered 429 at once, so one caller cannot take every slot."""
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+    """TLS on the public port: protocol versions, ciphers, the client CA of mutual TLS."""
+    insecure_http: bool = False
+    """Serve plain HTTP on a non-loopback address when the home holds no certificate (tokens then cross
+    the network in clear); without it ``serve`` refuses to start. ``serve --insecure-http`` sets it."""
 
 
 class UpstreamSettings(_Strict):

@@ -11,6 +11,7 @@ Messages must never contain a token secret, a provider key or prompt text.
     ├── Unauthorized (401 authentication_error)
     ├── Forbidden (403 permission_error)
     │   └── PolicyDenied (403, the role's policy refuses the request)
+    │       └── ClientCertificateDenied (403, mutual TLS: no client certificate, or one not accepted)
     ├── NotFound (404 invalid_request_error)
     ├── MethodNotAllowed (405 invalid_request_error)
     ├── RequestTimeout (408 timeout_error)
@@ -32,8 +33,10 @@ Messages must never contain a token secret, a provider key or prompt text.
         ├── ProofError (a Merkle proof does not prove what it claims; also a ValueError)
         ├── CheckpointError (a signed note, checkpoint or verifier key was refused; also a ValueError)
         ├── ProofRejected (a proof document, or the checkpoint it rests on, was refused)
-        └── TreeInconsistent (stored tiles do not fit the records; also a sqlite3.DatabaseError, so
-                              the vault writer's storage-failure path takes it and the gateway fails closed)
+        ├── TreeInconsistent (stored tiles do not fit the records; also a sqlite3.DatabaseError, so
+        │                     the vault writer's storage-failure path takes it and the gateway fails closed)
+        └── ArchivedRecordsUnavailable (a check needs archived records no bundle given holds as the
+                                        vault's tiles vouch for)
 
     ClientDisconnected (not an error anyone is told of: the client went away, nothing more can be sent)
 
@@ -103,6 +106,14 @@ class PolicyDenied(Forbidden):
     def __init__(self, message: str, *, code: str | None = None, rule: str | None = None) -> None:
         super().__init__(message, code=code)
         self.rule = rule
+
+
+class ClientCertificateDenied(PolicyDenied):
+    """The caller's organization or role requires a client certificate (mutual TLS) and the connection
+    presented none (``client_certificate_required``) or one whose subject the rule does not list
+    (``client_certificate_not_allowed``); ``rule`` names the policy path."""
+
+    code = "client_certificate_required"
 
 
 class NotFound(GatewayError):
@@ -229,6 +240,11 @@ class ProofRejected(EvidenceError):
 
 class TreeInconsistent(EvidenceError, sqlite3.DatabaseError):
     """The stored tiles do not fit the records (a torn or edited file): the writer refuses to append."""
+
+
+class ArchivedRecordsUnavailable(EvidenceError):
+    """A check or proof needs records archived away, and no archive bundle given holds them as the vault's
+    tiles vouch for (none covers them, or its records do not hash to the tile the vault kept)."""
 
 
 class ClientDisconnected(Exception):

@@ -1,21 +1,25 @@
 """A running gateway: the parts assembled around one HTTP server, and their start and orderly stop.
 
-Owns: the assembly (vault, policy keeper, upstream client, pipeline, API, server), the audit record of
-what the server itself refused (431/413/408/400/503 before any handler ran), and the shutdown order:
-stop listening, drain in-flight requests, stop watching policy, close upstream connections, and only then
-close the vault, whose writer finishes every queued record first.
-Never: serves before the vault is open; leaves the ledger writer with records it has not written.
+Owns: the assembly (TLS of the listener, vault, policy keeper, upstream client, pipeline, API, server), the
+audit record of what the server itself refused (431/413/408/400/503 before any handler ran), and the
+shutdown order: stop listening, drain in-flight requests, stop watching the certificate and the policy,
+close upstream connections, and only then close the vault, whose writer finishes every queued record first.
+Never: serves before the vault is open; serves plain HTTP beyond loopback unless the operator chose it
+(``appliance.tls.listener_tls`` decides, before anything opens); leaves the ledger writer with records it
+has not written.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import sqlite3
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from appliance.admin import AdminApi
@@ -27,9 +31,11 @@ from appliance.http import HttpLimits, HttpServer
 from appliance.http.server import Rejection, install_event_loop_policy
 from appliance.ledger.checkpoints import HEAD_INTERVAL_S
 from appliance.ledger.follow import ExportFollower
+from appliance.metrics import CONTENT_TYPE, GatewayMetrics
 from appliance.pipeline import Pipeline
 from appliance.pipeline.limits import LimitKeeper
 from appliance.policy_state import PolicyKeeper
+from appliance.tls import ServerTls, is_loopback, listener_tls, plain_transport
 from local_models.runtime import LocalRuntime
 from routes.client import UpstreamClient
 
@@ -56,11 +62,18 @@ class Gateway:
         self.pipeline: Pipeline | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._exporter: ExportFollower | None = None
+        self.tls: ServerTls | None = None
+        self._transport: Callable[[], dict[str, Any]] | None = None  # what /health says of the listener
+        self._metrics: GatewayMetrics | None = None
 
     async def start(
         self, host: str | None = None, port: int | None = None, *, sock: socket.socket | None = None
     ) -> HttpServer:
         settings = self.settings
+        listen_host = _listen_host(host or settings.server.host, sock)
+        # Before anything opens: a home whose certificate cannot be served, or plain HTTP on the network
+        # that the operator did not ask for, stops the start with a message saying what to run.
+        self.tls = tls = listener_tls(self.home.root, settings.server, listen_host)
         self.vault = vault = self.home.open_vault(audit_out=self._audit_out)
         if settings.audit.export_file is not None:  # relative: under the home
             export_file = self.home.root / settings.audit.export_file
@@ -88,8 +101,12 @@ class Gateway:
             self.limits,
             max_in_flight_per_caller=settings.server.max_in_flight_per_caller,
             flood_window_s=settings.audit.flood_window_s,
+            client_ca=tls is not None and tls.client_ca is not None,
         )
-        api = Api(pipeline, keeper, vault.ledger, self.local)
+        self._transport = transport = (
+            tls.transport if tls is not None else functools.partial(plain_transport, listen_host)
+        )
+        api = Api(pipeline, keeper, vault.ledger, self.local, transport=transport)
         self.server = server = HttpServer(
             api.handle,
             settings.server.limits,
@@ -99,8 +116,14 @@ class Gateway:
             exempt=lambda request: request.path == "/health" and request.method in ("GET", "HEAD"),
         )
         await server.start(
-            host or settings.server.host, settings.server.port if port is None else port, sock=sock
+            host or settings.server.host,
+            settings.server.port if port is None else port,
+            sock=sock,
+            ssl=tls.context if tls is not None else None,
         )
+        if tls is not None:
+            tls.start_watching()
+        self._metrics = GatewayMetrics(keeper, vault.ledger, lambda: server.in_flight, transport)
         await self._start_admin()
         self._ticker = asyncio.get_running_loop().create_task(self._sign_ledger_head(), name="ledger-head")
         if settings.local.preload:
@@ -112,6 +135,22 @@ class Gateway:
             server.port,
             f"v{state.version} in force" if state else f"NOT in force ({keeper.reason}): refusing requests",
         )
+        if tls is not None:
+            info = tls.info
+            log.info(
+                "TLS in force (%s or newer): certificate %s, %s, expires %s; client certificates %s",
+                f"TLSv{settings.server.tls.min_version}",
+                info.subject,
+                info.fingerprint,
+                info.not_after.isoformat(),
+                f"verified against {tls.client_ca}" if tls.client_ca else "not asked for",
+            )
+        elif not is_loopback(listen_host):
+            log.warning(
+                "PLAIN HTTP on %s by the operator's choice (insecure_http): tokens and prompts cross the "
+                "network in clear; phi-gateway tls self-signed --host NAME makes a certificate",
+                listen_host,
+            )
         return server
 
     async def _start_admin(self) -> None:
@@ -138,6 +177,7 @@ class Gateway:
                 "in_force": state is not None,
                 "version": state.version if state else None,
                 "expires_at": state.policy.expires_at.isoformat() if state else None,
+                "expires_in_s": round(keeper.remaining_s() or 0) if state and keeper else None,
                 "reason": keeper.reason if keeper else "not started",
             },
             "ledger": {
@@ -147,8 +187,14 @@ class Gateway:
                 "export_error": self._exporter.last_error if self._exporter else None,
             },
             "http": {"in_flight": server.in_flight if server else 0},
+            "transport": self._transport() if self._transport is not None else None,
             "local_models": self.local.status() if self.local else {},
         }
+
+    def metrics(self) -> tuple[bytes, str]:
+        if self._metrics is None:
+            raise Unavailable("the gateway is not serving")
+        return self._metrics.render(), CONTENT_TYPE
 
     def reload_policy(self) -> dict[str, Any]:
         if self.keeper is None:
@@ -183,9 +229,10 @@ class Gateway:
             except (StorageUnavailable, LedgerUnavailable, sqlite3.Error) as exc:
                 log.warning("the ledger head could not be signed: %s", exc)
 
-    def record_admin(self, detail: str) -> None:
+    def record_admin(self, detail: str, os_user: str | None = None) -> None:
         if self.vault is not None:
-            self.vault.ledger.append({"type": "admin", "detail": detail}).add_done_callback(_ignore_result)
+            record = {"type": "admin", "detail": detail, "os_user": os_user}
+            self.vault.ledger.append(record).add_done_callback(_ignore_result)
 
     async def stop(self) -> None:
         if self.admin is not None:
@@ -194,6 +241,8 @@ class Gateway:
                 self.home.admin_socket.unlink()
         if self.server is not None:
             await self.server.shutdown()
+        if self.tls is not None:
+            await self.tls.stop_watching()
         if self.keeper is not None:
             await self.keeper.stop()
         if self._preload is not None:
@@ -241,6 +290,15 @@ class Gateway:
             await server.serve_until_signalled()
         finally:
             await self.stop()
+
+
+def _listen_host(host: str, sock: socket.socket | None) -> str:
+    """The address the listener is on: an already bound socket's own, else the one asked for."""
+    if sock is not None:
+        address = sock.getsockname()
+        if isinstance(address, tuple):
+            return str(address[0])
+    return host
 
 
 def _ignore_result(fut: asyncio.Future[int]) -> None:

@@ -1,9 +1,9 @@
 """``phi-gateway``: the operator's command line (the documented interface runbooks are written against).
 
 Owns: the ``main`` group (version, logging) and which verb groups it holds; each group lives in its own
-module (``setup``, ``policy``, ``trust``, ``models``, ``keys``, ``tokens``, ``audit``), built on the shared
-``options`` module. Across them: exit codes (0 ok, 1 operator error, 2 usage), and an ``admin`` ledger
-record of every change an operator makes (init, policy import, trust, keys, tokens).
+module (``setup``, ``policy``, ``trust``, ``models``, ``keys``, ``tokens``, ``audit``, ``tls``), built on the
+shared ``options`` module. Across them: exit codes (0 ok, 1 operator error, 2 usage), and an ``admin``
+ledger record of every change an operator makes (init, policy import, trust, keys, tokens, tls).
 Never: echoes a provider key; prints a token except once, on its own last line, at ``token issue``;
 writes the vault except through the vault's single writer. The verb modules never import this one.
 """
@@ -22,6 +22,7 @@ from appliance.cli.models import models_group
 from appliance.cli.options import ErrorReportingGroup
 from appliance.cli.policy import policy_group
 from appliance.cli.setup import config_group, demo_cmd, init, serve, status_cmd
+from appliance.cli.tls import tls_group
 from appliance.cli.tokens import token_group
 from appliance.cli.trust import trust_group
 
@@ -46,3 +47,4 @@ main.add_command(trust_group)
 main.add_command(keys_group)
 main.add_command(token_group)
 main.add_command(audit_group)
+main.add_command(tls_group)

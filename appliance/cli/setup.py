@@ -20,8 +20,16 @@ from appliance.admin import AdminClient
 from appliance.cli.options import home_option, open_home
 from appliance.home import Home
 from appliance.process_hardening import forbid_core_dumps
+from appliance.tls import TlsMaterial
 
 log = logging.getLogger("phi.cli")
+
+_INSECURE_HTTP = click.option(
+    "--insecure-http",
+    is_flag=True,
+    help="Allow plain HTTP on a non-loopback address when the home holds no certificate (setting "
+    "server.insecure_http); tokens then cross the network in clear.",
+)
 
 
 @click.command()
@@ -39,15 +47,20 @@ def init(home: Path | None, site: str) -> None:
 @home_option
 @click.option("--host", default=None, help="Listen address (default from settings: 0.0.0.0).")
 @click.option("--port", type=int, default=None, help="Listen port (default from settings: 8080).")
-def serve(home: Path | None, host: str | None, port: int | None) -> None:
-    """Serve the API until SIGTERM/SIGINT, then drain in-flight requests."""
+@_INSECURE_HTTP
+def serve(home: Path | None, host: str | None, port: int | None, insecure_http: bool) -> None:
+    """Serve the API until SIGTERM/SIGINT, then drain in-flight requests. TLS is in force whenever the home
+    holds a certificate (phi-gateway tls …); plain HTTP beyond loopback needs --insecure-http."""
     # Imported here for start-up cost only: the gateway's import is slow, and every other verb (and
     # ``--help``) would pay for it.
     from appliance.gateway import Gateway
 
     target = open_home(home)
+    settings = target.settings()
+    if insecure_http:
+        settings.server.insecure_http = True
     _forbid_core_dumps()  # before the master key or any provider key is in memory
-    Gateway(target, audit_out=sys.stdout).run(host, port)
+    Gateway(target, settings, audit_out=sys.stdout).run(host, port)
 
 
 @click.command("demo")
@@ -60,7 +73,8 @@ def serve(home: Path | None, host: str | None, port: int | None) -> None:
 )
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8080, show_default=True)
-def demo_cmd(home: Path, host: str, port: int) -> None:
+@_INSECURE_HTTP
+def demo_cmd(home: Path, host: str, port: int, insecure_http: bool) -> None:
     """Prepare a demo home (demo key, signed demo policy, a token) and serve it."""
     from appliance.gateway import Gateway  # here, not at the top: start-up cost (see ``serve``)
 
@@ -69,16 +83,23 @@ def demo_cmd(home: Path, host: str, port: int) -> None:
     token, done = demo.prepare(target)
     for line in done:
         click.echo(line, err=True)
+    settings = target.settings()
+    if insecure_http:
+        settings.server.insecure_http = True
+    # Plain HTTP on loopback, unless the demo home was given a certificate (phi-gateway tls …).
+    tls = TlsMaterial(target.root).present()
+    url = f"{'https' if tls else 'http'}://{host}:{port}"
+    curl = f"curl -s --cacert {TlsMaterial(target.root).cert}" if tls else "curl -s"
     click.echo(
-        f"\nPhi Gateway demo on http://{host}:{port}/v1 (home {target.root})\n"
-        f"  curl -s http://{host}:{port}/v1/models -H 'Authorization: Bearer {token}'\n"
-        f"  curl -s http://{host}:{port}/v1/chat/completions -H 'Authorization: Bearer {token}' "
+        f"\nPhi Gateway demo on {url}/v1 (home {target.root})\n"
+        f"  {curl} {url}/v1/models -H 'Authorization: Bearer {token}'\n"
+        f"  {curl} {url}/v1/chat/completions -H 'Authorization: Bearer {token}' "
         f'-d \'{{"model": "local/demo", "messages": [{{"role": "user", "content": "hi"}}]}}\'\n'
-        f"  OpenAI SDK: OpenAI(base_url='http://{host}:{port}/v1', api_key='{token}')\n"
+        f"  OpenAI SDK: OpenAI(base_url='{url}/v1', api_key='{token}')\n"
         f"token: {token}\n",
         err=True,
     )
-    Gateway(target, audit_out=sys.stdout).run(host, port)
+    Gateway(target, settings, audit_out=sys.stdout).run(host, port)
 
 
 def _forbid_core_dumps() -> None:

@@ -1,6 +1,7 @@
 """The listening server: binds, accepts connections, and shuts down gracefully.
 
-Owns the listening sockets, the shared ``ServerState``, signal handling, the choice of event loop
+Owns the listening sockets (TLS on them when ``start`` is given a server context: the handshake bounded by
+``header_timeout_s``), the shared ``ServerState``, signal handling, the choice of event loop
 (uvloop where importable) and the shutdown order: stop listening, let connections finish their
 current response, wait for in-flight handlers up to ``drain_timeout_s``, then cancel and close.
 It must never parse HTTP or answer a request itself; connections do that.
@@ -15,6 +16,8 @@ import os
 import signal
 import socket
 from collections.abc import Callable
+from ssl import SSLContext
+from typing import Any
 
 from appliance.http.admission import Rejection
 from appliance.http.cycle import Handler, Request
@@ -24,6 +27,9 @@ from appliance.http.protocol import HttpProtocol, ServerState
 __all__ = ["HttpServer", "Rejection", "install_event_loop_policy"]
 
 logger = logging.getLogger("phi.http")
+
+_TLS_SHUTDOWN_TIMEOUT_S = 5.0
+"""How long a closing TLS connection waits for the client's close_notify before it is dropped."""
 
 
 class HttpServer:
@@ -62,13 +68,24 @@ class HttpServer:
         port: int = 8080,
         *,
         sock: socket.socket | None = None,
+        ssl: SSLContext | None = None,
     ) -> None:
-        """Start listening on ``host:port``, or on an already bound ``sock``."""
+        """Start listening on ``host:port``, or on an already bound ``sock``; with ``ssl``, every connection
+        speaks TLS first. A handshake must complete within ``header_timeout_s`` (a client that connects
+        and says nothing is dropped as a slow head would be); one that fails is closed quietly (scanners
+        and clients speaking plain HTTP to the port are no news worth an error line)."""
         loop, factory = self._listener()
+        options: dict[str, Any] = {"backlog": 2048}
+        if ssl is not None:
+            options.update(
+                ssl=ssl,
+                ssl_handshake_timeout=self.limits.header_timeout_s,
+                ssl_shutdown_timeout=_TLS_SHUTDOWN_TIMEOUT_S,
+            )
         if sock is not None:
-            self._server = await loop.create_server(factory, sock=sock, backlog=2048)
+            self._server = await loop.create_server(factory, sock=sock, **options)
         else:
-            self._server = await loop.create_server(factory, host, port, reuse_address=True, backlog=2048)
+            self._server = await loop.create_server(factory, host, port, reuse_address=True, **options)
 
     def _listener(self) -> tuple[asyncio.AbstractEventLoop, Callable[[], HttpProtocol]]:
         if self._server is not None:

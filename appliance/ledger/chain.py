@@ -50,6 +50,9 @@ FIELDS: Final = (
     "data_class",
     "detail",
     "rule",
+    "client_cert",
+    "client_cert_sha256",
+    "os_user",  # admin records: the OS user who acted (the CLI's, or the admin socket peer's)
 )
 
 canonical_json: Final = json.JSONEncoder(

@@ -2,7 +2,8 @@
 
     Identify   the bearer token -> Caller(id, org, role)                          401 / 403
                at most ``max_in_flight_per_caller`` requests of one caller at once  429
-    Police     before the body is read: a caller already at its rate limit        429
+    Police     before the body is read: a client certificate the role requires    403
+                                        a caller already at its rate limit        429
                the policy in force decides: verdict, edits, limits admission      403 / 429 / 503
     Record     the request record is durable in the ledger BEFORE anything leaves  503 if it cannot be
     Route      provider/model -> adapter; the caller's token is replaced by the sealed provider key
@@ -54,9 +55,11 @@ class Pipeline:
         *,
         max_in_flight_per_caller: int = 64,
         flood_window_s: float = 1.0,
+        client_ca: bool = False,
     ) -> None:
+        """``client_ca``: the listener verifies client certificates (mutual TLS; see ``Police``)."""
         self.identify = Identify(tokens)
-        self.police = Police(keeper, limits or LimitKeeper())
+        self.police = Police(keeper, limits or LimitKeeper(), client_ca=client_ca)
         self.route = Route(keys)
         self.record = Record(ledger, flood_window_s)
         self._max_in_flight = max_in_flight_per_caller

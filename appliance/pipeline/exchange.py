@@ -59,6 +59,7 @@ class Exchange:
 
     def base_record(self, type_: str) -> dict[str, Any]:
         caller, verdict, state = self.caller, self.verdict, self.state
+        peer = self.request.peer
         return {
             "type": type_,
             "request_id": self.request.request_id,
@@ -73,6 +74,11 @@ class Exchange:
             "data_class": verdict.data_class if verdict else _role_data_class(state, caller),
             "request_sha256": self.request_sha256,
             "latency_ms": round((time.perf_counter() - self.request.received_at) * 1000, 3),
+            # The client certificate the TLS handshake verified (mutual TLS): who the connection was.
+            "client_cert": peer.cert_subject,
+            "client_cert_sha256": peer.cert_fingerprint.removeprefix("sha256:")
+            if peer.cert_fingerprint
+            else None,
         }
 
 

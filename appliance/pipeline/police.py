@@ -1,6 +1,8 @@
 """Phase 2, Police: everything that decides on a request before anything is recorded or forwarded.
 
-In order: the policy in force (none: 503, fail closed), the body read as a request of its endpoint
+In order: the policy in force (none: 503, fail closed), the client certificate the caller's organization or
+role requires (mutual TLS: 403 ``client_certificate_required`` or ``client_certificate_not_allowed``; the
+role's rule, else the organization's), the body read as a request of its endpoint
 (``facts``), the role's verdict (``PolicyEngine.evaluate``: allowed, or refused with the rule behind it),
 the verdict's edits written into the forwarded body (model, dropped tools, clamped ``max_tokens``), and
 admission under the role's limits and budgets, which reserves the request's estimated use (``limits``).
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import json
 
-from appliance.errors import NoPolicy, PolicyDenied
+from appliance.errors import ClientCertificateDenied, NoPolicy, PolicyDenied
 from appliance.identity import Caller
 from appliance.pipeline.exchange import Exchange
 from appliance.pipeline.facts import BodyFacts, apply_edits, parse_request, read_facts
@@ -27,9 +29,12 @@ from routes.result import RouteResult
 
 
 class Police:
-    def __init__(self, keeper: PolicyKeeper, limits: LimitKeeper) -> None:
+    def __init__(self, keeper: PolicyKeeper, limits: LimitKeeper, *, client_ca: bool = False) -> None:
+        """``client_ca``: the listener asks clients for a certificate (``server.tls.client_ca_file`` is
+        set); without it no caller can present one, and a refusal says which setting is missing."""
         self._keeper = keeper
         self.limits = limits
+        self._client_ca = client_ca
 
     def current(self) -> PolicyState | None:
         """The policy in force as the request arrives (it may be swapped while the request runs)."""
@@ -47,6 +52,7 @@ class Police:
         state = self.require_state(ex.state)
         caller = ex.caller
         assert caller is not None
+        self._check_client_certificate(ex, state, caller)
         role = state.engine.role(caller.org, caller.role)
         if role is not None and role.limits is not None:
             self.limits.check_rate(Subject(caller.id, caller.org, caller.role), role.limits)
@@ -81,6 +87,41 @@ class Police:
             for alias in state.engine.allowed_aliases(org, role)
         ]
         return json.dumps({"object": "list", "data": data}, separators=(",", ":")).encode()
+
+    def _check_client_certificate(self, ex: Exchange, state: PolicyState, caller: Caller) -> None:
+        """The role's ``client_certificate`` rule (else its organization's) against the certificate the
+        TLS handshake verified on this connection."""
+        org = state.policy.organizations.get(caller.org)
+        if org is None:
+            return
+        role = org.roles.get(caller.role)
+        rule, path = org.client_certificate, f"organizations.{caller.org}.client_certificate"
+        if role is not None and role.client_certificate is not None:
+            rule = role.client_certificate
+            path = f"organizations.{caller.org}.roles.{caller.role}.client_certificate"
+        if rule is None:
+            return
+        peer = ex.request.peer
+        if peer.cert_fingerprint is None:
+            if not rule.required:
+                return
+            if not self._client_ca:
+                raise ClientCertificateDenied(
+                    "this caller's role requires a client certificate (mutual TLS), but this gateway asks "
+                    "clients for none: its operator must set server.tls.client_ca_file",
+                    rule=path,
+                )
+            raise ClientCertificateDenied(
+                "this caller's role requires a client certificate (mutual TLS); the connection presented "
+                "none",
+                rule=path,
+            )
+        if rule.subjects and peer.cert_subject not in rule.subjects:
+            raise ClientCertificateDenied(
+                "the client certificate's subject is not one this caller's role accepts",
+                code="client_certificate_not_allowed",
+                rule=path,
+            )
 
     @staticmethod
     def _verdict(state: PolicyState, caller: Caller, model: str, facts: BodyFacts) -> Verdict:
