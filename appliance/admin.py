@@ -1,5 +1,6 @@
 """The operator plane of a running gateway: a small JSON API on a unix socket, and its client.
 
+    GET  /metrics                 Prometheus text format (``appliance.metrics``)
     GET  /admin/status            policy, ledger, local models, counters (what /health shows, and more)
     POST /admin/policy/reload     look for a new policy or trust file now, not at the next tick
     POST /admin/models/load       {"model": "local/<name>"}: verify the pinned file and load it
@@ -7,9 +8,10 @@
 
 Owns: the socket (``<home>/admin.sock``, mode 0600 inside the 0700 home: only the appliance's own user
 can connect, so the file mode is the authentication), the routes above, and ``AdminClient`` used by the
-CLI (and later the console). Every change made through it is an ``admin`` record in the ledger.
+CLI (and later the console). Every change made through it is an ``admin`` record in the ledger, naming
+the OS user of the socket's peer (``SO_PEERCRED``, worded by ``appliance.os_user``).
 Never: listens on the network (the admin plane must not be reachable from the wards); returns a
-secret.
+secret; names an OS user the transport did not vouch for (a peer without credentials is ``unknown``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any, Protocol
 
 from appliance.errors import BadRequest, MethodNotAllowed, NotFound, OperatorError
 from appliance.http import Request, Responder
+from appliance.os_user import peer_os_user
 
 _JSON = [(b"Content-Type", b"application/json")]
 _CLIENT_TIMEOUT_S = 600.0  # loading a large model verifies its hash first: minutes for tens of GB
@@ -39,13 +42,16 @@ class AdminTarget(Protocol):
 
     async def unload_model(self, model: str) -> dict[str, Any]: ...
 
-    def record_admin(self, detail: str) -> None: ...
+    def record_admin(self, detail: str, os_user: str | None = None) -> None: ...
+
+    def metrics(self) -> tuple[bytes, str]: ...
 
 
 class AdminApi:
     def __init__(self, target: AdminTarget) -> None:
         self._target = target
         self._routes: dict[str, tuple[str, Callable[[Request, Responder], Awaitable[None]]]] = {
+            "/metrics": ("GET", self._metrics),
             "/admin/status": ("GET", self._status),
             "/admin/policy/reload": ("POST", self._reload),
             "/admin/models/load": ("POST", self._load),
@@ -64,21 +70,25 @@ class AdminApi:
     async def _status(self, request: Request, responder: Responder) -> None:
         await _send(responder, self._target.status())
 
+    async def _metrics(self, request: Request, responder: Responder) -> None:
+        body, content_type = self._target.metrics()
+        await responder.send(200, [(b"Content-Type", content_type.encode())], body)
+
     async def _reload(self, request: Request, responder: Responder) -> None:
         result = self._target.reload_policy()
-        self._target.record_admin("policy_reload via admin socket")
+        self._target.record_admin("policy_reload via admin socket", peer_os_user(request.peer))
         await _send(responder, result)
 
     async def _load(self, request: Request, responder: Responder) -> None:
         model = _model_of(await request.body())
         result = await self._target.load_model(model)
-        self._target.record_admin(f"model_load {model} via admin socket")
+        self._target.record_admin(f"model_load {model} via admin socket", peer_os_user(request.peer))
         await _send(responder, result)
 
     async def _unload(self, request: Request, responder: Responder) -> None:
         model = _model_of(await request.body())
         result = await self._target.unload_model(model)
-        self._target.record_admin(f"model_unload {model} via admin socket")
+        self._target.record_admin(f"model_unload {model} via admin socket", peer_os_user(request.peer))
         await _send(responder, result)
 
 
@@ -120,7 +130,27 @@ class AdminClient:
         self._path = socket_path
         self._timeout = timeout
 
+    def text(self, path: str) -> str:
+        """A GET of a plain-text document (``/metrics``)."""
+        status, raw = self._exchange("GET", path, None)
+        if status != 200:
+            raise OperatorError(f"the gateway answered {status} to GET {path}")
+        return raw.decode("utf-8", "replace")
+
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        status, raw = self._exchange(method, path, body)
+        try:
+            doc = json.loads(raw)
+        except ValueError as exc:
+            raise OperatorError(f"the gateway answered {status} with a non-JSON body") from exc
+        if status != 200:
+            error = doc.get("error", {}) if isinstance(doc, dict) else {}
+            raise OperatorError(f"the gateway refused: {error.get('message', status)}")
+        if not isinstance(doc, dict):
+            raise OperatorError("the gateway's answer is not a JSON object")
+        return doc
+
+    def _exchange(self, method: str, path: str, body: dict[str, Any] | None) -> tuple[int, bytes]:
         conn = _UnixConnection(self._path, self._timeout)
         try:
             payload = None if body is None else json.dumps(body).encode()
@@ -137,13 +167,4 @@ class AdminClient:
             raise OperatorError(f"the gateway's admin socket {self._path} failed: {exc}") from exc
         finally:
             conn.close()
-        try:
-            doc = json.loads(raw)
-        except ValueError as exc:
-            raise OperatorError(f"the gateway answered {response.status} with a non-JSON body") from exc
-        if response.status != 200:
-            error = doc.get("error", {}) if isinstance(doc, dict) else {}
-            raise OperatorError(f"the gateway refused: {error.get('message', response.status)}")
-        if not isinstance(doc, dict):
-            raise OperatorError("the gateway's answer is not a JSON object")
-        return doc
+        return response.status, raw

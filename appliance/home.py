@@ -32,6 +32,7 @@ from appliance.identity import TokenStore
 from appliance.ledger import store
 from appliance.ledger.checkpoints import CheckpointSigner, default_origin
 from appliance.ledger.store import Ledger
+from appliance.os_user import this_os_user
 from appliance.policy import store as policy_store
 from appliance.policy.store import PolicyStore
 from appliance.policy.trust import TrustStore
@@ -143,7 +144,9 @@ class Home:
             created.append(f"{self.trust_path} (no trusted authoring keys yet)")
         _create_private(self.vault_path)  # SQLite gives its -wal and -shm files the mode of this one
         with self.open_vault() as vault:
-            vault.ledger.append_sync({"type": "admin", "detail": f"init site={site}"})
+            vault.ledger.append_sync(
+                {"type": "admin", "detail": f"init site={site}", "os_user": this_os_user()}
+            )
         created.append(f"{self.vault_path}")
         return created
 

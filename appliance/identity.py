@@ -1,7 +1,8 @@
 """Caller identity: API tokens ``<caller-id>:<48 hex>``, issued, revoked, imported, and checked per request.
 
 Owns: the ``tokens`` table (SHA-256 of each token, never the token), token issue/revoke/list, import from a
-cllama context directory (``<agent-id>/metadata.json`` with a ``token`` field), and ``authenticate``: the
+cllama context directory (``<agent-id>/metadata.json`` with a ``token`` field, read into ``CllamaAgent``
+first so the caller can check and record the org and role each token gets), and ``authenticate``: the
 IDENTIFY phase, which turns the request's ``Authorization: Bearer`` (or ``x-api-key``) header into a
 ``Caller(id, org, role)``.
 
@@ -25,7 +26,7 @@ import re
 import secrets
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -169,46 +170,51 @@ class TokenStore:
         return count
 
     def import_cllama(self, directory: Path, *, org: str, role: str) -> builtins.list[tuple[str, str]]:
-        """Import the tokens of a cllama context directory (``<agent-id>/metadata.json`` ``token``).
+        """Import the tokens of a cllama context directory (``<agent-id>/metadata.json`` ``token``):
+        ``import_agents(read_cllama(...))``. Returns ``(agent-id, outcome)`` for every agent directory."""
+        return self.import_agents(self.read_cllama(directory, org=org, role=role))
 
-        Stores each token's hash only. ``org``/``role`` fields in a metadata file win over the defaults
-        given here (cllama itself defines ``token``, ``pod``, ``service``, ``type``; none of those is a
-        policy organisation or role). Returns ``(agent-id, outcome)`` for every agent directory; a
-        malformed entry is reported and skipped, never imported.
+    def read_cllama(self, directory: Path, *, org: str, role: str) -> builtins.list[CllamaAgent]:
+        """Read a cllama context directory: every agent directory, what its token would be granted, or why
+        it is skipped. Nothing is written.
+
+        ``org``/``role`` fields in a metadata file win over the defaults given here (cllama itself
+        defines ``token``, ``pod``, ``service``, ``type``; none of those is a policy organisation or
+        role), and each ``CllamaAgent`` says which it took from there.
         """
         _check_name("organization", org)
         _check_name("role", role)
         if not directory.is_dir():
             raise OperatorError(f"{directory} is not a directory (expected a cllama context root)")
-        results: builtins.list[tuple[str, str]] = []
-        rows: builtins.list[tuple[str, str, str, str]] = []
-        for entry in sorted(directory.iterdir()):
-            if not entry.is_dir():
-                continue
-            outcome, row = _read_cllama_agent(entry, org, role)
-            if row is None:
-                results.append((entry.name, outcome))
-            else:
-                results.append((entry.name, ""))
-                rows.append(row)
+        return [
+            _read_cllama_agent(entry, org, role) for entry in sorted(directory.iterdir()) if entry.is_dir()
+        ]
+
+    def import_agents(self, agents: builtins.list[CllamaAgent]) -> builtins.list[tuple[str, str]]:
+        """Store the token hash of every agent without a ``problem``, with the org and role it names.
+
+        Returns ``(agent-id, outcome)`` for each: ``imported``, or why it was skipped (a malformed entry
+        is reported and skipped, never imported; a token already present is kept as it was).
+        """
+        importable = [agent for agent in agents if not agent.problem]
 
         def write(conn: sqlite3.Connection) -> dict[str, str]:
             done: dict[str, str] = {}
-            for caller, org_, role_, digest in rows:
+            for agent in importable:
                 cur = conn.execute(
                     "INSERT INTO tokens (caller, org, role, token_sha256, created_at, note)"
                     " VALUES (?, ?, ?, ?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), 'imported from cllama')"
                     " ON CONFLICT (token_sha256) DO NOTHING",
-                    (caller, org_, role_, digest),
+                    (agent.caller, agent.org, agent.role, agent.token_sha256),
                 )
-                done[caller] = (
+                done[agent.caller] = (
                     "imported" if cur.rowcount else "skipped: token already present (kept as it was)"
                 )
             return done
 
-        outcomes = self._db.write(write) if rows else {}
+        outcomes = self._db.write(write) if importable else {}
         self._mark.bump()
-        return [(name, outcome or outcomes[name]) for name, outcome in results]
+        return [(agent.caller, agent.problem or outcomes[agent.caller]) for agent in agents]
 
     # -- per request --------------------------------------------------------------------------------------
 
@@ -249,33 +255,53 @@ class TokenStore:
         return found
 
 
-def _read_cllama_agent(entry: Path, org: str, role: str) -> tuple[str, tuple[str, str, str, str] | None]:
-    """One agent directory → (problem, None) or ("", (caller, org, role, token hash))."""
+@dataclass(frozen=True)
+class CllamaAgent:
+    """One agent directory of a cllama context as read: the organization and role its token is granted
+    (and which of them its ``metadata.json`` named), or why it is skipped (``problem``)."""
+
+    caller: str
+    problem: str = ""
+    org: str = ""
+    role: str = ""
+    from_metadata: tuple[str, ...] = ()
+    """``"org"`` and/or ``"role"``: the fields metadata.json named, which won over the defaults."""
+    token_sha256: str = field(default="", repr=False)
+
+    def skipped(self, why: str) -> CllamaAgent:
+        """This agent, not to be imported, for ``why`` (which starts ``skipped:``)."""
+        return replace(self, problem=why)
+
+
+def _read_cllama_agent(entry: Path, org: str, role: str) -> CllamaAgent:
+    """One agent directory, with what its token would be granted, or why it is skipped."""
     name = entry.name
     if not CALLER_ID.fullmatch(name):
-        return "skipped: directory name is not a valid caller id", None
+        return CllamaAgent(name, "skipped: directory name is not a valid caller id")
     try:
         meta = json.loads((entry / "metadata.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
-        return "skipped: no metadata.json", None
+        return CllamaAgent(name, "skipped: no metadata.json")
     except (OSError, UnicodeDecodeError, ValueError):
-        return "skipped: metadata.json is not readable JSON", None
+        return CllamaAgent(name, "skipped: metadata.json is not readable JSON")
     if not isinstance(meta, dict):
-        return "skipped: metadata.json is not a JSON object", None
+        return CllamaAgent(name, "skipped: metadata.json is not a JSON object")
     token = meta.get("token")
     if not isinstance(token, str) or not token:
-        return "skipped: metadata.json has no token", None
+        return CllamaAgent(name, "skipped: metadata.json has no token")
     shape = _TOKEN.fullmatch(token.strip())
     if shape is None:
-        return "skipped: token is not <agent-id>:<48 lowercase hex>", None
+        return CllamaAgent(name, "skipped: token is not <agent-id>:<48 lowercase hex>")
     if shape.group(1) != name:
-        return "skipped: token caller does not match the directory name", None
+        return CllamaAgent(name, "skipped: token caller does not match the directory name")
     chosen = {"org": org, "role": role}
-    for field in chosen:
-        value = meta.get(field)
+    named: list[str] = []
+    for key in chosen:
+        value = meta.get(key)
         if value is None:
             continue
         if not isinstance(value, str) or not CALLER_ID.fullmatch(value):
-            return f"skipped: metadata.json {field} is not a valid name", None
-        chosen[field] = value
-    return "", (name, chosen["org"], chosen["role"], _token_hash(token.strip()))
+            return CllamaAgent(name, f"skipped: metadata.json {key} is not a valid name")
+        chosen[key] = value
+        named.append(key)
+    return CllamaAgent(name, "", chosen["org"], chosen["role"], tuple(named), _token_hash(token.strip()))

@@ -114,10 +114,20 @@ def load_public_key(path: Path) -> tuple[str, Ed25519PublicKey]:
     if not isinstance(doc, dict):
         raise OperatorError(f"{path} is not a .pub JSON object")
     public = public_from_entry(doc, str(path))
+    return check_stated_keyid(doc, public, str(path)), public
+
+
+def check_stated_keyid(doc: dict[str, object], public: Ed25519PublicKey, where: str) -> str:
+    """The key's id; a ``keyid`` the document states (as a ``.pub`` does) must be that id, or this refuses
+    naming both."""
     keyid = keyid_of(public)
-    if "keyid" in doc and doc["keyid"] != keyid:
-        raise OperatorError(f"{path}: the stated keyid does not match the key (expected {keyid})")
-    return keyid, public
+    stated = doc.get("keyid", keyid)
+    if stated != keyid:
+        raise OperatorError(
+            f"{where}: the stated keyid does not match the key: it states {str(stated)[:80]}, and the key's "
+            f"id (the SHA-256 of the raw public key) is {keyid}"
+        )
+    return keyid
 
 
 def public_from_entry(doc: dict[str, object], where: str) -> Ed25519PublicKey:

@@ -12,19 +12,24 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 import sys
 import threading
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from appliance import files
 from appliance.cli.options import home_option, open_home
 from appliance.errors import CheckpointError, OperatorError
 from appliance.ledger import operations, proofs, signed_note
+from appliance.ledger.archive import archive_files
+from appliance.ledger.archive_bundles import ArchiveBundles
 from appliance.ledger.export import sidecar_paths
-from appliance.ledger.export_verify import verify_exports
+from appliance.ledger.export_verify import verify_bundles
 from appliance.ledger.follow import ExportFollower, exported_through
+from appliance.os_user import this_os_user
 
 _PENDING_SHOWN = 100
 VERIFIER_KEYS = files.Input("verifier key file", 1 << 20)
@@ -61,7 +66,14 @@ def _read_notes(paths: tuple[Path, ...]) -> list[tuple[str, str]]:
 
 
 _KEY_HELP = "A verifier key (name+hash+key, as `audit key` prints it) or a file of them; repeatable."
-_KEPT_HELP = "A checkpoint you kept off the appliance; it must be signed and match the ledger. Repeatable."
+_KEPT_HELP = (
+    "A checkpoint you kept off the appliance; it must be signed and match the ledger (or, with EXPORTS, "
+    "the bundles). Repeatable."
+)
+_ARCHIVE_HELP = (
+    "An archive bundle (the .jsonl `audit archive` wrote), for checkpoints and proofs over archived "
+    "records; repeatable."
+)
 
 
 @audit_group.command("verify")
@@ -74,22 +86,48 @@ _KEPT_HELP = "A checkpoint you kept off the appliance; it must be signed and mat
     help=_KEPT_HELP,
 )
 @click.option("--key", "keys", multiple=True, help=_KEY_HELP + " (for EXPORTS, or extra keys for the ledger)")
+@click.option(
+    "--archive",
+    "archives",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help=_ARCHIVE_HELP + " Each is verified too, and must be this ledger's.",
+)
 @click.argument("exports", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def audit_verify(
-    home: Path | None, kept: tuple[Path, ...], keys: tuple[str, ...], exports: tuple[Path, ...]
+    home: Path | None,
+    kept: tuple[Path, ...],
+    keys: tuple[str, ...],
+    archives: tuple[Path, ...],
+    exports: tuple[Path, ...],
 ) -> None:
     """Recompute chain and Merkle tree, check every checkpoint; exit 1 naming the first bad record.
 
+    A kept checkpoint (--checkpoint) over records since archived is checked from the tiles the vault keeps,
+    and, inside a tile, with that tile's records from its archive bundle (--archive).
+
     With EXPORTS (files written by `audit export --out` or `audit archive`, from one appliance or several
     behind a load balancer), verify those instead, without a ledger: each against its signed checkpoint,
-    with the verifier keys given by --key.
+    with the verifier keys given by --key, and each kept checkpoint against the bundles that hold its records.
     """
     if exports:
-        _verify_exports(exports, _verifiers(keys))
+        if archives:
+            raise OperatorError("--archive is for checking the ledger; without it, list the bundles as FILE…")
+        if click.get_current_context().get_parameter_source("home") is ParameterSource.COMMANDLINE:
+            raise OperatorError(
+                "with FILE… only those bundles are verified, not the ledger --home names: run "
+                "`audit verify --home DIR` for the ledger (--archive FILE checks archive bundles against it)"
+            )
+        _verify_exports(exports, _verifiers(keys), _read_notes(kept))
         return
     target = open_home(home)
     with target.open_vault() as vault:
-        report = vault.ledger.verify(kept=_read_notes(kept), extra_verifiers=_verifiers(keys))
+        extra = _verifiers(keys)
+        bundle_notes = _verify_archives(archives, [vault.ledger.verifier(), *extra])
+        bundles = ArchiveBundles(archives, archive_files(vault.db.reader()))
+        report = vault.ledger.verify(
+            kept=[*_read_notes(kept), *bundle_notes], extra_verifiers=extra, bundles=bundles
+        )
         newest = vault.ledger.count()
     setting = target.settings().audit.export_file
     export_file = None if setting is None else target.root / setting
@@ -103,25 +141,61 @@ def audit_verify(
         raise OperatorError(f"ledger verification FAILED after {report.records} records: {report.message}")
     if report.records == 0:
         raise OperatorError("ledger verification FAILED: the ledger is empty (init always writes record 1)")
-    click.echo(f"ok: {report.message}")
+    matched = "" if not kept else f"; your kept checkpoint(s) {', '.join(p.name for p in kept)} match it"
+    click.echo(f"ok: {report.message}{matched}")
 
 
-def _verify_exports(paths: tuple[Path, ...], verifiers: list[signed_note.Verifier]) -> None:
-    if not verifiers:
-        raise OperatorError("verifying exports needs the verifier key of each appliance: --key")
+def _require_bundle_files(paths: tuple[Path, ...]) -> None:
     for path in paths:  # export_verify opens these itself: refuse a FIFO or a device before it does
         checkpoint_path, prefix_path = sidecar_paths(path)
         files.require_regular(path, EXPORT)
         for sidecar, kind in ((checkpoint_path, CHECKPOINT), (prefix_path, EXPORT_PREFIX)):
             if sidecar.exists():  # a missing one is export_verify's to report, with the rest
                 files.require_regular(sidecar, kind)
-    reports = verify_exports(list(paths), verifiers)
-    failed = 0
+
+
+def _verify_exports(
+    paths: tuple[Path, ...], verifiers: list[signed_note.Verifier], kept: list[tuple[str, str]]
+) -> None:
+    if not verifiers:
+        raise OperatorError("verifying exports needs the verifier key of each appliance: --key")
+    _require_bundle_files(paths)
+    reports, kept_reports = verify_bundles(list(paths), verifiers, kept)
     for report in reports:
         click.echo(report.describe())
-        failed += not report.ok
+    for kept_report in kept_reports:
+        click.echo(kept_report.describe())
+    failed = sum(not report.ok for report in reports)
+    failed_kept = sum(not report.ok for report in kept_reports)
+    if failed or failed_kept:
+        raise OperatorError(
+            f"{failed} of {len(reports)} export(s) and {failed_kept} of {len(kept_reports)} kept "
+            "checkpoint(s) FAILED verification"
+        )
+
+
+def _verify_archives(paths: tuple[Path, ...], verifiers: list[signed_note.Verifier]) -> list[tuple[str, str]]:
+    """Verify each archive bundle given to a ledger check on its own; its checkpoint is then checked
+    against the ledger like a kept one (so the bundle must be this ledger's, not only well signed)."""
+    if not paths:
+        return []
+    _require_bundle_files(paths)
+    reports, _ = verify_bundles(list(paths), verifiers)
+    for report in reports:
+        if report.ok:
+            click.echo(f"archive {report.path.name}: ok, records {report.first_seq} to {report.last_seq}")
+        else:
+            click.echo(f"archive {report.path.name}: FAILED: {'; '.join(report.problems)}")
+    failed = [report.path.name for report in reports if not report.ok]
     if failed:
-        raise OperatorError(f"{failed} of {len(reports)} export(s) FAILED verification")
+        raise OperatorError(
+            f"ledger verification FAILED: archive bundle(s) {', '.join(failed)} do not verify, so nothing "
+            "was checked against them"
+        )
+    return [
+        (f"the checkpoint of archive {path.name}", files.read_text(sidecar_paths(path)[0], CHECKPOINT))
+        for path in paths
+    ]
 
 
 @audit_group.command("tail")
@@ -211,17 +285,39 @@ def audit_checkpoints(home: Path | None, count: int) -> None:
     default=None,
     help="Instead: prove the ledger of --size records extends the one of this many records.",
 )
+@click.option(
+    "--archive",
+    "archives",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help=_ARCHIVE_HELP,
+)
+@click.option(
+    "--allow-unsigned",
+    is_flag=True,
+    help="Give the proof even without a stored checkpoint of its size(s); check it with one you kept.",
+)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 def audit_prove(
-    home: Path | None, record: int | None, size: int | None, from_size: int | None, out: Path | None
+    home: Path | None,
+    record: int | None,
+    size: int | None,
+    from_size: int | None,
+    archives: tuple[Path, ...],
+    allow_unsigned: bool,
+    out: Path | None,
 ) -> None:
     """Print an RFC 9162 inclusion proof (--record) or consistency proof (--from-size) as JSON.
 
-    The proof carries the signed checkpoint it leads to (a new one is signed when proving against the
-    ledger as it is now); `audit verify-proof` checks it anywhere, without the ledger.
+    The proof carries the signed checkpoint(s) it leads to (a new one is signed when proving against the
+    ledger as it is now); without a stored checkpoint of its size it is refused unless --allow-unsigned.
+    `audit verify-proof` checks it anywhere, without the ledger. A proof over records since archived needs
+    the archive bundle holding them (--archive).
     """
     if (record is None) == (from_size is None):
         raise OperatorError("give --record N (inclusion) or --from-size M (consistency)")
+    for path in archives:  # read a tile at a time by ArchiveBundles: refuse a FIFO or a device first
+        files.require_regular(path, EXPORT)
     with open_home(home).open_vault() as vault:
         ledger = vault.ledger
         if size is None:
@@ -232,16 +328,40 @@ def audit_prove(
         try:
             if not 1 <= size <= ledger.count():
                 raise OperatorError(f"--size must be 1 to {ledger.count()} (the records in the ledger)")
+            if from_size is not None and not 1 <= from_size <= size:
+                raise OperatorError(f"--from-size must be 1 to {size} (the tree it is proved against)")
             note = proofs.stored_checkpoint_at(conn, size)
+            old = None if from_size is None else proofs.stored_checkpoint_at(conn, from_size)
+            unsigned = [n for n, text in ((from_size, old), (size, note)) if n is not None and text is None]
+            if unsigned and not allow_unsigned:
+                raise OperatorError(_no_stored_checkpoint(conn, unsigned[0]))
+            bundles = ArchiveBundles(archives, archive_files(conn))
             if record is not None:
-                doc = proofs.inclusion_proof(conn, record, size, note)
+                doc = proofs.inclusion_proof(conn, record, size, note, bundles)
             else:
                 assert from_size is not None
-                old = proofs.stored_checkpoint_at(conn, from_size)
-                doc = proofs.consistency_proof(conn, from_size, size, old, note)
+                doc = proofs.consistency_proof(conn, from_size, size, old, note, bundles)
         finally:
             conn.execute("COMMIT")
+    for n in unsigned:
+        click.echo(
+            f"warning: UNSIGNED proof: no stored checkpoint of {n} records; it proves nothing until checked "
+            f"against a checkpoint of {n} records you kept (audit verify-proof PROOF --key KEY --checkpoint "
+            "KEPT)",
+            err=True,
+        )
     _write_or_print(proofs.dumps(doc), out)
+
+
+def _no_stored_checkpoint(conn: sqlite3.Connection, size: int) -> str:
+    below, above = proofs.stored_sizes_around(conn, size)
+    nearest = " and ".join(str(n) for n in (below, above) if n is not None) or "none"
+    return (
+        f"no checkpoint of {size} records is stored, so the proof would carry no signature (the nearest "
+        f"stored sizes: {nearest}; `audit checkpoints` lists them). Prove at a stored size, or sign one of "
+        f"the ledger as it is now with `audit checkpoint` and prove at its size; to check the proof only "
+        f"against a checkpoint of {size} records you kept yourself, pass --allow-unsigned"
+    )
 
 
 @audit_group.command("verify-proof")
@@ -358,10 +478,11 @@ def audit_archive(home: Path | None, through: int, out_dir: Path) -> None:
     """Move old records into a sealed, verifiable archive bundle and remove them from the vault.
 
     The bundle is written, read back and verified before anything is deleted; verify goes on from the
-    signed state the vault keeps of the archived records. Check the bundle later with `audit verify FILE`.
+    signed state the vault keeps of the archived records. Check the bundle later with `audit verify FILE`,
+    and checkpoints kept from before with `audit verify --checkpoint KEPT --archive FILE`.
     """
     with open_home(home).open_vault() as vault:
-        result = operations.run_archive(vault.ledger, vault.db, through, out_dir)
+        result = operations.run_archive(vault.ledger, vault.db, through, out_dir, os_user=this_os_user())
     click.echo(
         f"records {result.first} to {result.last} archived to {result.path} (sha256 {result.sha256}); "
         f"{result.deleted} removed from the vault"

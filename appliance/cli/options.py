@@ -1,6 +1,6 @@
 """What every ``phi-gateway`` verb module shares: the ``--home`` option, opening the home, the ``admin``
-ledger record of an operator's change, and the group that turns an operator error into ``error: …`` and
-exit status 1.
+ledger record of an operator's change (naming the OS user who made it), and the group that turns an
+operator error into ``error: …`` and exit status 1.
 
 Owns: those four things, nothing verb-specific. Never: prints a secret; imports a verb module or
 ``appliance.cli`` itself (every verb module imports this one, so this one imports none of them).
@@ -17,6 +17,7 @@ import click
 
 from appliance.errors import GatewayError, OperatorError
 from appliance.home import Home, Vault, resolve_home
+from appliance.os_user import this_os_user
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -54,5 +55,7 @@ def open_home(path: Path | None, *, initialized: bool = True) -> Home:
 
 
 def record_admin(vault: Vault, detail: str, claw_id: str | None = None) -> None:
-    """Write the ``admin`` ledger record of an operator's change (``detail`` never holds a secret)."""
-    vault.ledger.append_sync({"type": "admin", "claw_id": claw_id, "detail": detail})
+    """Write the ``admin`` ledger record of an operator's change (``detail`` never holds a secret), naming
+    the OS user who ran the command."""
+    record = {"type": "admin", "claw_id": claw_id, "detail": detail, "os_user": this_os_user()}
+    vault.ledger.append_sync(record)

@@ -17,6 +17,7 @@ from appliance import files
 from appliance.cli.options import home_option, open_home, record_admin
 from appliance.errors import OperatorError
 from appliance.home import Vault
+from appliance.identity import CllamaAgent
 from appliance.policy import dsse
 from appliance.policy.schema import Policy
 
@@ -77,7 +78,7 @@ def token_issue(
     """Issue a token for CALLER; it is printed once, alone on the last line."""
     with open_home(home).open_vault() as vault:
         if not allow_unknown_role:
-            _require_role(vault, org, role)
+            _require_role(_policy_in_force(vault), org, role)
         token = vault.tokens.issue(caller, org, role, expires_at=_parse_expiry(expires), note=note)
         record_admin(vault, f"token_issue org={org} role={role}", claw_id=caller)
     click.echo(
@@ -87,14 +88,21 @@ def token_issue(
     click.echo(token)
 
 
-def _require_role(vault: Vault, org: str, role: str) -> None:
-    """Refuse an org/role the policy in force lacks (a typo would issue a token that is always refused)."""
+def _policy_in_force(vault: Vault) -> Policy | None:
     active = vault.policies.current()
-    if active is None:
-        return
-    policy = Policy.model_validate_json(dsse.parse_envelope(active.envelope).payload)
+    return (
+        None if active is None else Policy.model_validate_json(dsse.parse_envelope(active.envelope).payload)
+    )
+
+
+def _has_role(policy: Policy, org: str, role: str) -> bool:
     organization = policy.organizations.get(org)
-    if organization is None or role not in organization.roles:
+    return organization is not None and role in organization.roles
+
+
+def _require_role(policy: Policy | None, org: str, role: str) -> None:
+    """Refuse an org/role the policy in force lacks (a typo would issue a token that is always refused)."""
+    if policy is not None and not _has_role(policy, org, role):
         raise OperatorError(
             f"policy v{policy.version} has no role {org}/{role}; "
             "check the spelling or pass --allow-unknown-role"
@@ -133,21 +141,50 @@ def token_revoke(home: Path | None, caller: str) -> None:
 )
 @click.option("--role", required=True, help="Role for imported callers (unless their metadata names one).")
 @click.option(
-    "--allow-unknown-role", is_flag=True, help="Import even if the policy in force lacks the org/role."
+    "--allow-unknown-role",
+    is_flag=True,
+    help="Import even if the policy in force lacks the org/role (given here or named by a metadata.json).",
 )
 def token_import_cllama(
     home: Path | None, directory: Path, org: str, role: str, allow_unknown_role: bool
 ) -> None:
-    """Import tokens from a cllama context directory (<agent-id>/metadata.json)."""
+    """Import tokens from a cllama context directory (<agent-id>/metadata.json).
+
+    An agent whose metadata.json names an org or role gets that one (the one it was set up with);
+    --org/--role are for the others. Each import is recorded with the org and role the token got.
+    """
     _require_regular_metadata(directory)
     with open_home(home).open_vault() as vault:
-        if not allow_unknown_role:
-            _require_role(vault, org, role)
-        results = vault.tokens.import_cllama(directory, org=org, role=role)
-        for caller, outcome in results:
+        policy = None if allow_unknown_role else _policy_in_force(vault)
+        _require_role(policy, org, role)
+        agents = [
+            _check_metadata_role(agent, policy)
+            for agent in vault.tokens.read_cllama(directory, org=org, role=role)
+        ]
+        granted = {agent.caller: agent for agent in agents}
+        for caller, outcome in vault.tokens.import_agents(agents):
             if outcome == "imported":
-                record_admin(vault, f"token_import_cllama org={org} role={role}", claw_id=caller)
+                agent = granted[caller]
+                named = " and ".join(agent.from_metadata)
+                detail = f"token_import_cllama org={agent.org} role={agent.role}"
+                if named:
+                    detail += f" from_metadata={','.join(agent.from_metadata)}"
+                record_admin(vault, detail, claw_id=caller)
+                outcome = f"imported as {agent.org}/{agent.role}" + (
+                    f" ({named} from metadata.json)" if named else ""
+                )
             click.echo(f"{caller}: {outcome}")
+
+
+def _check_metadata_role(agent: CllamaAgent, policy: Policy | None) -> CllamaAgent:
+    """Skip an agent whose metadata.json names an org/role the policy in force lacks (the defaults given
+    on the command line were checked already)."""
+    if policy is None or agent.problem or not agent.from_metadata or _has_role(policy, agent.org, agent.role):
+        return agent
+    return agent.skipped(
+        f"skipped: metadata.json names {agent.org}/{agent.role}, which policy v{policy.version} lacks "
+        "(check the spelling, or --allow-unknown-role imports it anyway)"
+    )
 
 
 CLLAMA_METADATA = files.Input("cllama metadata.json", 1 << 20)

@@ -10,14 +10,17 @@ The row keeps what verification of the records after N needs: the chain hash of 
 range of the first N leaves, and the signed checkpoint of N records. ``verify`` checks that checkpoint's
 signature and that the compact range gives its root, then continues the chain and the tree from there;
 the archive files are verified on their own (`audit verify FILE…`), by anyone with the verifier key.
-Tiles are never deleted, so proofs for the records that remain still work. N must be a multiple of 256
-(a whole tile), so no tile is split between an archive and the vault.
+Tiles are never deleted: ``verify`` checks that those of archived records give the row's compact range, so
+they stand for the archived tree, and proofs and kept checkpoints over archived records need at most one
+tile's records back from a bundle (``tiles``). N must be a multiple of 256 (a whole tile), so no tile is
+split between an archive and the vault.
 
 Owns: ``ledger_archive`` and the one trigger that lets archived records (and only those) be deleted,
-``plan`` (which records an archive may take), ``store`` (the row and the deletion, in the caller's write)
-and ``check_prefix`` (``verify``'s check of a row). Never: archives records newer than the signed head;
-rewrites an archive row; writes or verifies the archive files, or knows of ``Ledger`` (it imports neither
-``store`` nor ``export``: ``operations`` combines them, and deletes nothing before the files verify).
+``plan`` (which records an archive may take), ``store`` (the row and the deletion, in the caller's write),
+``check_prefix`` (``verify``'s check of a row) and ``archive_files`` (where each archive was written).
+Never: archives records newer than the signed head; rewrites an archive row; writes or verifies the
+archive files, or knows of ``Ledger`` (it imports neither ``store`` nor ``export``: ``operations``
+combines them, and deletes nothing before the files verify).
 """
 
 from __future__ import annotations
@@ -85,6 +88,22 @@ def archived_prefix(conn: sqlite3.Connection) -> ArchivedPrefix | None:
         expected = last + 1
     _, last, chain, frontier, note = rows[-1]
     return ArchivedPrefix(int(last), str(chain), decode_frontier(int(last), frontier), str(note), len(rows))
+
+
+@dataclass(frozen=True)
+class ArchiveFile:
+    """Where ``audit archive`` wrote records ``first`` to ``last``, and the SHA-256 of that file."""
+
+    first: int
+    last: int
+    file: str
+    sha256: str
+
+
+def archive_files(conn: sqlite3.Connection) -> list[ArchiveFile]:
+    """Every archive's records and file, oldest first (for messages that name the bundle a check needs)."""
+    rows = conn.execute("SELECT first_seq, last_seq, file, sha256 FROM ledger_archive ORDER BY id").fetchall()
+    return [ArchiveFile(int(first), int(last), str(file), str(digest)) for first, last, file, digest in rows]
 
 
 def archive_roots(conn: sqlite3.Connection) -> dict[int, bytes]:

@@ -9,9 +9,15 @@ believed only if, with the prefix and the edge records, they give the signed roo
 nodes (each its own ledger and key) are checked together, and exports of one origin must agree wherever
 they cover the same records.
 
-Owns: ``verify_exports`` and ``ExportReport``, and the wording of what they find. Never: reads the ledger
-or the vault (it runs where neither is); accepts an export whose root no trusted key signed for its
-origin; stops at a problem without naming the line or records it concerns.
+Checkpoints the auditor kept (``verify_bundles``'s ``kept``) are checked against the bundles too: each
+must be signed by a trusted key, and some bundle of its origin that holds record N (or starts right after
+it) must give, from its prefix and lines, the same root for the first N records. A kept checkpoint that no
+bundle given can check is a failure with the reason, never passed over.
+
+Owns: ``verify_bundles``, ``verify_exports``, ``ExportReport`` and ``KeptReport``, and the wording of what
+they find. Never: reads the ledger or the vault (it runs where neither is); accepts an export whose root no
+trusted key signed for its origin; stops at a problem without naming the line or records it concerns;
+reports a kept checkpoint as checked when it was not.
 """
 
 from __future__ import annotations
@@ -52,6 +58,28 @@ class ExportReport:
         span = "" if self.first_seq is None else f" records {self.first_seq}..{self.last_seq}"
         verdict = "ok" if self.ok else "FAILED: " + "; ".join(self.problems)
         return f"{self.path}: {origin}{span}: {verdict}"
+
+
+@dataclass
+class KeptReport:
+    """What ``verify_bundles`` found for one checkpoint the auditor kept (``problem`` None: it holds)."""
+
+    label: str
+    checkpoint: signed_note.Checkpoint | None = None
+    matched: list[Path] = field(default_factory=list)
+    problem: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+    def describe(self) -> str:
+        if self.problem is not None:
+            return f"{self.label}: FAILED: {self.problem}"
+        cp = self.checkpoint
+        assert cp is not None
+        names = ", ".join(path.name for path in self.matched)
+        return f"{self.label} ({cp.size} records of {cp.origin}, {cp.timestamp}): matches {names}"
 
 
 @dataclass
@@ -327,6 +355,14 @@ def verify_exports(paths: Sequence[Path], verifiers: Sequence[signed_note.Verifi
     ``verifiers``: the keys the auditor trusts (every node's); a checkpoint is accepted only when a key
     named for its origin signed it. One report per path, in order.
     """
+    return verify_bundles(paths, verifiers)[0]
+
+
+def verify_bundles(
+    paths: Sequence[Path], verifiers: Sequence[signed_note.Verifier], kept: Sequence[tuple[str, str]] = ()
+) -> tuple[list[ExportReport], list[KeptReport]]:
+    """``verify_exports``, and each of ``kept`` ((label, note text) of checkpoints the auditor kept)
+    checked against the bundles: one report per path and one per kept checkpoint, in order."""
     opened = [_open_bundle(Path(p), verifiers) for p in paths]
     bundles = [b for b in opened if isinstance(b, _Bundle)]
     for i, a in enumerate(bundles):
@@ -335,8 +371,62 @@ def verify_exports(paths: Sequence[Path], verifiers: Sequence[signed_note.Verifi
             if at is not None:
                 a.wanted.add(at)
                 b.wanted.add(at)
+    checks = [_open_kept(label, text, verifiers, bundles) for label, text in kept]
     for bundle in bundles:
         if bundle.report.ok:
             _check_lines(bundle)
     _cross_check(bundles)
-    return [b.report if isinstance(b, _Bundle) else b for b in opened]
+    for report, covering in checks:
+        if report.ok:
+            _judge_kept(report, covering)
+    return [b.report if isinstance(b, _Bundle) else b for b in opened], [report for report, _ in checks]
+
+
+def _open_kept(
+    label: str, text: str, verifiers: Sequence[signed_note.Verifier], bundles: list[_Bundle]
+) -> tuple[KeptReport, list[_Bundle]]:
+    """A kept checkpoint's signature, and the bundles of its origin that can state its tree (which are
+    asked to keep their compact range at its size)."""
+    report = KeptReport(label)
+    try:
+        cp = report.checkpoint = signed_note.open_note(text, verifiers)
+    except CheckpointError as exc:
+        report.problem = str(exc)
+        return report, []
+    same = [b for b in bundles if b.checkpoint.origin == cp.origin]
+    if not same:
+        report.problem = (
+            f"no bundle given is of {cp.origin}, the ledger it signs: give an export or archive bundle of it"
+        )
+        return report, []
+    covering = [b for b in same if (b.report.first_seq or 1) - 1 <= cp.size <= b.checkpoint.size]
+    if not covering:
+        held = ", ".join(f"{b.report.first_seq}..{b.checkpoint.size}" for b in same)
+        report.problem = (
+            f"it signs {cp.size} records and cannot be checked: the bundles of {cp.origin} given hold "
+            f"records {held}; give the export or archive bundle that holds record {cp.size}"
+        )
+        return report, []
+    for bundle in covering:
+        bundle.wanted.add(cp.size)
+    return report, covering
+
+
+def _judge_kept(report: KeptReport, covering: list[_Bundle]) -> None:
+    """Compare the kept root with the one each bundle that verified gives for the same records."""
+    cp = report.checkpoint
+    assert cp is not None
+    checked = [b for b in covering if b.report.ok and cp.size in b.frontiers]
+    if not checked:
+        names = ", ".join(b.report.path.name for b in covering)
+        report.problem = f"it signs {cp.size} records and cannot be checked: {names} failed verification"
+        return
+    for bundle in checked:
+        if merkle.Frontier(cp.size, bundle.frontiers[cp.size]).root() != cp.root:
+            report.problem = (
+                f"does not match {bundle.report.path.name}: the records 1..{cp.size} that bundle vouches for "
+                "give another root than the one you kept; the appliance signed two different histories "
+                "(keep both as evidence)"
+            )
+            return
+        report.matched.append(bundle.report.path)

@@ -58,8 +58,11 @@ class ArchiveResult:
     sha256: str
 
 
-def run_archive(ledger: Ledger, db: Database, through: int, out_dir: Path) -> ArchiveResult:
-    """Archive records up to ``through`` into ``out_dir`` (see ``archive`` for what the vault keeps)."""
+def run_archive(
+    ledger: Ledger, db: Database, through: int, out_dir: Path, *, os_user: str | None = None
+) -> ArchiveResult:
+    """Archive records up to ``through`` into ``out_dir`` (see ``archive`` for what the vault keeps);
+    ``os_user``: who asked, for the admin record."""
     verified = ledger.verify()  # the archive's root comes from stored tiles: only once they are checked
     if not verified.ok:
         raise OperatorError(f"the ledger does not verify, nothing was archived: {verified.message}")
@@ -86,7 +89,7 @@ def run_archive(ledger: Ledger, db: Database, through: int, out_dir: Path) -> Ar
             raise OperatorError("another archive ran meanwhile; nothing was deleted: run it again")
         deleted = archive.store(conn, planned, note, path, digest, timestamps.now())
         detail = f"audit_archive records {planned.first}-{planned.last} file={name} sha256:{digest[:16]}"
-        ledger.record_in(conn, {"type": "admin", "detail": detail})
+        ledger.record_in(conn, {"type": "admin", "detail": detail, "os_user": os_user})
         return deleted
 
     deleted: int = db.write(commit)

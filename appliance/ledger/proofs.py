@@ -12,7 +12,8 @@ checkpoint(s) whose root it leads to:
 off the appliance (then the proof's own checkpoint is not needed, or must agree with it). An exported
 audit line is the entry with ``,"seq":N`` added before its closing brace (``entry_of_line``).
 
-Owns: building proofs from the ledger's stored tiles (``tiles.SubtreeReader``) and checking them.
+Owns: building proofs from the ledger's stored tiles (``tiles.SubtreeReader``; the records of an archived
+tile from the archive bundle that holds them), and checking them.
 Never: trusts a proof's checkpoint without its signature, or a size that no signed checkpoint states.
 """
 
@@ -28,7 +29,7 @@ from typing import Any, Final
 
 from appliance.errors import CheckpointError, OperatorError, ProofError, ProofRejected
 from appliance.ledger import merkle, signed_note
-from appliance.ledger.tiles import SubtreeReader, entry_leaf
+from appliance.ledger.tiles import ArchivedTiles, SubtreeReader, entry_leaf
 
 FORMAT: Final = "phi-gateway-proof/v1"
 _SEQ_SUFFIX: Final = re.compile(r',"seq":([1-9][0-9]*)\}\n?$')
@@ -65,14 +66,35 @@ def stored_checkpoint_at(conn: sqlite3.Connection, size: int) -> str | None:
     return None if row is None else str(row[0])
 
 
-def inclusion_proof(conn: sqlite3.Connection, record: int, size: int, note: str | None) -> dict[str, Any]:
-    """The proof that record ``record`` is in the tree of the first ``size`` records (one read snapshot)."""
+def stored_sizes_around(conn: sqlite3.Connection, size: int) -> tuple[int | None, int | None]:
+    """The sizes of the stored checkpoints (history or head) nearest below and above ``size``."""
+    below = conn.execute(
+        "SELECT MAX(size) FROM (SELECT size FROM ledger_checkpoint UNION ALL SELECT size FROM ledger_head)"
+        " WHERE size < ?",
+        (size,),
+    ).fetchone()[0]
+    above = conn.execute(
+        "SELECT MIN(size) FROM (SELECT size FROM ledger_checkpoint UNION ALL SELECT size FROM ledger_head)"
+        " WHERE size > ?",
+        (size,),
+    ).fetchone()[0]
+    return below, above
+
+
+def inclusion_proof(
+    conn: sqlite3.Connection,
+    record: int,
+    size: int,
+    note: str | None,
+    archived: ArchivedTiles | None = None,
+) -> dict[str, Any]:
+    """The proof that record ``record`` is in the tree of the first ``size`` records (one read snapshot).
+
+    ``archived``: records of archived tiles, when the proof needs some (see ``tiles``)."""
     if not 1 <= record <= size:
         raise OperatorError(f"record {record} is not in a tree of {size} records")
-    reader = SubtreeReader(conn, size)
-    (entry,) = conn.execute("SELECT record FROM ledger WHERE seq = ?", (record,)).fetchone() or (None,)
-    if entry is None:
-        raise OperatorError(f"record {record} is not in the ledger (archived? prove it from its archive)")
+    reader = SubtreeReader(conn, size, archived)
+    entry = reader.entry(record)
     path = merkle.inclusion_path(record - 1, size, reader.subtree)
     return {
         "format": FORMAT,
@@ -86,13 +108,20 @@ def inclusion_proof(conn: sqlite3.Connection, record: int, size: int, note: str 
 
 
 def consistency_proof(
-    conn: sqlite3.Connection, old_size: int, new_size: int, old_note: str | None, new_note: str | None
+    conn: sqlite3.Connection,
+    old_size: int,
+    new_size: int,
+    old_note: str | None,
+    new_note: str | None,
+    archived: ArchivedTiles | None = None,
 ) -> dict[str, Any]:
+    """The proof that the tree of ``new_size`` records extends the one of ``old_size`` (one read snapshot);
+    an ``old_size`` inside an archived tile needs that tile's records (``archived``)."""
     if not 0 < old_size <= new_size:
         raise OperatorError(
             f"a consistency proof needs 0 < old size <= new size (got {old_size}, {new_size})"
         )
-    reader = SubtreeReader(conn, new_size)
+    reader = SubtreeReader(conn, new_size, archived)
     return {
         "format": FORMAT,
         "kind": "consistency",
@@ -111,13 +140,13 @@ class ProofResult:
 
 
 def _checkpoint(
-    label: str, embedded: Any, kept: str | None, size: int, verifiers: Sequence[signed_note.Verifier]
+    label: str, embedded: Any, kept: Sequence[str], size: int, verifiers: Sequence[signed_note.Verifier]
 ) -> signed_note.Checkpoint:
-    """The signed checkpoint of ``size`` the proof leads to: the auditor's kept one when given."""
+    """The signed checkpoint of ``size`` the proof leads to: the auditor's kept one when given (every one
+    of that size, which must all agree with each other and with the proof's own)."""
     candidates: list[tuple[str, str]] = []
     named = f"{label} checkpoint" if label else "checkpoint"
-    if kept is not None:
-        candidates.append((f"your kept {named}", kept))
+    candidates += [(f"your kept {named}", text) for text in kept]
     if isinstance(embedded, str):
         candidates.append((f"the proof's {named}", embedded))
     if not candidates:
@@ -136,10 +165,10 @@ def _checkpoint(
                 f"ask for a proof at size {cp.size} (audit prove ... --size {cp.size})"
             )
         opened.append(cp)
-    if len(opened) == 2 and (opened[0].root, opened[0].origin) != (opened[1].root, opened[1].origin):
+    if any((cp.root, cp.origin) != (opened[0].root, opened[0].origin) for cp in opened[1:]):
         raise ProofRejected(
-            f"the proof's {label} checkpoint and yours are both signed for {size} records but have different "
-            "roots: the appliance signed two different histories (keep both as evidence)"
+            f"the {named}s given (the proof's and yours) are all signed for {size} records but have "
+            "different roots: the appliance signed two different histories (keep both as evidence)"
         )
     return opened[0]
 
@@ -150,10 +179,10 @@ def verify_proof(
     """Check a proof document; ``kept``: checkpoint notes the auditor kept (used where their size fits)."""
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ProofRejected(f"not a proof ({FORMAT} expected)")
-    kept_by_size: dict[int, str] = {}
+    kept_by_size: dict[int, list[str]] = {}
     for text in kept:
         try:
-            kept_by_size[signed_note.parse_unverified(text).size] = text
+            kept_by_size.setdefault(signed_note.parse_unverified(text).size, []).append(text)
         except CheckpointError as exc:
             raise ProofRejected(f"your kept checkpoint: {exc}") from None
     kind = doc.get("kind")
@@ -183,13 +212,16 @@ def _int(doc: dict[str, Any], name: str) -> int:
 
 
 def _verify_inclusion(
-    doc: dict[str, Any], path: list[bytes], verifiers: Sequence[signed_note.Verifier], kept: dict[int, str]
+    doc: dict[str, Any],
+    path: list[bytes],
+    verifiers: Sequence[signed_note.Verifier],
+    kept: dict[int, list[str]],
 ) -> ProofResult:
     record, size = _int(doc, "record"), _int(doc, "tree_size")
     entry = doc.get("entry")
     if not isinstance(entry, str):
         raise ProofRejected("entry must be the record's JSON text")
-    cp = _checkpoint("", doc.get("checkpoint"), kept.get(size), size, verifiers)
+    cp = _checkpoint("", doc.get("checkpoint"), kept.get(size, []), size, verifiers)
     if record < 1:
         raise ProofRejected("record must be 1 or more")
     merkle.verify_inclusion(record - 1, size, entry_leaf(entry), path, cp.root)
@@ -200,11 +232,14 @@ def _verify_inclusion(
 
 
 def _verify_consistency(
-    doc: dict[str, Any], path: list[bytes], verifiers: Sequence[signed_note.Verifier], kept: dict[int, str]
+    doc: dict[str, Any],
+    path: list[bytes],
+    verifiers: Sequence[signed_note.Verifier],
+    kept: dict[int, list[str]],
 ) -> ProofResult:
     old_size, new_size = _int(doc, "old_size"), _int(doc, "new_size")
-    old = _checkpoint("old", doc.get("old_checkpoint"), kept.get(old_size), old_size, verifiers)
-    new = _checkpoint("new", doc.get("new_checkpoint"), kept.get(new_size), new_size, verifiers)
+    old = _checkpoint("old", doc.get("old_checkpoint"), kept.get(old_size, []), old_size, verifiers)
+    new = _checkpoint("new", doc.get("new_checkpoint"), kept.get(new_size, []), new_size, verifiers)
     if old.origin != new.origin:
         raise ProofRejected(f"the two checkpoints are of different ledgers ({old.origin}, {new.origin})")
     merkle.verify_consistency(old_size, new_size, old.root, new.root, path)

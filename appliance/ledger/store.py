@@ -569,13 +569,15 @@ class Ledger:
         *,
         kept: list[tuple[str, str]] | None = None,
         extra_verifiers: list[signed_note.Verifier] | None = None,
+        bundles: tiles.ArchivedTiles | None = None,
     ) -> VerifyReport:
         """Recompute chain and tree from record 1 and check every checkpoint (``verify.verify_database``).
 
-        ``kept``: (label, note) of checkpoints an auditor kept; blocking: run it off the event loop.
+        ``kept``: (label, note) of checkpoints an auditor kept; ``bundles``: the records of archived tiles,
+        for kept checkpoints inside one. Blocking: run it off the event loop.
         """
         verifiers = [*(extra_verifiers or [])]
         if self._signer is not None:
             origin = checkpoints.stored_origin(self._db.reader())
             verifiers.append(self._signer.verifier(origin or self._signer.default_origin))
-        return verify_database(self._db.reader(), verifiers, kept or [], progress)
+        return verify_database(self._db.reader(), verifiers, kept or [], progress, bundles)

@@ -10,23 +10,30 @@ What is stored is one hash per complete tile: the root of 256 consecutive leaves
 (hashed from at most 256 records) or starts on a tile boundary (the tiles it covers, plus at most one
 partial tile), so a proof for a ledger of n records reads about n/256 tile hashes and one tile of records.
 
+Tiles outlive the records: ``audit archive`` deletes records, never tiles, so the tree over archived
+records stays whole in the vault at tile granularity. A subtree inside an archived tile needs that tile's
+256 records, read back from the archive bundle that holds them (``ArchivedTiles``, given by the caller)
+and believed only when they hash to the tile the vault kept (``archived_leaves``).
+
 Owns: the ``ledger_tile`` table, ``TreeState`` (what the writer thread carries from commit to commit:
 size, the newest chain hash, the RFC compact range of the tree, and the leaf hashes of the unfinished
-tile), and ``SubtreeReader`` (subtree hashes for proofs, from one read snapshot).
+tile), ``SubtreeReader`` (subtree hashes and entries for proofs, from one read snapshot, archived tiles
+included), ``compact_range`` and ``archived_leaves``.
 Never: trusts a stored tile while verifying; keeps state across a commit it cannot vouch for (the state
-names the newest record's seq and chain hash, and the writer reloads it when the file says otherwise).
+names the newest record's seq and chain hash, and the writer reloads it when the file says otherwise);
+takes a record read from an archive bundle that does not hash to the vault's tile.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
 import sqlite_utils
 
-from appliance.errors import OperatorError, TreeInconsistent
+from appliance.errors import ArchivedRecordsUnavailable, TreeInconsistent
 from appliance.ledger import merkle
 from appliance.ledger.chain import GENESIS
 from appliance.vault.db import Migration
@@ -74,6 +81,56 @@ def tile_frontier(conn: sqlite3.Connection, size: int) -> merkle.Frontier:
             f"the ledger's tiles cover {tiles.size * TILE_LEAVES} records, not {size}: run audit verify"
         )
     return merkle.Frontier(size, tiles.hashes)
+
+
+def compact_range(size: int, tiles: Sequence[bytes], tail: Sequence[bytes]) -> merkle.Frontier:
+    """The compact range of the first ``size`` leaves: from the hashes of the whole tiles before ``size``
+    (``tiles``, at least that many) and the leaf hashes of its partial tile (``tail``, at least as many as
+    ``size`` has past its last whole tile)."""
+    whole, rest = divmod(size, TILE_LEAVES)
+    if len(tiles) < whole or len(tail) < rest:
+        raise ValueError(f"a compact range of {size} leaves needs {whole} tiles and {rest} leaves")
+    upper = merkle.Frontier()  # over tile roots: each of its subtrees is 256 times larger in leaves
+    for digest in tiles[:whole]:
+        upper.append(digest)
+    lower = merkle.Frontier()
+    for leaf in tail[:rest]:
+        lower.append(leaf)
+    return merkle.Frontier(size, [*upper.hashes, *lower.hashes])  # larger subtrees first
+
+
+@dataclass(frozen=True)
+class ArchivedTile:
+    """The records of one archived tile as an archive bundle holds them: 256 stored texts, in seq order."""
+
+    texts: list[str]
+    source: str
+    """Where they were read (a bundle's file name), for messages."""
+
+
+ArchivedTiles = Callable[[int], ArchivedTile]
+"""Tile index -> its records, read back from an archive bundle; raises ``ArchivedRecordsUnavailable``
+when no bundle at hand holds them (its message says which bundle does, and how to give it)."""
+
+
+def archived_leaves(idx: int, stored: bytes, archived: ArchivedTiles | None) -> tuple[list[bytes], list[str]]:
+    """The leaf hashes and texts of archived tile ``idx``, read through ``archived`` and accepted only if
+    they give ``stored``, the tile hash the vault kept (which ``verify`` binds to the archive's signed
+    checkpoint)."""
+    first, last = idx * TILE_LEAVES + 1, (idx + 1) * TILE_LEAVES
+    if archived is None:
+        raise ArchivedRecordsUnavailable(
+            f"records {first} to {last} are archived: give the archive bundle that holds them "
+            "(--archive FILE)"
+        )
+    tile = archived(idx)
+    leaves = [entry_leaf(text) for text in tile.texts]
+    if len(leaves) != TILE_LEAVES or merkle.mth(leaves) != stored:
+        raise ArchivedRecordsUnavailable(
+            f"records {first} to {last} in {tile.source} do not give the tile the vault kept: that bundle is "
+            "not this ledger's archive, or its records were altered"
+        )
+    return leaves, tile.texts
 
 
 @dataclass
@@ -139,10 +196,11 @@ def insert_tiles(conn: sqlite3.Connection, tiles: list[tuple[int, bytes]]) -> No
 class SubtreeReader:
     """``subtree(start, end)`` for RFC 9162 proofs over the first ``size`` records of one read snapshot.
 
-    Call it inside one read transaction (``BEGIN`` on the reader) so tiles and records agree.
+    Call it inside one read transaction (``BEGIN`` on the reader) so tiles and records agree. Records
+    before the oldest one the vault holds were archived: they come from ``archived`` (see the module).
     """
 
-    def __init__(self, conn: sqlite3.Connection, size: int) -> None:
+    def __init__(self, conn: sqlite3.Connection, size: int, archived: ArchivedTiles | None = None) -> None:
         self._conn = conn
         self.size = size
         self._tiles = [
@@ -153,20 +211,51 @@ class SubtreeReader:
         ]
         if len(self._tiles) != size // TILE_LEAVES:
             raise TreeInconsistent("the ledger's tiles are incomplete: run audit verify")
+        self._archived = archived
+        self._read: dict[int, tuple[list[bytes], list[str]]] = {}  # archived tiles, once checked
+        oldest = conn.execute("SELECT MIN(seq) FROM ledger").fetchone()[0]
+        self._held_from = 1 if oldest is None else int(oldest)
+        """The first record the vault holds: those before it were archived."""
+
+    def _archived_tile(self, idx: int) -> tuple[list[bytes], list[str]]:
+        if idx not in self._read:
+            if idx < len(self._tiles):
+                stored = self._tiles[idx]
+            else:
+                row = self._conn.execute("SELECT hash FROM ledger_tile WHERE idx = ?", (idx,)).fetchone()
+                if row is None:
+                    raise TreeInconsistent(f"tile {idx} of archived records is missing: run audit verify")
+                stored = bytes(row[0])
+            self._read[idx] = archived_leaves(idx, stored, self._archived)
+        return self._read[idx]
+
+    def entry(self, seq: int) -> str:
+        """The stored text of record ``seq`` (from its archive bundle if it was archived)."""
+        if seq < self._held_from:
+            idx = (seq - 1) // TILE_LEAVES
+            return self._archived_tile(idx)[1][seq - 1 - idx * TILE_LEAVES]
+        row = self._conn.execute("SELECT record FROM ledger WHERE seq = ?", (seq,)).fetchone()
+        if row is None:
+            raise TreeInconsistent(f"record {seq} is not in the ledger: run audit verify")
+        return str(row[0])
 
     def leaves(self, start: int, end: int) -> list[bytes]:
-        rows = self._conn.execute(
-            "SELECT seq, record FROM ledger WHERE seq > ? AND seq <= ? ORDER BY seq", (start, end)
-        ).fetchall()
-        if len(rows) != end - start:
-            oldest = self._conn.execute("SELECT MIN(seq) FROM ledger").fetchone()[0]
-            if oldest is not None and start + 1 < oldest:
-                raise OperatorError(
-                    f"this proof needs records {start + 1} to {end}, and records before {oldest} are "
-                    "archived: prove it at a size past the archive, or from the archive bundle"
-                )
-            raise TreeInconsistent(f"records {start + 1} to {end} are not all present")
-        return [entry_leaf(text) for _, text in rows]
+        """Leaf hashes of leaves ``start`` to ``end - 1`` (records start + 1 to end)."""
+        held = max(start, self._held_from - 1)  # leaves before it belong to archived records
+        found: list[bytes] = []
+        if start < held:
+            for idx in range(start // TILE_LEAVES, (min(end, held) - 1) // TILE_LEAVES + 1):
+                base = idx * TILE_LEAVES
+                tile = self._archived_tile(idx)[0]
+                found += tile[max(start, base) - base : min(end, held, base + TILE_LEAVES) - base]
+        if end > held:
+            rows = self._conn.execute(
+                "SELECT seq, record FROM ledger WHERE seq > ? AND seq <= ? ORDER BY seq", (held, end)
+            ).fetchall()
+            if len(rows) != end - held:
+                raise TreeInconsistent(f"records {held + 1} to {end} are not all present: run audit verify")
+            found += [entry_leaf(text) for _, text in rows]
+        return found
 
     def subtree(self, start: int, end: int) -> bytes:
         if not 0 <= start < end <= self.size:

@@ -11,6 +11,12 @@ snapshot. For each record, in order:
 Before the pass every checkpoint's signature is checked against the verifier keys, and the stored
 history must only grow, in size and time. After it, no checkpoint may name more records than remain.
 
+After an archive the pass starts from the archive row's signed compact range; the tiles of the archived
+records (kept for good) must give that range, so they stand for the archived tree. A checkpoint over
+archived records is checked against them: from the tiles alone at a tile boundary, and with the records
+of its partial tile, read back from an archive bundle (``tiles.archived_leaves``), inside one; a kept one
+that cannot be checked fails verify with the reason, never passes unchecked.
+
 The first failure is reported with the record it concerns (``first_bad_seq``), as precisely as the
 evidence allows: a chain break names its record; a rewrite that recomputed the chain (so only a signed
 root catches it) names the range between the last checkpoint that still matches and the first that
@@ -27,12 +33,12 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from appliance.errors import CheckpointError
+from appliance.errors import ArchivedRecordsUnavailable, CheckpointError
 from appliance.ledger import merkle, signed_note
-from appliance.ledger.archive import archive_roots, archived_prefix, check_prefix
+from appliance.ledger.archive import ArchivedPrefix, archive_roots, archived_prefix, check_prefix
 from appliance.ledger.chain import GENESIS, chain_hash
 from appliance.ledger.checkpoints import StoredCheckpoint, stored_checkpoints, stored_origin
-from appliance.ledger.tiles import TILE_LEAVES
+from appliance.ledger.tiles import TILE_LEAVES, ArchivedTiles, archived_leaves, compact_range
 
 
 @dataclass(frozen=True)
@@ -76,16 +82,18 @@ def verify_database(
     verifiers: Sequence[signed_note.Verifier],
     kept: Sequence[tuple[str, str]] = (),
     progress: Callable[[int], None] | None = None,
+    bundles: ArchivedTiles | None = None,
 ) -> VerifyReport:
     """Verify the ledger in ``conn`` (a read connection; blocking: run it off the event loop).
 
     ``verifiers``: the keys whose checkpoints count (the appliance's own); with none, signatures are not
     required and only the chain and tree are checked. ``kept``: (label, note text) of checkpoints an
     auditor kept off the appliance; they must be signed by one of ``verifiers`` and match the tree.
+    ``bundles``: archived records, by tile, for kept checkpoints inside an archived tile.
     """
     conn.execute("BEGIN")  # one snapshot for records, tiles and checkpoints
     try:
-        return _verify(conn, verifiers, kept, progress)
+        return _verify(conn, verifiers, kept, progress, bundles)
     except _Failed as failed:
         return VerifyReport(False, failed.records, failed.first_bad, failed.message + _file_damage(conn))
     except sqlite3.DatabaseError as exc:  # a page SQLite itself cannot read
@@ -158,6 +166,7 @@ def _verify(
     verifiers: Sequence[signed_note.Verifier],
     kept: Sequence[tuple[str, str]],
     progress: Callable[[int], None] | None,
+    bundles: ArchivedTiles | None,
 ) -> VerifyReport:
     due, has_head = _open_all(conn, verifiers, kept)
     by_size: dict[int, list[_Due]] = defaultdict(list)
@@ -181,23 +190,27 @@ def _verify(
         problem = check_prefix(archived, list(verifiers))
         if problem is not None:
             raise _Failed(0, archived.last_seq, problem)
+        _check_archived_tiles(archived, tiles)
         frontier = archived.frontier.copy()
         expected, last, matched = archived.last_seq + 1, archived.chain, archived.last_seq
         boundaries = archive_roots(conn)
         for size in [size for size in by_size if size <= archived.last_seq]:
-            for entry in by_size.pop(size):  # signed over archived records: their files prove them
+            for entry in by_size.pop(size):  # signed over archived records
                 if size in boundaries:
-                    if entry.checkpoint.root != boundaries[size]:
-                        raise _Failed(0, size, f"{entry.label} does not match the archived records' root")
-                    checked += 1
-                elif entry.kept:  # an auditor's copy must be checked, or verify must say it was not
+                    root = boundaries[size]
+                elif entry.kept or not size % TILE_LEAVES:  # an auditor's copy is checked, or verify fails
+                    root = _archived_root(entry, archived, tiles, bundles)
+                else:  # a stored one inside an archived tile: the archive files prove those records
+                    continue
+                if entry.checkpoint.root != root:
                     raise _Failed(
                         0,
                         None,
-                        f"{entry.label} signs {size} records, and records 1 to {archived.last_seq} are "
-                        "archived: it cannot be checked against the vault; check it against the archive "
-                        "bundles (audit verify FILE... --key KEY, then compare the bundle's checkpoint)",
+                        f"{entry.label} (size {size}, {entry.checkpoint.timestamp}) does not match the "
+                        f"archived records: the tree of records 1 to {size} that the vault's tiles give has "
+                        "another root; the appliance signed two different histories (keep both as evidence)",
                     )
+                checked += 1
     append = frontier.append
     partial: list[bytes] = []
     cur = conn.execute(_ROWS)
@@ -265,6 +278,40 @@ def _verify(
         message = f"{report.message}; records 1 to {archived.last_seq} are in {archived.segments} archive(s)"
         return VerifyReport(True, records, None, message, report.checkpoints)
     return report
+
+
+def _check_archived_tiles(archived: ArchivedPrefix, tiles: list[bytes]) -> None:
+    """The tiles of archived records must give the archive's signed compact range: then they, not the
+    deleted records, stand for the archived tree (in checks of kept checkpoints, and in proofs)."""
+    whole = archived.last_seq // TILE_LEAVES
+    if len(tiles) < whole or compact_range(archived.last_seq, tiles, ()) != archived.frontier:
+        raise _Failed(
+            0,
+            archived.last_seq,
+            f"the tiles of the archived records 1 to {archived.last_seq} do not give the archive's signed "
+            "root: the vault's record of archived records was altered",
+        )
+
+
+def _archived_root(
+    entry: _Due, archived: ArchivedPrefix, tiles: list[bytes], bundles: ArchivedTiles | None
+) -> bytes:
+    """The root of the first ``entry``'s size records, all archived: from the tiles, and inside a tile from
+    that tile's records as an archive bundle holds them (checked against the tile)."""
+    size = entry.checkpoint.size
+    whole, rest = divmod(size, TILE_LEAVES)
+    tail: list[bytes] = []
+    if rest:
+        try:
+            tail = archived_leaves(whole, tiles[whole], bundles)[0]
+        except ArchivedRecordsUnavailable as exc:
+            raise _Failed(
+                0,
+                None,
+                f"{entry.label} signs {size} records, inside the archived records 1 to {archived.last_seq}, "
+                f"so it is checked with the archived records of its tile: {exc}",
+            ) from None
+    return compact_range(size, tiles, tail).root()
 
 
 def _after_pass(

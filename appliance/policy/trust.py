@@ -25,7 +25,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from appliance.errors import OperatorError
 from appliance.policy.schema import TrustSpec
-from appliance.signing_keys import keyid_of, load_public_key, public_from_entry, public_json, short_keyid
+from appliance.signing_keys import (
+    check_stated_keyid,
+    keyid_of,
+    load_public_key,
+    public_from_entry,
+    public_json,
+    short_keyid,
+)
 from appliance.timestamps import now_seconds
 
 FORMAT_VERSION = 1
@@ -84,6 +91,7 @@ class TrustStore:
             if not isinstance(entry, dict):
                 raise OperatorError(f"{where} must be an object")
             public = public_from_entry(entry, where)
+            check_stated_keyid(entry, public, where)  # an entry pasted from a .pub keeps its keyid
             if keyid_of(public) != keyid:
                 raise OperatorError(f"{where}: the keyid is not the SHA-256 of the key")
             keys[keyid] = TrustedKey(keyid, str(entry["scheme"]), public, str(entry.get("added_at", "")))
@@ -106,6 +114,20 @@ class TrustStore:
         except BaseException:
             self._keys, self._threshold = previous
             raise
+
+    def rotation_detail(self, spec: TrustSpec) -> str:
+        """What installing ``spec`` over this set changes, as the admin record of the rotation says it:
+        ``trust_rotation threshold=OLD->NEW keys=<every new key id> added=<ids> removed=<ids>`` (ids as
+        16 hex digits, sorted; ``none`` where there are none)."""
+
+        def ids(keyids: set[str] | list[str]) -> str:
+            return ",".join(keyid[:16] for keyid in sorted(keyids)) or "none"
+
+        new, old = set(spec.keys), set(self._keys)
+        return (
+            f"trust_rotation threshold={self._threshold}->{spec.threshold} keys={ids(list(new))} "
+            f"added={ids(new - old)} removed={ids(old - new)}"
+        )
 
     def matches(self, spec: TrustSpec) -> bool:
         """Whether ``spec`` names exactly the keys and threshold in force (a rotation changing nothing)."""

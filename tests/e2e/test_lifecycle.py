@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from appliance.admin import AdminClient
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.gateway import GatewayHarness, policy_doc
 
@@ -82,3 +83,31 @@ def test_each_threshold_warns_once_per_policy_version(h: GatewayHarness, upstrea
     keeper.refresh(force=True)
     assert keeper.current is not None and keeper.current.version == 2
     assert keeper.warn_of_expiry() is not None and keeper.warn_of_expiry() is None
+
+
+def _metrics(h: GatewayHarness) -> dict[str, float]:
+    text = AdminClient(h.home.admin_socket).text("/metrics")
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+def test_the_remaining_validity_is_a_metric_on_the_admin_socket(
+    h: GatewayHarness, upstream: FakeUpstream
+) -> None:
+    h.import_policy(_expiring_in(upstream, timedelta(days=9)))
+    h.start()
+    token = h.issue("radiology-bot")
+    values = _metrics(h)
+    assert values["phi_policy_in_force"] == 1
+    assert values["phi_policy_version"] == 1
+    assert 9 * 86400 - 120 <= values["phi_policy_remaining_validity_seconds"] <= 9 * 86400
+    expires = datetime.now(UTC) + timedelta(days=9)
+    assert abs(values["phi_policy_expiry_timestamp_seconds"] - expires.timestamp()) < 120
+    assert values["phi_ledger_writable"] == 1
+    assert values["phi_tls_enabled"] == 0
+    text = AdminClient(h.home.admin_socket).text("/metrics")
+    assert token not in text and token.split(":")[1] not in text
