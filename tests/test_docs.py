@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import click
@@ -74,3 +76,108 @@ def test_the_code_map_names_every_package_and_module() -> None:
             if f"`appliance/{module.name}`" not in code_map:
                 missing.append(f"appliance/{module.name}")
     assert not missing, f"README's code map lacks: {missing}"
+
+
+# -- the policy reference and the README's policies -------------------------------------------------------
+
+
+def test_the_policy_reference_is_generated_from_the_schema() -> None:
+    from appliance.policy import reference
+
+    block = reference.block_in(README)
+    assert block is not None, f"README.md lacks the policy reference markers {reference.START!r}"
+    assert block == reference.reference_markdown(), (
+        f"README.md's policy reference differs from the policy schema: run {reference.REGENERATE} "
+        "(python -m appliance.policy.reference README.md) and commit the result"
+    )
+
+
+def test_every_policy_field_has_a_description() -> None:
+    from appliance.policy.reference import missing_descriptions
+
+    missing = missing_descriptions()
+    assert not missing, (
+        f"policy fields without a docstring (write one under each field in appliance/policy/schema.py or "
+        f"limits_schema.py, then run ./dev docs): {missing}"
+    )
+
+
+def readme_policies() -> tuple[str, str]:
+    """The two policy documents of "### The policy bundle": the first site's, then the fuller one."""
+    section = README.partition("### The policy bundle")[2].partition("\n### ")[0]
+    blocks = re.findall(r"```json\n(.*?)\n```", section, flags=re.DOTALL)
+    assert len(blocks) == 2, "the policy bundle section should show exactly two policy documents"
+    return blocks[0], blocks[1]
+
+
+FIRST_SITE_SHA256 = '"<sha256sum of the file>"'
+"""The first site's only placeholder besides the dates (``issued_at``, ``expires_at``: set to now)."""
+
+
+def test_the_readme_policies_are_valid_as_written() -> None:
+    from appliance.policy.schema import parse_policy
+
+    first, fuller = readme_policies()
+    assert first.count(FIRST_SITE_SHA256) == 1
+    parse_policy(first.replace(FIRST_SITE_SHA256, '"' + "ab" * 32 + '"').encode())
+    policy = parse_policy(fuller.replace("<64 hex>", "ab" * 32).encode())
+    for field in ("aliases", "fallbacks", "pricing"):
+        assert getattr(policy, field), f"the fuller README policy should show {field}"
+    stmarys = policy.organizations["stmarys"]
+    radiology = stmarys.roles["radiology"]
+    assert stmarys.budgets and radiology.limits and radiology.budgets and radiology.client_certificate
+    assert "data_classes" not in json.loads(fuller)["routes"]["openai"]  # shows the cloud default
+    assert policy.routes["openai"].data_classes == ["deidentified", "public"]
+    assert policy.routes["local"].data_classes == ["phi", "deidentified", "public"]
+
+
+def test_the_first_site_policy_works_as_written(tmp_path: Path) -> None:
+    """The README's first-site policy, its two dates and its hash filled in, goes through the README's own
+    commands (keygen, sign, trust add, import, token issue, serve) and a PHI request to it is answered."""
+    import openai
+    from click.testing import CliRunner
+
+    from local_models.tiny import write_tiny_model
+    from tests.support.subprocess_gateway import GatewayProcess
+
+    def run(*args: str) -> str:
+        result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    first, _ = readme_policies()
+    doc = json.loads(first)
+    site = doc["scope"]["sites"][0]
+    ((model, pin),) = doc["models"].items()
+    home = tmp_path / "home"
+    run("init", "--home", str(home), "--site", site)
+    sha = write_tiny_model(home / "models" / pin["file"])
+    now = datetime.now(UTC)
+    source = tmp_path / "policy.json"
+    filled = json.loads(first.replace(FIRST_SITE_SHA256, f'"{sha}"'))
+    filled["issued_at"] = (now - timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    filled["expires_at"] = (now + timedelta(days=90)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    source.write_text(json.dumps(filled, indent=2))
+    author = tmp_path / "author"
+    run("policy", "keygen", "--out", str(author))
+    run("policy", "sign", str(source), "--key", f"{author}.key", "--out", str(tmp_path / "site.bundle"))
+    run("trust", "add", f"{author}.pub", "--home", str(home))
+    assert "imported" in run("policy", "import", str(tmp_path / "site.bundle"), "--home", str(home))
+    ((org, spec),) = doc["organizations"].items()
+    ((role, _),) = spec["roles"].items()
+    issued = run("token", "issue", "--caller", "first-app", "--org", org, "--role", role, "--home", str(home))
+    token = issued.strip().splitlines()[-1]
+
+    gateway = GatewayProcess(home, tmp_path)
+    try:
+        port = gateway.start()
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key=token, max_retries=0, timeout=60
+        )
+        assert [m.id for m in client.models.list()] == [model]
+        reply = client.chat.completions.create(  # no X-Phi-Data-Class: the role's default, phi
+            model=model, messages=[{"role": "user", "content": "Summarise: MRN 1234567."}], max_tokens=8
+        )
+        assert reply.choices and reply.usage is not None and reply.usage.completion_tokens > 0
+    finally:
+        gateway.stop()

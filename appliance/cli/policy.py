@@ -1,8 +1,10 @@
-"""``phi-gateway policy …``: authoring keys, signing, verifying, importing and explaining policy bundles.
+"""``phi-gateway policy …``: authoring keys, signing, verifying, importing and explaining policy bundles,
+and printing the policy document's schema.
 
-Owns: the command line of those verbs, and the ``admin`` record of an import (committed with it).
-Never: prints a signing key; activates a bundle the importer has not verified; signs a document the
-import would refuse.
+Owns: the command line of those verbs, their ``--json`` documents for scripts (``verify``, ``import``:
+``_bundle_document``; ``explain``: ``Explanation.document``), and the ``admin`` record of an import
+(committed with it). Never: prints a signing key; activates a bundle the importer has not verified; signs
+a document the import would refuse.
 """
 
 from __future__ import annotations
@@ -10,7 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -18,9 +23,11 @@ from appliance import files, signing_keys
 from appliance.admin import AdminClient
 from appliance.cli.options import home_option, open_home, record_admin
 from appliance.errors import BundleRejected, OperatorError
-from appliance.policy import dsse, importer
-from appliance.policy.diff import summarize_change
-from appliance.policy.explain import explain
+from appliance.home import Vault
+from appliance.os_user import this_os_user
+from appliance.policy import dsse, importer, reference
+from appliance.policy.diff import changes
+from appliance.policy.explain import explain_request
 from appliance.policy.schema import DATA_CLASSES, Policy, parse_policy
 
 BUNDLE = files.Input("policy bundle", importer.MAX_BUNDLE_BYTES)
@@ -71,44 +78,78 @@ def policy_sign(policy_file: Path, key_files: tuple[Path, ...], out: Path) -> No
     click.echo(f"wrote {out} signed by {', '.join(s.keyid[:16] for s in signers)}")
 
 
+_JSON_OPTION = click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON document for scripts (keys in the README)."
+)
+
+
+@policy_group.command("schema")
+@click.option("--markdown", is_flag=True, help="The README's policy reference (markdown) instead.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write to OUT.")
+def policy_schema(markdown: bool, out: Path | None) -> None:
+    """Print the JSON Schema of the policy document (every field, its default and description)."""
+    text = reference.reference_markdown() if markdown else json.dumps(reference.policy_schema(), indent=2)
+    if out is None:
+        click.echo(text)
+        return
+    out.write_text(text + "\n", encoding="utf-8")
+    click.echo(f"wrote {out}")
+
+
 @policy_group.command("verify")
 @home_option
+@_JSON_OPTION
 @click.argument("bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-def policy_verify(home: Path | None, bundle: Path) -> None:
-    """Run every import check on BUNDLE without activating it."""
+def policy_verify(home: Path | None, as_json: bool, bundle: Path) -> None:
+    """Run every import check on BUNDLE without activating it; prints what importing it would change."""
     target = open_home(home)
     data = files.read_bytes(bundle, BUNDLE)
-    with target.open_vault() as vault:
+    with target.open_vault() as vault, _rejections_as_json(as_json):
+        old = _policy_in_force(vault)
         vb = importer.verify_bundle(
             data,
             target.trust(),
             site=target.settings().site,
             current_version=vault.policies.current_version(),
         )
+    if as_json:
+        click.echo(json.dumps(_bundle_document(vb, old, imported=False), indent=2))
+        return
     click.echo(
         f"ok: policy v{vb.policy.version}, sha256 {vb.sha256}, signed by {len(vb.keyids)} trusted key(s)"
     )
+    click.echo("importing it would change:")
+    for change in changes(old, vb.policy):
+        click.echo(f"  {change.line()}")
 
 
 @policy_group.command("import")
 @home_option
+@_JSON_OPTION
 @click.argument("bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-def policy_import(home: Path | None, bundle: Path) -> None:
+def policy_import(home: Path | None, as_json: bool, bundle: Path) -> None:
     """Verify BUNDLE and make it the policy in force; prints what changed."""
     target = open_home(home)
     data = files.read_bytes(bundle, BUNDLE)
-    with target.open_vault() as vault:
+    with target.open_vault() as vault, _rejections_as_json(as_json):
         active = vault.policies.current()
-        old = Policy.model_validate_json(dsse.parse_envelope(active.envelope).payload) if active else None
+        old = _policy_in_force(vault)
         if active is not None and old is not None and hashlib.sha256(data).hexdigest() == active.sha256:
             # The bundle in force, given again: finish a trust rotation an interruption left half done (it
             # was verified against both key sets when it was activated); anything else is a no-op.
             trust = target.trust()
             if old.trust is None or trust.matches(old.trust):
                 raise OperatorError(f"policy v{old.version} is this bundle, and it is already in force")
+            rotation = trust.rotation_detail(old.trust)
             trust.replace(old.trust)
-            record_admin(vault, f"trust_rotation_completed v{old.version}")
-            click.echo(f"trust rotation of policy v{old.version} completed")
+            record_admin(vault, f"trust_rotation_completed v{old.version} {rotation}")
+            click.echo(
+                json.dumps(
+                    {"ok": True, "imported": False, "trust_rotation_completed": True, "version": old.version}
+                )
+                if as_json
+                else f"trust rotation of policy v{old.version} completed"
+            )
             return
         vb = importer.verify_bundle(
             data,
@@ -121,12 +162,12 @@ def policy_import(home: Path | None, bundle: Path) -> None:
             f"keys={','.join(k[:16] for k in vb.keyids)}"
         )
         if vb.new_trust is not None:
-            detail += f" trust_rotation threshold={vb.new_trust.threshold} keys={len(vb.new_trust.keys)}"
+            detail += " " + target.trust().rotation_detail(vb.new_trust)
         ledger = vault.ledger
 
         def record_and_checkpoint(conn: sqlite3.Connection) -> None:
             # The import, its record and a signed checkpoint covering it commit together.
-            ledger.record_in(conn, {"type": "admin", "detail": detail})
+            ledger.record_in(conn, {"type": "admin", "detail": detail, "os_user": this_os_user()})
             ledger.checkpoint_in(conn, "policy-import")
 
         vault.policies.activate(vb, also=record_and_checkpoint)
@@ -134,10 +175,14 @@ def policy_import(home: Path | None, bundle: Path) -> None:
         # After the activation: a crash in between leaves the stored bundle verifying against the old set.
         trust = target.trust()
         trust.replace(vb.new_trust)
-        click.echo(f"trust rotated: {len(vb.new_trust.keys)} key(s), threshold {vb.new_trust.threshold}")
+        if not as_json:
+            click.echo(f"trust rotated: {len(vb.new_trust.keys)} key(s), threshold {vb.new_trust.threshold}")
+    if as_json:
+        click.echo(json.dumps(_bundle_document(vb, old, imported=True), indent=2))
+        return
     click.echo(f"policy v{vb.policy.version} imported and in force (running gateways switch within seconds)")
-    for line in summarize_change(old, vb.policy):
-        click.echo(f"  {line}")
+    for change in changes(old, vb.policy):
+        click.echo(f"  {change.line()}")
 
 
 @policy_group.command("explain")
@@ -149,6 +194,7 @@ def policy_import(home: Path | None, bundle: Path) -> None:
 @click.option("--data-class", type=click.Choice(DATA_CLASSES), default=None)
 @click.option("--tools", default="", help="Comma-separated tool names the request would carry.")
 @click.option("--max-tokens", type=int, default=None)
+@_JSON_OPTION
 def policy_explain(
     home: Path | None,
     caller: str | None,
@@ -158,10 +204,11 @@ def policy_explain(
     data_class: str | None,
     tools: str,
     max_tokens: int | None,
+    as_json: bool,
 ) -> None:
     """Print what the policy in force decides for such a request, and the rules that decide; sends nothing."""
     with open_home(home).open_vault() as vault:
-        active = vault.policies.current()
+        policy = _policy_in_force(vault)
         if caller is not None:
             rows = [row for row in vault.tokens.list() if row["caller"] == caller]
             if not rows:
@@ -169,14 +216,53 @@ def policy_explain(
             org, role = rows[-1]["org"], rows[-1]["role"]
     if org is None or role is None:
         raise OperatorError("name the caller (--caller) or its organization and role (--org and --role)")
-    if active is None:
+    if policy is None:
         raise OperatorError("no policy has been imported: every request is refused")
-    policy = Policy.model_validate_json(dsse.parse_envelope(active.envelope).payload)
     names = [name.strip() for name in tools.split(",") if name.strip()]
-    for line in explain(
+    explanation = explain_request(
         policy, org=org, role=role, model=model, data_class=data_class, tools=names, max_tokens=max_tokens
-    ):
+    )
+    if as_json:
+        click.echo(json.dumps(explanation.document(), indent=2))
+        return
+    for line in explanation.lines():
         click.echo(line)
+
+
+def _policy_in_force(vault: Vault) -> Policy | None:
+    active = vault.policies.current()
+    return (
+        None if active is None else Policy.model_validate_json(dsse.parse_envelope(active.envelope).payload)
+    )
+
+
+def _bundle_document(vb: importer.VerifiedBundle, old: Policy | None, *, imported: bool) -> dict[str, Any]:
+    """``policy verify --json`` and ``policy import --json``: the bundle, and what it changes."""
+    trust = vb.new_trust
+    return {
+        "ok": True,
+        "imported": imported,
+        "version": vb.policy.version,
+        "previous_version": None if old is None else old.version,
+        "sha256": vb.sha256,
+        "keyids": list(vb.keyids),
+        "trust_rotation": None
+        if trust is None
+        else {"threshold": trust.threshold, "keyids": sorted(trust.keys)},
+        "changes": [change.document() for change in changes(old, vb.policy)],
+    }
+
+
+@contextmanager
+def _rejections_as_json(as_json: bool) -> Iterator[None]:
+    """With ``--json``, a refused bundle is a document too: ``{"ok": false, "check", "message"}``, exit 1."""
+    try:
+        yield
+    except BundleRejected as exc:
+        if not as_json:
+            raise
+        click.echo(json.dumps({"ok": False, "check": exc.check, "message": str(exc)}, indent=2))
+        raise click.exceptions.Exit(1) from exc
 
 
 @policy_group.command("reload")

@@ -1,141 +1,151 @@
-"""What importing a policy changes, in lines an operator reads before and after ``policy import``.
+"""What importing a policy changes, for the operator before and after ``policy import`` (and for scripts).
 
-Owns: ``summarize_change(old, new)``: version, expiry, sites, and each route, local model, role, alias,
-fallback, budget and price added, removed or changed. Never: decides anything about a request (that is
-``engine``), or prints a deny pattern's text beyond what the policy file itself shows the operator.
+Owns: ``changes(old, new)``, the list of ``Change``s: version, expiry, sites, and each route, local
+model, role, price, alias, fallback list, organization budget and organization client-certificate rule
+added, removed or changed, and a trust rotation; each renders as a line (``Change.line``, what
+``summarize_change`` returns and ``policy import`` prints) and as JSON (``Change.document``, what
+``--json`` prints). Never: decides anything about a request (that is ``engine``), or prints a deny
+pattern's text beyond what the policy file itself shows the operator.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import TypeVar
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from pydantic import BaseModel
+from pydantic_core import to_jsonable_python
 
-from appliance.policy.schema import LocalModelSpec, Policy, Price, Role, RouteSpec
-from appliance.timestamps import rfc3339
+from appliance.policy.display import show, show_field
+from appliance.policy.schema import Policy
 
-M = TypeVar("M", bound=BaseModel)
+Action = Literal["added", "removed", "changed"]
+
+_NOUNS = {
+    "version": "version",
+    "expires_at": "expires",
+    "scope.sites": "sites",
+    "routes": "route",
+    "models": "local model",
+    "roles": "role",
+    "pricing": "price",
+    "aliases": "alias",
+    "fallbacks": "fallbacks",
+    "organizations.budgets": "organization budgets",
+    "organizations.client_certificate": "organization client certificate",
+    "trust": "trust",
+}
+"""Each ``Change.section`` and the noun its line starts with (the sections, in the order of the lines)."""
+
+
+@dataclass(frozen=True)
+class Change:
+    """One difference between the policy in force and the one imported."""
+
+    section: str
+    """A key of ``_NOUNS``: a policy field (``routes``), ``roles`` (named ``org/role``), or an
+    organization's own field (``organizations.budgets``)."""
+    name: str | None
+    """The entry within the section (a route name, ``org/role``, …); None for a single value."""
+    action: Action
+    before: Any
+    """The value in force (a section model, a list, a scalar), None when added."""
+    after: Any
+    """The value imported, None when removed."""
+
+    @property
+    def fields(self) -> list[str]:
+        """For a changed section model: the names of the fields that differ."""
+        if not isinstance(self.before, BaseModel) or not isinstance(self.after, BaseModel):
+            return []
+        return [name for name, value in self.before if value != getattr(self.after, name)]
+
+    def line(self) -> str:
+        """The operator's line, e.g. ``route changed: openai (base_url https://a -> https://b)``."""
+        noun, name = _NOUNS[self.section], self.name
+        if name is None:  # version, expiry, sites, trust: one value each
+            if self.section == "version":
+                if self.before is None:
+                    return f"version: none -> v{self.after} (first policy)"
+                return f"version: v{self.before} -> v{self.after}"
+            if self.section == "trust":
+                return f"trust: rotates to {show(self.after)}"
+            if self.before is None:
+                return f"{noun}: {show(self.after)}"
+            return f"{noun}: {show(self.before)} -> {show(self.after)}"
+        if self.action == "added":
+            return f"{noun} added: {name} ({show(self.after)})"
+        if self.action == "removed":
+            return f"{noun} removed: {name}"
+        if self.fields:
+            parts = (
+                f"{f} {show_field(f, getattr(self.before, f))} -> {show_field(f, getattr(self.after, f))}"
+                for f in self.fields
+            )
+            return f"{noun} changed: {name} ({'; '.join(parts)})"
+        return f"{noun} changed: {name} ({show(self.before)} -> {show(self.after)})"
+
+    def document(self) -> dict[str, Any]:
+        """The change as JSON for scripts: ``section``, ``name``, ``change``, ``before``, ``after``,
+        ``fields`` (values in the policy document's own JSON shapes)."""
+        return {
+            "section": self.section,
+            "name": self.name,
+            "change": self.action,
+            "before": to_jsonable_python(self.before),
+            "after": to_jsonable_python(self.after),
+            "fields": self.fields,
+        }
+
+
+def changes(old: Policy | None, new: Policy) -> list[Change]:
+    """Every difference importing ``new`` over ``old`` (None: no policy in force) makes, in line order."""
+    out = [Change("version", None, "added" if old is None else "changed", old and old.version, new.version)]
+    if old is None:
+        out.append(Change("expires_at", None, "added", None, new.expires_at))
+        out.append(Change("scope.sites", None, "added", None, new.scope.sites))
+    else:
+        if old.expires_at != new.expires_at:
+            out.append(Change("expires_at", None, "changed", old.expires_at, new.expires_at))
+        if old.scope.sites != new.scope.sites:
+            out.append(Change("scope.sites", None, "changed", old.scope.sites, new.scope.sites))
+    for section in ("routes", "models", "roles", "pricing", "aliases", "fallbacks"):
+        out += _entries(section, {} if old is None else _section(old, section), _section(new, section))
+    for field in ("budgets", "client_certificate"):
+        before = {} if old is None else _organization_field(old, field)
+        out += _entries(f"organizations.{field}", before, _organization_field(new, field))
+    if new.trust is not None and (old is None or old.trust != new.trust):
+        out.append(Change("trust", None, "changed", None if old is None else old.trust, new.trust))
+    return out
 
 
 def summarize_change(old: Policy | None, new: Policy) -> list[str]:
     """Human lines describing what importing ``new`` over ``old`` changes (printed by ``policy import``)."""
-    if old is None:
-        lines = [
-            f"version: none -> v{new.version} (first policy)",
-            f"expires: {rfc3339(new.expires_at, seconds=True)}",
-        ]
-        lines.append(f"sites: {', '.join(new.scope.sites)}")
-    else:
-        lines = [f"version: v{old.version} -> v{new.version}"]
-        if old.expires_at != new.expires_at:
-            lines.append(
-                f"expires: {rfc3339(old.expires_at, seconds=True)} -> {rfc3339(new.expires_at, seconds=True)}"
-            )
-        if old.scope.sites != new.scope.sites:
-            lines.append(f"sites: {', '.join(old.scope.sites)} -> {', '.join(new.scope.sites)}")
-    lines += _diff("route", {} if old is None else old.routes, new.routes, _describe_route)
-    lines += _diff("local model", {} if old is None else old.models, new.models, _describe_model)
-    lines += _diff("role", {} if old is None else _roles(old), _roles(new), _describe_role)
-    lines += _diff("price", {} if old is None else old.pricing, new.pricing, _describe_price)
-    lines += _diff_plain("alias", {} if old is None else old.aliases, new.aliases)
-    old_fallbacks = {} if old is None else {k: ", ".join(v) for k, v in old.fallbacks.items()}
-    lines += _diff_plain("fallbacks", old_fallbacks, {k: ", ".join(v) for k, v in new.fallbacks.items()})
-    old_budgets = (
-        {} if old is None else {o: _show_budget(org.budgets) for o, org in old.organizations.items()}
-    )
-    new_budgets = {o: _show_budget(org.budgets) for o, org in new.organizations.items()}
-    lines += _diff_plain(
-        "organization budgets",
-        {k: v for k, v in old_budgets.items() if v},
-        {k: v for k, v in new_budgets.items() if v},
-    )
-    if new.trust is not None and (old is None or old.trust != new.trust):
-        keyids = ", ".join(k[:8] + "…" for k in sorted(new.trust.keys))
-        lines.append(
-            f"trust: rotates to {len(new.trust.keys)} key(s) ({keyids}), threshold {new.trust.threshold}"
-        )
-    return lines
+    return [change.line() for change in changes(old, new)]
 
 
-def _diff_plain(noun: str, old: Mapping[str, str], new: Mapping[str, str]) -> list[str]:
-    lines = []
+def _section(policy: Policy, section: str) -> Mapping[str, Any]:
+    if section == "roles":
+        return {f"{o}/{r}": role for o, org in policy.organizations.items() for r, role in org.roles.items()}
+    value: Mapping[str, Any] = getattr(policy, section)
+    return value
+
+
+def _organization_field(policy: Policy, field: str) -> dict[str, Any]:
+    """Each organization's ``field``, where it is set."""
+    values = {name: getattr(org, field) for name, org in policy.organizations.items()}
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def _entries(section: str, old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Change]:
+    out = []
     for name in sorted(old.keys() | new.keys()):
         before, after = old.get(name), new.get(name)
         if before is None:
-            lines.append(f"{noun} added: {name} ({after})")
+            out.append(Change(section, name, "added", None, after))
         elif after is None:
-            lines.append(f"{noun} removed: {name}")
+            out.append(Change(section, name, "removed", before, None))
         elif before != after:
-            lines.append(f"{noun} changed: {name} ({before} -> {after})")
-    return lines
-
-
-def _show_budget(budget: BaseModel | None) -> str:
-    if budget is None:
-        return ""
-    return ", ".join(f"{k} {_show(v)}" for k, v in budget.model_dump().items() if v is not None)
-
-
-def _diff(noun: str, old: Mapping[str, M], new: Mapping[str, M], describe: Callable[[M], str]) -> list[str]:
-    lines = []
-    for name in sorted(old.keys() | new.keys()):
-        before, after = old.get(name), new.get(name)
-        if before is None and after is not None:
-            lines.append(f"{noun} added: {name} ({describe(after)})")
-        elif after is None:
-            lines.append(f"{noun} removed: {name}")
-        elif before is not None and before != after:
-            lines.append(f"{noun} changed: {name} ({_changed_fields(before, after)})")
-    return lines
-
-
-def _changed_fields(before: BaseModel, after: BaseModel) -> str:
-    old, new = before.model_dump(), after.model_dump()
-    return "; ".join(f"{k} {_show(old[k])} -> {_show(new[k])}" for k in old if old[k] != new[k])
-
-
-def _show(value: object) -> str:
-    if isinstance(value, list):
-        return "[" + ", ".join(map(str, value)) + "]"
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
-
-
-def _roles(policy: Policy) -> dict[str, Role]:
-    return {f"{o}/{r}": role for o, org in policy.organizations.items() for r, role in org.roles.items()}
-
-
-def _describe_route(route: RouteSpec) -> str:
-    where = route.base_url or "in-process"
-    classes = "/".join(route.data_classes)
-    return f"{route.kind} {where}, auth {route.auth}, data {classes}, timeout {route.timeout_s:g}s"
-
-
-def _describe_model(model: LocalModelSpec) -> str:
-    return f"{model.file} sha256 {model.sha256[:12]}..., n_ctx {model.n_ctx}"
-
-
-def _describe_role(role: Role) -> str:
-    parts = [f"models {', '.join(role.models) or '(none)'}", f"default data class {role.default_data_class}"]
-    if role.declarable_data_classes:
-        parts.append(f"may declare {', '.join(role.declarable_data_classes)}")
-    if role.force_model is not None:
-        parts.append(f"forced to {role.force_model}")
-    if role.tools is not None:
-        parts.append(f"tools {', '.join(role.tools.allow) or '(none)'} ({role.tools.on_violation} others)")
-    if role.prompt is not None:
-        prompt = role.prompt
-        limits = [
-            f"{len(prompt.deny_patterns)} deny pattern(s)" if prompt.deny_patterns else "",
-            f"max {prompt.max_messages} messages" if prompt.max_messages else "",
-            f"max {prompt.max_chars} chars" if prompt.max_chars else "",
-            f"max_tokens clamp {prompt.max_tokens}" if prompt.max_tokens else "",
-        ]
-        parts.append("prompt " + ", ".join(x for x in limits if x) if any(limits) else "prompt rules")
-    return "; ".join(parts)
-
-
-def _describe_price(price: Price) -> str:
-    return f"${price.input_per_mtok:g} in / ${price.output_per_mtok:g} out per Mtok"
+            out.append(Change(section, name, "changed", before, after))
+    return out

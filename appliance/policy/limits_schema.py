@@ -17,10 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    # The docstring under each field is its JSON Schema description (``policy schema``, the README).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, use_attribute_docstrings=True)
 
 
 class Rate(_Frozen):
+    """Rate caps over a sliding minute; a request above one is refused (429 ``rate_limited``)."""
+
     requests_per_min: int | None = Field(None, ge=1)
     """Requests admitted in any 60-second window."""
     tokens_per_min: int | None = Field(None, ge=1)
@@ -28,6 +31,9 @@ class Rate(_Frozen):
 
 
 class Spend(_Frozen):
+    """Spend caps in USD, from ``pricing``; a request that would pass one is refused (429
+    ``budget_exceeded``)."""
+
     usd_per_day: float | None = Field(None, ge=0)
     """Spend from the pricing table per UTC calendar day."""
     usd_per_month: float | None = Field(None, ge=0)
@@ -35,6 +41,8 @@ class Spend(_Frozen):
 
 
 class RoleLimits(_Frozen):
+    """A role's rate caps, per caller and for the role as a whole."""
+
     per_caller: Rate | None = None
     """Applies to each caller of the role separately."""
     per_role: Rate | None = None
@@ -42,6 +50,8 @@ class RoleLimits(_Frozen):
 
 
 class RoleBudgets(_Frozen):
+    """A role's spend caps, per caller and for the role as a whole."""
+
     per_caller: Spend | None = None
     """Applies to each caller of the role separately."""
     per_role: Spend | None = None

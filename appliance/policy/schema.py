@@ -22,6 +22,7 @@ signatures have not been checked (``importer.verify_bundle`` calls ``parse_polic
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import hashlib
 import json
@@ -41,6 +42,7 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -82,11 +84,20 @@ def _name(value: str) -> str:
     return value
 
 
-Name = Annotated[str, AfterValidator(_name)]
+Name = Annotated[str, AfterValidator(_name), WithJsonSchema({"type": "string", "pattern": NAME_PATTERN})]
 RouteKind = Literal["local", "openai", "anthropic"]
 Auth = Literal["bearer", "x-api-key", "none"]
 
-_DEFAULT_AUTH: dict[str, str] = {"openai": "bearer", "anthropic": "x-api-key", "local": "none"}
+DEFAULT_AUTH: dict[str, Auth] = {"local": "none", "openai": "bearer", "anthropic": "x-api-key"}
+"""A route's ``auth`` when the policy leaves it out, by ``kind``."""
+DEFAULT_DATA_CLASSES: dict[str, list[DataClass]] = {
+    "local": list(DATA_CLASSES),
+    "openai": ["deidentified", "public"],
+    "anthropic": ["deidentified", "public"],
+}
+"""A route's ``data_classes`` when the policy leaves them out, by ``kind`` (the design's rule: a local
+route takes every class; a cloud route takes PHI only when the policy says so, for a provider under a BAA)."""
+SCHEMA_HINT = "`phi-gateway policy schema` prints every field"
 
 
 def split_model(model: str) -> tuple[str, str] | None:
@@ -102,31 +113,48 @@ def has_wildcard(glob: str) -> bool:
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    # use_attribute_docstrings: the docstring under each field is its JSON Schema description, so
+    # ``policy schema`` and the README's reference say what the code says.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, use_attribute_docstrings=True)
+
+
+def _by_kind(defaults: dict[str, Any], **constraints: Any) -> Any:
+    """A route field whose default depends on the route's ``kind`` (a field validated before it): its
+    JSON Schema has no single ``default`` but ``x-default-by-kind`` (what the reference prints)."""
+
+    def default(fields: dict[str, Any]) -> Any:
+        return copy.deepcopy(defaults.get(fields.get("kind", "")))  # None: the kind itself is refused
+
+    def schema(json_schema: dict[str, Any]) -> None:
+        json_schema.pop("default", None)
+        json_schema["x-default-by-kind"] = copy.deepcopy(defaults)
+
+    return Field(default_factory=default, json_schema_extra=schema, **constraints)
 
 
 class Scope(_Frozen):
+    """Where the policy may be imported: an appliance refuses a bundle that does not name its site."""
+
     sites: list[Name] = Field(min_length=1)
-    """Site ids this policy may be imported on."""
+    """Site ids this policy may be imported on: each appliance's ``site`` (``init --site``)."""
 
 
 class RouteSpec(_Frozen):
+    """Where ``provider/model`` requests go: the key under ``routes`` is the provider part of the name."""
+
     kind: RouteKind
+    """``local`` (llama.cpp in process), ``openai`` (any OpenAI-compatible server: OpenAI, vLLM, Ollama,
+    llama-server, OpenRouter) or ``anthropic``."""
     base_url: str | None = None
     """http(s) URL of the upstream API; required for openai/anthropic, forbidden for local."""
-    auth: Auth = "bearer"
-    """How the sealed key is sent; defaults by kind (openai: bearer, anthropic: x-api-key, local: none)."""
-    data_classes: list[DataClass] = Field(default=["deidentified", "public"], min_length=1)
-    """Data classes this route may receive."""
+    auth: Auth = _by_kind(DEFAULT_AUTH)
+    """How the key set with ``keys set <route>`` is sent. Absent: by kind (local: none, openai: bearer,
+    anthropic: x-api-key)."""
+    data_classes: list[DataClass] = _by_kind(DEFAULT_DATA_CLASSES, min_length=1)
+    """Data classes this route may receive. Absent: by kind (local: all three; openai and anthropic:
+    deidentified and public), so a cloud route under a BAA must list ``phi`` itself."""
     timeout_s: float = Field(default=120.0, gt=0, le=3600)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _default_auth(cls, data: Any) -> Any:
-        kind = data.get("kind") if isinstance(data, dict) else None
-        if isinstance(kind, str) and "auth" not in data and kind in _DEFAULT_AUTH:
-            data = {**data, "auth": _DEFAULT_AUTH[data["kind"]]}
-        return data
+    """Seconds an upstream may take to answer (504 ``upstream_timeout`` after); not used by local."""
 
     @model_validator(mode="after")
     def _check_url(self) -> RouteSpec:
@@ -149,11 +177,14 @@ class RouteSpec(_Frozen):
 
 
 class LocalModelSpec(_Frozen):
+    """A GGUF file served in process by llama.cpp, pinned by its hash (the air gap's supply-chain check)."""
+
     file: str
     """A bare file name under ``<home>/models/``."""
     sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
     """SHA-256 of the file, 64 lowercase hex characters."""
     n_ctx: int = Field(default=2048, ge=16, le=1 << 20)
+    """Context window in tokens (prompt plus completion); a request that cannot fit is refused (400)."""
 
     @field_validator("file")
     @classmethod
@@ -164,6 +195,8 @@ class LocalModelSpec(_Frozen):
 
 
 class ToolRules(_Frozen):
+    """Which tools (functions) a request of the role may carry."""
+
     allow: list[str] = Field(default=[], max_length=256)
     """Globs over tool/function names a request of the role may carry (``*`` and ``?``)."""
     on_violation: Literal["deny", "drop"] = "deny"
@@ -179,10 +212,14 @@ class ToolRules(_Frozen):
 
 
 class DenyPattern(_Frozen):
+    """A regular expression that refuses a request whose message text matches it."""
+
     id: Name
     """Named in the 403 message and the audit record (the pattern itself is never shown)."""
     pattern: str = Field(min_length=1, max_length=MAX_PATTERN_LENGTH)
-    """A Python ``re`` pattern searched over the request's message text; see ``check_deny_pattern``."""
+    """A Python ``re`` pattern searched over the request's message text. Checked at import: no
+    backreferences, no unbounded repeats (``*``, ``+``, ``{n,}``: write ``{0,64}``), a bounded
+    backtracking cost (``check_deny_pattern``)."""
 
     @field_validator("pattern")
     @classmethod
@@ -192,6 +229,8 @@ class DenyPattern(_Frozen):
 
 
 class PromptRules(_Frozen):
+    """What a request's messages may contain, and how many completion tokens it may ask for."""
+
     deny_patterns: list[DenyPattern] = Field(default=[], max_length=MAX_DENY_PATTERNS)
     """A request whose message text matches any of these is denied (``prompt_denied``)."""
     max_messages: int | None = Field(None, ge=1, le=100_000)
@@ -227,9 +266,13 @@ class ClientCertificate(_Frozen):
 
 
 class Role(_Frozen):
+    """What callers with tokens of this role may do (``token issue --org O --role R``)."""
+
     models: list[str]
-    """Globs over ``provider/model`` (``*`` and ``?``); provider is a route name or ``*``."""
+    """Globs over ``provider/model`` (``*`` and ``?``); provider is a route name or ``*``. The first glob
+    that matches, in this order, is the rule an allowed request's record names."""
     default_data_class: DataClass = "phi"
+    """The class of a request that sends no ``X-Phi-Data-Class`` header."""
     priority: int = Field(0, ge=-1000, le=1000)
     """Place in a local model's queue: lower runs sooner (a radiology assistant before a batch job)."""
     declarable_data_classes: list[DataClass] | None = None
@@ -241,9 +284,9 @@ class Role(_Frozen):
     force_model: str | None = None
     """Every request of the role goes to this ``provider/model`` (the cllama primary slot)."""
     limits: RoleLimits | None = None
-    """Request and token rates (counted by ``appliance.pipeline.limits``)."""
+    """Request and token rates; absent: none. A request counts when it is admitted."""
     budgets: RoleBudgets | None = None
-    """Spend caps (counted by ``appliance.pipeline.limits``)."""
+    """Spend caps in USD, from ``pricing``; absent: none (the organization's budgets still apply)."""
     client_certificate: ClientCertificate | None = None
     """Mutual TLS for this role's callers; absent: the organization's rule, if any."""
 
@@ -260,25 +303,36 @@ class Role(_Frozen):
 
 
 class Organization(_Frozen):
+    """A tenant of the appliance: its roles, and caps shared by all of them."""
+
     roles: dict[Name, Role]
+    """Role name -> its rules; a token names one organization and one of its roles."""
     budgets: Spend | None = None
-    """Spend caps for the whole organization (counted by ``appliance.pipeline.limits``)."""
+    """Spend caps for the whole organization, all its roles together; absent: none."""
     client_certificate: ClientCertificate | None = None
     """Mutual TLS for every caller of the organization (a role's own rule takes precedence)."""
 
 
 class TrustKey(_Frozen):
+    """One public key of a new trust set (the fields of a ``policy keygen`` ``.pub`` file)."""
+
     keytype: Literal["ed25519"]
+    """Always ``ed25519``."""
     scheme: Literal["ed25519"]
+    """Always ``ed25519`` (the signature algorithm is pinned per key, never chosen by a signature)."""
     public: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
     """The raw Ed25519 public key, 64 lowercase hex characters."""
+    keyid: str | None = None
+    """Optional, as a ``.pub`` file states it: the key's id, which must then be the SHA-256 of ``public``
+    (the id the key is filed under)."""
 
 
 class TrustSpec(_Frozen):
     """A new trust set carried by a bundle: installed only if a threshold of the current keys AND of
-    these keys signed it (``importer``); never trusted on its own."""
+    these keys signed it (checked by ``importer``); never trusted on its own."""
 
     threshold: int = Field(ge=1, le=32)
+    """Distinct signatures of these keys every later bundle needs (at most the number of keys)."""
     keys: dict[str, TrustKey] = Field(min_length=1, max_length=32)
     """Keyed by keyid: the hex SHA-256 of the raw public key."""
 
@@ -288,7 +342,13 @@ class TrustSpec(_Frozen):
             raise ValueError(f"threshold {self.threshold} is above the number of keys ({len(self.keys)})")
         for keyid, key in self.keys.items():
             raw = bytes.fromhex(key.public)
-            if hashlib.sha256(raw).hexdigest() != keyid:
+            actual = hashlib.sha256(raw).hexdigest()
+            if key.keyid is not None and key.keyid != actual:
+                raise ValueError(
+                    f"keys.{keyid[:8]}: the stated keyid does not match the key: it states {key.keyid[:80]}, "
+                    f"and the key's id is {actual}"
+                )
+            if actual != keyid:
                 raise ValueError(f"keys.{keyid[:8]}: the keyid is not the SHA-256 of the key")
             try:
                 Ed25519PublicKey.from_public_bytes(raw)
@@ -298,8 +358,12 @@ class TrustSpec(_Frozen):
 
 
 class Price(_Frozen):
+    """What one model costs, in USD per million tokens; budgets and ``cost_usd`` are computed from it."""
+
     input_per_mtok: float = Field(ge=0)
+    """USD per million prompt tokens."""
     output_per_mtok: float = Field(ge=0)
+    """USD per million completion tokens."""
 
 
 _EARLIEST_DATE = datetime(1970, 1, 1, tzinfo=UTC)
@@ -308,20 +372,36 @@ _DATES_ALLOWED = f"a date from {_EARLIEST_DATE.year} to {_LATEST_DATE.year - 1},
 
 
 class Policy(_Frozen):
+    """The policy document: the payload of a signed bundle (``policy sign``, ``policy import``)."""
+
     version: int = Field(ge=1, le=2**62)
+    """Each import must carry a higher version than the policy in force (a rollback is refused)."""
     issued_at: AwareDatetime
+    """RFC 3339 time with an offset (``2026-11-25T00:00:00Z``); refused while more than 5 minutes ahead
+    of the appliance's clock."""
     expires_at: AwareDatetime
+    """RFC 3339 time, later than ``issued_at``; from then on every request is refused (503) until a newer
+    policy is imported."""
     scope: Scope
+    """The sites this policy may be imported on."""
     routes: dict[Name, RouteSpec]
+    """Route name -> where its requests go; a model is named ``<route>/<model>``."""
     models: dict[str, LocalModelSpec] = {}
+    """``local/<name>`` -> the GGUF file it serves; every model of a ``local`` route must be listed here
+    (upstream models need no entry). Listed in ``GET /v1/models`` for roles whose globs allow them."""
     organizations: dict[Name, Organization]
+    """Organization name -> its roles and shared budgets."""
     pricing: dict[str, Price] = {}
+    """``provider/model`` -> its price; an unpriced model costs 0 and its record says ``unpriced_model``.
+    Priced models are listed in ``GET /v1/models`` for roles whose globs allow them."""
     aliases: dict[Name, str] = {}
-    """Alias name (no ``/``) -> ``provider/model``: a request for the alias goes to the target."""
+    """Alias name (no ``/``) -> ``provider/model``: a request for the alias goes to the target. An alias is
+    listed in ``GET /v1/models`` for roles whose globs allow its target."""
     fallbacks: dict[str, list[str]] = {}
-    """``provider/model`` -> ordered alternatives, tried when it is unavailable (filtered per request)."""
+    """``provider/model`` -> ordered alternatives, tried when it is busy or down before answering; only
+    those the role allows and whose route may receive the request's data class are tried."""
     trust: TrustSpec | None = None
-    """A new trust set (key rotation); see ``TrustSpec``."""
+    """A new trust set (key rotation), installed by the import that carries it."""
 
     @field_validator("issued_at", "expires_at")
     @classmethod
@@ -470,17 +550,40 @@ def parse_policy(payload: bytes) -> Policy:
 
 
 def describe_errors(exc: ValidationError) -> str:
-    """One line per error, ``field.path: reason``, at most a handful."""
+    """One line per error, ``field.path: reason``, at most a handful; a missing or unknown field names
+    the fields its place takes and points to ``policy schema``."""
     errors = exc.errors(include_url=False, include_input=False)
-    lines = []
+    # A default that depends on a field that failed (a route's kind) adds nothing to that field's error.
+    errors = [err for err in errors if err["type"] != "default_factory_not_called"]
+    lines, hint = [], False
     for err in errors[:_MAX_ERRORS_SHOWN]:
         loc = [p for p in err["loc"] if p != "[key]"]  # a bad dict key: its path already names it
         path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
         reason = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "missing":
+            reason, hint = "a required field is missing", True
+        elif err["type"] == "extra_forbidden":
+            fields = ", ".join(_fields_at(Policy, loc[:-1]))
+            reason, hint = "unknown field" + (f" (the fields here: {fields})" if fields else ""), True
         lines.append(f"{path}: {reason}" if path else reason)
     if len(errors) > _MAX_ERRORS_SHOWN:
         lines.append(f"... and {len(errors) - _MAX_ERRORS_SHOWN} more")
-    return "the policy document is invalid: " + "; ".join(lines)
+    return "the policy document is invalid: " + "; ".join(lines) + (f" ({SCHEMA_HINT})" if hint else "")
+
+
+def _fields_at(model: Any, loc: list[Any]) -> list[str]:
+    """The field names of the object at ``loc`` (a path into a ``Policy``), or none if it is no model."""
+    node: Any = model
+    for step in loc:
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            field = node.model_fields.get(str(step))
+            node = None if field is None else field.annotation
+        else:  # a dict's value or a list's item, under Optional
+            inner = [a for a in get_args(node) if a is not type(None)]
+            node = inner[-1] if inner else None
+        while node is not None and not isinstance(node, type) and type(None) in get_args(node):
+            node = next(a for a in get_args(node) if a is not type(None))
+    return list(node.model_fields) if isinstance(node, type) and issubclass(node, BaseModel) else []
 
 
 def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -229,7 +229,7 @@ def test_explain_an_allowed_request_with_interventions_and_fallbacks() -> None:
 def test_explain_a_denial_names_the_rule_and_its_value() -> None:
     lines = explain(hospital(), org="stmarys", role="billing", model="openai/gpt-4o-mini", now=NOW)
     assert lines[0] == "decision: denied (data_class_denied)"
-    assert "rule: routes.openai.data_classes = [deidentified, public]" in lines
+    assert "rule: routes.openai.data_classes = deidentified, public" in lines
     assert any(line.startswith("message to the caller: route 'openai' may not receive phi") for line in lines)
     lines = explain(
         hospital(),
@@ -241,10 +241,7 @@ def test_explain_a_denial_names_the_rule_and_its_value() -> None:
         now=NOW,
     )
     assert lines[0] == "decision: denied (prompt_denied)"
-    assert (
-        rf"rule: {SM}.billing.prompt.deny_patterns[0] = {{id: ssn, pattern: \b\d{{3}}-\d{{2}}-\d{{4}}\b}}"
-        in lines
-    )
+    assert rf"rule: {SM}.billing.prompt.deny_patterns[0] = ssn (\b\d{{3}}-\d{{2}}-\d{{4}}\b)" in lines
     assert f"intervention: tool_dropped by {SM}.billing.tools.allow (dropped 1 tool(s))" in lines
 
 

@@ -276,11 +276,11 @@ def test_summarize_first_policy() -> None:
         "sites: stmarys-main, stmarys-annex",
     ]
     assert (
-        "route added: local (local in-process, auth none, data phi/deidentified/public, timeout 120s)"
+        "route added: local (local in-process; auth none; receives phi, deidentified, public; timeout 2 min)"
         in lines
     )
     assert "role added: stmarys/billing (models local/demo; default data class phi)" in lines
-    assert "price added: openai/gpt-4o ($2.5 in / $10 out per Mtok)" in lines
+    assert "price added: openai/gpt-4o ($2.50 in / $10.00 out per Mtok)" in lines
 
 
 def test_summarize_changes() -> None:
@@ -298,14 +298,14 @@ def test_summarize_changes() -> None:
         "expires: 2027-02-25T00:00:00Z -> 2027-03-01T00:00:00Z",
         "route removed: anthropic",
         "route changed: openai (base_url https://api.openai.com/v1 -> https://llm.stmarys.local/v1)",
-        "route added: vllm (openai http://10.0.0.5:8000/v1, auth none, data deidentified/public, "
-        "timeout 120s)",
+        "route added: vllm (openai http://10.0.0.5:8000/v1; auth none; receives deidentified, public; "
+        "timeout 2 min)",
         "local model changed: local/tiny (n_ctx 2048 -> 4096)",
         "role removed: northside/er",
         "role changed: stmarys/billing (default_data_class phi -> deidentified)",
-        "role changed: stmarys/radiology (models [local/*, anthropic/claude-*] -> [local/*, vllm/*])",
+        "role changed: stmarys/radiology (models local/*, anthropic/claude-* -> local/*, vllm/*)",
         "price removed: anthropic/claude-3-5-haiku",
-        "price changed: openai/gpt-4o (input_per_mtok 2.5 -> 2; output_per_mtok 10 -> 8)",
+        "price changed: openai/gpt-4o (input_per_mtok $2.50 -> $2.00; output_per_mtok $10.00 -> $8.00)",
     ]
 
 

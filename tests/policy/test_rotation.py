@@ -176,7 +176,7 @@ def _first(trust: dict[str, Any]) -> dict[str, Any]:
             _mutate_spec(lambda t: t["keys"].update({"00" * 32: t["keys"].popitem()[1]})),
             "the keyid is not the SHA-256 of the key",
         ),
-        (_mutate_spec(lambda t: t.update(extra=1)), "trust.extra: Extra inputs"),
+        (_mutate_spec(lambda t: t.update(extra=1)), "trust.extra: unknown field"),
     ],
 )
 def test_rotation_trust_set_is_checked(
