@@ -19,6 +19,7 @@ from typing import Any
 from appliance import signing_keys
 from appliance.errors import OperatorError
 from appliance.home import Home
+from appliance.os_user import this_os_user
 from appliance.policy import dsse, importer
 from appliance.timestamps import rfc3339
 from local_models.registry import hash_file
@@ -108,7 +109,11 @@ def prepare(home: Home, now: datetime | None = None) -> tuple[str, list[str]]:
             )
             vault.policies.activate(verified)
             vault.ledger.append_sync(
-                {"type": "admin", "detail": f"policy_import v{version} demo key {keyid[:16]}"}
+                {
+                    "type": "admin",
+                    "detail": f"policy_import v{version} demo key {keyid[:16]}",
+                    "os_user": this_os_user(),
+                }
             )
             done.append(f"demo policy v{version} signed and imported")
         token_file = home.root / "demo-token.txt"
@@ -121,7 +126,12 @@ def prepare(home: Home, now: datetime | None = None) -> tuple[str, list[str]]:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 fh.write(token + "\n")
             vault.ledger.append_sync(
-                {"type": "admin", "claw_id": caller, "detail": f"token_issue org={org} role={role}"}
+                {
+                    "type": "admin",
+                    "claw_id": caller,
+                    "detail": f"token_issue org={org} role={role}",
+                    "os_user": this_os_user(),
+                }
             )
             done.append(f"token issued for {caller} ({org}/{role})")
     return token, done

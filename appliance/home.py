@@ -13,6 +13,8 @@ Never: overwrites an existing key; loosens a file mode; keeps anything secret ou
       vault.db.changes      bumped when tokens or provider keys change, so a running gateway may cache them
       models/               local GGUF files, pinned by SHA-256 in the policy
       admin.sock            0600  the running gateway's operator API (unix socket; never on the network)
+      tls/                  0700  cert.pem (certificate, then its chain) and key.pem (0600): TLS on the public
+                            port when present (``phi-gateway tls``)
 """
 
 from __future__ import annotations

@@ -41,6 +41,10 @@ def init(home: Path | None, site: str) -> None:
     """Create a gateway home: vault, master key (0600), appliance signing key, settings."""
     for line in open_home(home, initialized=False).init(site):
         click.echo(f"created {line}")
+    click.echo(
+        "next: a certificate for the public port (phi-gateway tls self-signed --host NAME, or tls import "
+        "CERT KEY); without one, serve listens on loopback only"
+    )
 
 
 @click.command()

@@ -34,6 +34,22 @@ def _setup(tmp_path: Path, site: str = "stmarys-main") -> tuple[Path, Path]:
     return home, author
 
 
+def _sign_both(source: Path, author: Path, successor: Path, out: Path) -> Path:
+    """``source`` signed by the authoring key trusted now and its successor: what a rotation needs."""
+    _run(
+        "policy",
+        "sign",
+        str(source),
+        "--key",
+        f"{author}.key",
+        "--key",
+        f"{successor}.key",
+        "--out",
+        str(out),
+    )
+    return out
+
+
 def _bundle(tmp_path: Path, author: Path, version: int = 1, site: str = "stmarys-main") -> Path:
     doc = policy_doc("http://127.0.0.1:9", version=version, scope={"sites": [site]})
     source = tmp_path / f"policy-v{version}.json"
@@ -242,18 +258,7 @@ def test_a_bundle_rotating_the_trust_set_installs_it(tmp_path: Path) -> None:
     _run("policy", "sign", str(source), "--key", f"{successor}.key", "--out", str(alone))
     refused = _run("policy", "import", str(alone), "--home", str(home), ok=False)
     assert refused.exit_code == 1  # a key carried in a bundle is never trusted on its own
-    both = tmp_path / "both.bundle"
-    _run(
-        "policy",
-        "sign",
-        str(source),
-        "--key",
-        f"{author}.key",
-        "--key",
-        f"{successor}.key",
-        "--out",
-        str(both),
-    )
+    both = _sign_both(source, author, successor, tmp_path / "both.bundle")
     assert "trust rotated" in _run("policy", "import", str(both), "--home", str(home)).stdout
     listed = _run("trust", "list", "--home", str(home)).stdout
     assert new_pub["keyid"] in listed and json.loads(Path(f"{author}.pub").read_text())["keyid"] not in listed
@@ -262,18 +267,7 @@ def test_a_bundle_rotating_the_trust_set_installs_it(tmp_path: Path) -> None:
 def test_an_interrupted_rotation_is_completed_by_importing_the_bundle_again(tmp_path: Path) -> None:
     home, author = _setup(tmp_path)
     successor, new_pub, source = _rotation(tmp_path)
-    both = tmp_path / "both.bundle"
-    _run(
-        "policy",
-        "sign",
-        str(source),
-        "--key",
-        f"{author}.key",
-        "--key",
-        f"{successor}.key",
-        "--out",
-        str(both),
-    )
+    both = _sign_both(source, author, successor, tmp_path / "both.bundle")
     trust_before = (home / "trust.json").read_bytes()
     _run("policy", "import", str(both), "--home", str(home))
     (home / "trust.json").write_bytes(trust_before)  # as if the process died before writing the new set

@@ -16,14 +16,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from click.testing import CliRunner, Result
+from click.testing import CliRunner
 
 from appliance import signing_keys
 from appliance.admin import AdminClient
 from appliance.cli import main
 from appliance.home import Home
 from appliance.ledger import signed_note
-from tests.cli.test_cli import _bundle, _rotation, _setup
+from tests.cli.test_cli import _bundle, _rotation, _run, _setup, _sign_both
 from tests.ledger.test_evidence import _append, _home
 from tests.support.gateway import GatewayHarness
 
@@ -31,13 +31,6 @@ try:
     import pwd
 except ImportError:  # pragma: no cover - Windows
     pwd = None  # type: ignore[assignment]
-
-
-def _run(*args: str, ok: bool = True) -> Result:
-    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
-    if ok:
-        assert result.exit_code == 0, result.output
-    return result
 
 
 def _key(home: Home) -> str:
@@ -274,18 +267,7 @@ def test_import_cllama_checks_a_role_the_metadata_names_against_the_policy(tmp_p
 def test_a_trust_rotation_record_names_the_new_key_ids_and_threshold(tmp_path: Path) -> None:
     home, author = _setup(tmp_path)
     successor, new_pub, source = _rotation(tmp_path)
-    both = tmp_path / "both.bundle"
-    _run(
-        "policy",
-        "sign",
-        str(source),
-        "--key",
-        f"{author}.key",
-        "--key",
-        f"{successor}.key",
-        "--out",
-        str(both),
-    )
+    both = _sign_both(source, author, successor, tmp_path / "both.bundle")
     _run("policy", "import", str(both), "--home", str(home))
     old = json.loads(Path(f"{author}.pub").read_text())["keyid"]
     (detail,) = [r["detail"] for r in _admin_records(home) if "trust_rotation" in r["detail"]]
@@ -318,18 +300,7 @@ def test_a_rotation_takes_pub_entries_as_written(tmp_path: Path) -> None:
     doc = json.loads(source.read_text())
     doc["trust"]["keys"] = {new_pub["keyid"]: new_pub}  # the .pub's content pasted as it is, keyid included
     source.write_text(json.dumps(doc))
-    both = tmp_path / "both.bundle"
-    _run(
-        "policy",
-        "sign",
-        str(source),
-        "--key",
-        f"{author}.key",
-        "--key",
-        f"{successor}.key",
-        "--out",
-        str(both),
-    )
+    both = _sign_both(source, author, successor, tmp_path / "both.bundle")
     assert "trust rotated" in _run("policy", "import", str(both), "--home", str(home)).stdout
 
 
