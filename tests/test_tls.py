@@ -245,7 +245,7 @@ def test_unknown_cipher_setting_is_an_operator_error(material: TlsMaterial) -> N
 # -- a new certificate in the same context --------------------------------------------------------------
 
 
-def test_refresh_loads_a_new_pair_into_the_same_context(
+def test_refresh_puts_a_new_pair_in_service_on_the_same_listener(
     listener: tuple[_Listener, ServerTls], material: TlsMaterial
 ) -> None:
     server, tls = listener
@@ -278,6 +278,40 @@ def test_a_pair_that_does_not_match_is_refused_and_the_old_one_kept(
     assert _handshake(server.port, client_context(original))[2] == b"ok"  # verified as before
     material.install(*certificates.self_signed(["127.0.0.1"], 30))
     assert tls.refresh() is True and tls.reload_error is None
+
+
+@pytest.mark.parametrize("first_kind", ["ec", "rsa"])
+def test_a_rotation_to_another_key_type_serves_only_the_new_certificate(
+    tmp_path: Path, first_kind: str
+) -> None:
+    """OpenSSL keeps one certificate per key type in a context: the EC self-signed certificate of first boot
+    must not stay in service beside the site CA's RSA one that replaced it (nor the other way round)."""
+    ca = CertificateAuthority("Site CA")
+    keys = {"ec": ec.generate_private_key(ec.SECP256R1()), "rsa": rsa.generate_private_key(65537, 2048)}
+    second_kind = "rsa" if first_kind == "ec" else "ec"
+    material = TlsMaterial(tmp_path)
+    first = ca.issue(
+        name("gw"), usage=ExtendedKeyUsageOID.SERVER_AUTH, hosts=["127.0.0.1"], key=keys[first_kind]
+    )
+    material.install(pem(first.cert), key_pem(first.key))
+    tls = ServerTls(material, TlsSettings())
+    server = _Listener(tls.context)
+    try:
+        second = ca.issue(
+            name("gw"), usage=ExtendedKeyUsageOID.SERVER_AUTH, hosts=["127.0.0.1"], key=keys[second_kind]
+        )
+        installed = material.install(pem(second.cert), key_pem(second.key))
+        assert tls.refresh() is True
+        # a default client, and clients that can only take the old key type's signatures
+        assert served_fingerprint(server.port) == installed.info.fingerprint
+        only_old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        only_old.check_hostname, only_old.verify_mode = False, ssl.CERT_NONE
+        only_old.maximum_version = ssl.TLSVersion.TLSv1_2
+        only_old.set_ciphers("ECDHE+aECDSA+AESGCM" if first_kind == "ec" else "ECDHE+aRSA+AESGCM")
+        with pytest.raises((ssl.SSLError, OSError)):
+            _handshake(server.port, only_old)
+    finally:
+        server.close()
 
 
 # -- plain HTTP, or TLS: the rule -----------------------------------------------------------------------

@@ -1,16 +1,19 @@
-"""The public port's TLS: one server ``SSLContext``, its certificate swapped in place, and the rule for
-when plain HTTP may be served instead.
+"""The public port's TLS: the server ``SSLContext``s, the certificate swapped without a restart, and the rule
+for when plain HTTP may be served instead.
 
 Owns: the context's settings (TLS 1.2 at least, 1.3 preferred; for 1.2 only ECDHE key exchange with AEAD
 ciphers; no compression, no renegotiation, the server's cipher order; client certificates optional and
-verified against ``server.tls.client_ca_file`` when that is set), loading a certificate pair into it, the
-watcher that loads a new pair into the SAME context when the home's files change (new handshakes get the
-new certificate; open connections keep theirs, nothing restarts), the transport document of ``/health``,
+verified against ``server.tls.client_ca_file`` when that is set), a fresh context for every certificate
+pair, the watcher that builds one when the home's files change, and the listener's SNI callback (OpenSSL
+calls it for every handshake, with or without a server name) that hands each new handshake to the context
+in service: new handshakes get the new certificate, open connections keep theirs, nothing restarts. A
+context is never loaded twice: OpenSSL keeps one certificate per key type, so an RSA pair loaded over an
+EC one would leave the EC certificate in service beside it; the transport document of ``/health``,
 and ``listener_tls``: TLS whenever the home holds a certificate, plain HTTP on loopback, and plain HTTP on
 any other address only when the operator said ``insecure_http``.
-Never: loads a pair that ``material`` refuses (a half-written rotation, a key that does not match) or
-leaves the context half-loaded: a pair is proved on a scratch context first, and the one in service is
-kept when anything fails; asks for a passphrase (the gateway starts unattended).
+Never: loads a pair that ``material`` refuses (a half-written rotation, a key that does not match); changes
+a context in service (the one serving is kept when anything fails); asks for a passphrase (the gateway
+starts unattended).
 """
 
 from __future__ import annotations
@@ -51,10 +54,13 @@ class ServerTls:
         self.material = material
         self.settings = settings
         self.client_ca = client_ca
-        self.context = _server_context(settings, client_ca)
+        # Read once: every pair's context verifies clients against the same CAs (a change needs a restart).
+        self._client_ca_pem = _client_ca_pem(client_ca) if client_ca is not None else None
         self._stamp: Stamp | None = material.stamp()  # before reading: a change meanwhile is seen later
         pair = material.read()
-        self._load(pair)
+        self.context = self._serving = self._context_for(pair)
+        """The listener's context (its callback picks the one serving); the first pair's."""
+        self.context.sni_callback = self._choose
         self.info: CertificateInfo = pair.info
         self.reload_error: str | None = None
         """Why the pair now in the home is not the one served (None when it is)."""
@@ -72,7 +78,7 @@ class ServerTls:
             return False
         try:
             pair = self.material.read()
-            self._load(pair)
+            serving = self._context_for(pair)
         except OperatorError as exc:
             # A rotation caught between its two renames is refused once and quietly; the same files refused
             # at the next look are a real problem, reported once.
@@ -86,6 +92,7 @@ class ServerTls:
         # ``stamp`` was taken before reading: files replaced while they were read differ from it, and the
         # next look loads them.
         old = self.info.fingerprint
+        self._serving = serving  # one assignment, on the loop: the next handshake gets it
         self.info, self._stamp, self.reload_error = pair.info, stamp, None
         log.info(
             "new certificate in service for new connections: %s (was %s), expires %s",
@@ -130,15 +137,21 @@ class ServerTls:
             "reload_error": self.reload_error,
         }
 
-    def _load(self, pair: Pair) -> None:
-        """Load a checked pair: proved on a scratch context first, so the context in service never holds a
-        certificate without its key (OpenSSL drops the old key as soon as a new certificate is set)."""
+    def _choose(self, ssl_object: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext) -> None:
+        """The SNI callback: a handshake begun on an older context continues on the one serving now."""
+        serving = self._serving
+        if context is not serving:
+            ssl_object.context = serving
+
+    def _context_for(self, pair: Pair) -> ssl.SSLContext:
+        """A new context holding a checked pair (never an old context loaded again; see the module)."""
+        context = _server_context(self.settings, self.client_ca, self._client_ca_pem)
         with _private_copy(self.material.dir, pair.key_pem + pair.certificate_pem) as combined:
-            for context in (_scratch_context(), self.context):
-                try:
-                    context.load_cert_chain(combined, password=_no_passphrase)
-                except (ssl.SSLError, OSError) as exc:
-                    raise OperatorError(f"OpenSSL refused the certificate or key: {exc}") from None
+            try:
+                context.load_cert_chain(combined, password=_no_passphrase)
+            except (ssl.SSLError, OSError) as exc:
+                raise OperatorError(f"OpenSSL refused the certificate or key: {exc}") from None
+        return context
 
 
 def listener_tls(root: Path, server: ServerSettings, host: str) -> ServerTls | None:
@@ -183,8 +196,22 @@ def is_loopback(host: str) -> bool:
         return False  # any other name may resolve to anything: not loopback
 
 
-def _server_context(settings: TlsSettings, client_ca: Path | None) -> ssl.SSLContext:
-    context = _scratch_context()
+def _client_ca_pem(client_ca: Path) -> bytes:
+    bundle = files.read_bytes(client_ca, PEM_FILE)
+    try:
+        count = len(certificates.parse_certificates(bundle, "client CA file"))
+    except OperatorError as exc:
+        raise OperatorError(f"server.tls.client_ca_file {client_ca}: {exc}") from None
+    log.info(
+        "client certificates are asked for and verified against %s (%d CA certificates)", client_ca, count
+    )
+    return bundle
+
+
+def _server_context(
+    settings: TlsSettings, client_ca: Path | None, client_ca_pem: bytes | None
+) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = _VERSIONS[settings.min_version]
     try:
         context.set_ciphers(settings.ciphers)
@@ -192,25 +219,14 @@ def _server_context(settings: TlsSettings, client_ca: Path | None) -> ssl.SSLCon
         raise OperatorError(f"server.tls.ciphers: OpenSSL knows no cipher in {settings.ciphers!r}") from None
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
     context.set_alpn_protocols(["http/1.1"])  # the one protocol spoken here, said so in the handshake
-    if client_ca is not None:
+    if client_ca_pem is not None:
         # Optional, not required: a role without the rule connects without one; Police refuses the roles
         # whose policy requires one. A certificate that is presented must verify, or the handshake fails.
-        bundle = files.read_bytes(client_ca, PEM_FILE)
         try:
-            count = len(certificates.parse_certificates(bundle, "client CA file"))
-            context.load_verify_locations(cadata=bundle.decode("ascii"))
-        except (OperatorError, UnicodeDecodeError, ssl.SSLError) as exc:
+            context.load_verify_locations(cadata=client_ca_pem.decode("ascii"))
+        except (UnicodeDecodeError, ssl.SSLError) as exc:
             raise OperatorError(f"server.tls.client_ca_file {client_ca}: {exc}") from None
         context.verify_mode = ssl.CERT_OPTIONAL
-        log.info(
-            "client certificates are asked for and verified against %s (%d CA certificates)", client_ca, count
-        )
-    return context
-
-
-def _scratch_context() -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
 
 
