@@ -242,6 +242,50 @@ def test_unknown_cipher_setting_is_an_operator_error(material: TlsMaterial) -> N
         ServerTls(material, TlsSettings(ciphers="NO-SUCH-CIPHER"))
 
 
+@pytest.mark.parametrize("failing", ["staging the certificate", "renaming the certificate"])
+def test_an_install_that_fails_midway_leaves_the_old_pair_whole(
+    material: TlsMaterial, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    from appliance.tls import material as material_module
+
+    served = material.read().info.fingerprint
+    if failing == "staging the certificate":
+        real_staged = material_module._staged
+
+        def staged(path: Path, data: bytes, mode: int) -> Path:
+            if path.name == "cert.pem":
+                raise OSError(28, "No space left on device")
+            return real_staged(path, data, mode)
+
+        monkeypatch.setattr(material_module, "_staged", staged)
+    else:
+        real_replace = os.replace
+
+        def replace(source: str | Path, target: str | Path) -> None:
+            if Path(target).name == "cert.pem":
+                raise OSError(5, "Input/output error")
+            real_replace(source, target)
+
+        monkeypatch.setattr(material_module.os, "replace", replace)
+    with pytest.raises(OSError):
+        material.install(*certificates.self_signed(["127.0.0.1"], 30))
+    monkeypatch.undo()
+    assert material.read().info.fingerprint == served  # the old key with the old certificate
+    assert sorted(p.name for p in material.dir.iterdir()) == ["cert.pem", "key.pem"]  # nothing left behind
+
+
+def test_a_key_other_users_can_read_is_not_served(material: TlsMaterial) -> None:
+    material.key.chmod(0o644)
+    with pytest.raises(OperatorError, match=r"accessible by other users \(mode 0644\).*chmod 600"):
+        ServerTls(material, TlsSettings())
+    material.key.chmod(0o600)
+    tls = ServerTls(material, TlsSettings())
+    material.install(*certificates.self_signed(["127.0.0.1"], 30))
+    material.key.chmod(0o640)
+    assert tls.refresh() is False and tls.refresh() is False  # refused at reload too; the old pair serves
+    assert tls.reload_error is not None and "chmod 600" in tls.reload_error
+
+
 # -- a new certificate in the same context --------------------------------------------------------------
 
 

@@ -6,10 +6,11 @@
 
 Owns: those paths, whether TLS is in force (``present``: the home holds a certificate or a key), reading
 the pair (``read``: both files once, checked and described together), installing a new pair (``install``:
-checked first, each file written to a temporary name, fsynced and renamed over the old one, the key
-before the certificate), and the stamp a running gateway compares to notice a new pair.
+checked first, both files written to temporary names and fsynced before either is renamed over the old
+one, the key before the certificate, the old key put back if the certificate cannot be), and the stamp a
+running gateway compares to notice a new pair.
 Never: writes a pair that ``certificates.check`` refuses; leaves a key readable by anyone but the
-appliance's user; prints or records key material.
+appliance's user, or serves one that is (as ``master.key``); prints or records key material.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class TlsMaterial:
                 f"{missing} is missing: the home's certificate needs both tls/cert.pem and tls/key.pem "
                 "(phi-gateway tls self-signed --host NAME, or tls import CERT KEY)"
             )
+        _require_private(self.key)
         certificate_pem = files.read_bytes(self.cert, PEM_FILE)
         key_pem = files.read_bytes(self.key, PEM_FILE)
         try:
@@ -94,11 +96,29 @@ class TlsMaterial:
         info = _check(served, key_pem)
         self.dir.mkdir(mode=0o700, exist_ok=True)
         os.chmod(self.dir, 0o700)
+        # Both written in full before either is renamed: a full disk fails here, with the old pair intact.
+        key_file = _staged(self.key, _normalized_key(key_pem), 0o600)
+        try:
+            cert_file = _staged(self.cert, served, 0o644)
+        except BaseException:
+            _discard(key_file)
+            raise
         # The key first: a running gateway that looks between the two renames sees a key that does not
         # match the old certificate, refuses that pair and keeps serving; the next look sees both.
-        _replace(self.key, _normalized_key(key_pem), 0o600)
-        _replace(self.cert, served, 0o644)
-        _fsync_dir(self.dir)
+        previous = self.dir / ".key.pem.previous"
+        _discard(previous)
+        kept = _link_if_present(self.key, previous)
+        try:
+            os.replace(key_file, self.key)
+            try:
+                os.replace(cert_file, self.cert)
+            except BaseException:
+                if kept:  # the old key back beside the old certificate: the home still holds a pair
+                    os.replace(previous, self.key)
+                raise
+        finally:
+            _discard(key_file, cert_file, previous)
+            _fsync_dir(self.dir)
         return Pair(served, key_pem, info)
 
 
@@ -125,7 +145,21 @@ def _normalized_key(key_pem: bytes) -> bytes:
     )
 
 
-def _replace(path: Path, data: bytes, mode: int) -> None:
+def _require_private(key: Path) -> None:
+    """Refuse a key file other users can read (restored from a backup with the wrong mode, say)."""
+    try:
+        mode = os.stat(key).st_mode
+    except OSError as exc:
+        raise OperatorError(f"cannot read {key}: {exc.strerror}") from None
+    if os.name == "posix" and mode & 0o077:
+        raise OperatorError(
+            f"the TLS key {key} is accessible by other users (mode {mode & 0o777:04o}); "
+            f"fix it with: chmod 600 {key}"
+        )
+
+
+def _staged(path: Path, data: bytes, mode: int) -> Path:
+    """``data`` in a new file beside ``path``, with ``mode``, fsynced: ready to be renamed over it."""
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, mode)
@@ -133,11 +167,24 @@ def _replace(path: Path, data: bytes, mode: int) -> None:
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
-        os.replace(temporary, path)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
+        _discard(Path(temporary))
         raise
+    return Path(temporary)
+
+
+def _link_if_present(path: Path, link: Path) -> bool:
+    try:
+        os.link(path, link)
+    except OSError:  # no old key, or a filesystem without hard links: nothing to put back then
+        return False
+    return True
+
+
+def _discard(*paths: Path) -> None:
+    for path in paths:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 def _fsync_dir(path: Path) -> None:
