@@ -173,6 +173,10 @@ def _checkpoint(
     return opened[0]
 
 
+_SIZES = {"inclusion": ("tree_size",), "consistency": ("old_size", "new_size")}
+"""The tree sizes each kind of proof is about: the only ones a kept checkpoint may be matched against."""
+
+
 def verify_proof(
     doc: Any, verifiers: Sequence[signed_note.Verifier], kept: Sequence[str] = ()
 ) -> ProofResult:
@@ -186,8 +190,15 @@ def verify_proof(
         except CheckpointError as exc:
             raise ProofRejected(f"your kept checkpoint: {exc}") from None
     kind = doc.get("kind")
+    if kind not in _SIZES:
+        raise ProofRejected(f"unknown proof kind {kind!r}")
+    stray = [name for names in _SIZES.values() for name in names if name in doc and name not in _SIZES[kind]]
+    if stray:  # a size of the other kind would make a kept checkpoint look used without being opened
+        raise ProofRejected(
+            f"an {kind} proof has no {stray[0]}: this document is not one the appliance wrote"
+        )
     path = _unb64(doc.get("path"), "path")
-    sizes = {doc[name] for name in ("tree_size", "old_size", "new_size") if isinstance(doc.get(name), int)}
+    sizes = {doc[name] for name in _SIZES[kind] if isinstance(doc.get(name), int)}
     unused = sorted(size for size in kept_by_size if size not in sizes)
     if unused:  # a kept checkpoint the proof does not lead to would be silently ignored: refuse instead
         raise ProofRejected(

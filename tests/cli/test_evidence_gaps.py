@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from click.testing import CliRunner
 
 from appliance import signing_keys
@@ -342,3 +343,23 @@ def test_admin_records_of_the_admin_socket_name_the_peer(harness: GatewayHarness
     assert found[0]["detail"] == "policy_reload via admin socket"
     expected = f"{_me()} pid={os.getpid()}" if hasattr(socket, "SO_PEERCRED") else "unknown"
     assert found[0]["os_user"].startswith(expected)  # this process is the socket's peer
+
+
+@pytest.mark.parametrize(
+    ("kind_args", "stray"), [(("--record", "5"), "old_size"), (("--from-size", "64"), "tree_size")]
+)
+def test_verify_proof_refuses_a_size_of_the_other_kind(
+    tmp_path: Path, kind_args: tuple[str, str], stray: str
+) -> None:
+    """A stray size in the proof document must not make a kept checkpoint count as used, unopened."""
+    home = _home(tmp_path, 120)
+    key = _key(home)
+    kept = tmp_path / "kept-100.txt"  # of another history: must never pass
+    kept.write_text(_forged(home, 100, b"\x07" * 32))
+    proof = tmp_path / "p.json"
+    _run("audit", "prove", "--home", str(home.root), *kind_args, "--out", str(proof), "--allow-unsigned")
+    doc = json.loads(proof.read_text())
+    doc[stray] = 100
+    proof.write_text(json.dumps(doc))
+    result = _run("audit", "verify-proof", str(proof), "--key", key, "--checkpoint", str(kept), ok=False)
+    assert result.exit_code == 1 and f"has no {stray}" in result.output
