@@ -27,6 +27,7 @@ from appliance.home import Vault
 from appliance.os_user import this_os_user
 from appliance.policy import dsse, importer, reference
 from appliance.policy.diff import changes
+from appliance.policy.engine import Certificate
 from appliance.policy.explain import explain_request
 from appliance.policy.schema import DATA_CLASSES, Policy, parse_policy
 
@@ -194,6 +195,13 @@ def policy_import(home: Path | None, as_json: bool, bundle: Path) -> None:
 @click.option("--data-class", type=click.Choice(DATA_CLASSES), default=None)
 @click.option("--tools", default="", help="Comma-separated tool names the request would carry.")
 @click.option("--max-tokens", type=int, default=None)
+@click.option(
+    "--client-cert",
+    "client_cert",
+    default=None,
+    metavar="SUBJECT",
+    help="The RFC 4514 subject of the client certificate the connection presents (default: none).",
+)
 @_JSON_OPTION
 def policy_explain(
     home: Path | None,
@@ -204,10 +212,13 @@ def policy_explain(
     data_class: str | None,
     tools: str,
     max_tokens: int | None,
+    client_cert: str | None,
     as_json: bool,
 ) -> None:
     """Print what the policy in force decides for such a request, and the rules that decide; sends nothing."""
-    with open_home(home).open_vault() as vault:
+    target = open_home(home)
+    client_ca = target.settings().server.tls.client_ca_file is not None
+    with target.open_vault() as vault:
         policy = _policy_in_force(vault)
         if caller is not None:
             rows = [row for row in vault.tokens.list() if row["caller"] == caller]
@@ -220,7 +231,14 @@ def policy_explain(
         raise OperatorError("no policy has been imported: every request is refused")
     names = [name.strip() for name in tools.split(",") if name.strip()]
     explanation = explain_request(
-        policy, org=org, role=role, model=model, data_class=data_class, tools=names, max_tokens=max_tokens
+        policy,
+        org=org,
+        role=role,
+        model=model,
+        data_class=data_class,
+        tools=names,
+        max_tokens=max_tokens,
+        certificate=Certificate(presented=client_cert is not None, subject=client_cert, client_ca=client_ca),
     )
     if as_json:
         click.echo(json.dumps(explanation.document(), indent=2))

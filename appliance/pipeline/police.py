@@ -22,7 +22,7 @@ from appliance.identity import Caller
 from appliance.pipeline.exchange import Exchange
 from appliance.pipeline.facts import BodyFacts, apply_edits, parse_request, read_facts
 from appliance.pipeline.limits import DEFAULT_MAX_TOKENS, LimitKeeper, Subject, Ticket
-from appliance.policy.engine import RequestFacts, Verdict
+from appliance.policy.engine import Certificate, RequestFacts, Verdict
 from appliance.policy_state import PolicyKeeper, PolicyState
 from routes.pricing import cost_usd
 from routes.result import RouteResult
@@ -90,38 +90,15 @@ class Police:
 
     def _check_client_certificate(self, ex: Exchange, state: PolicyState, caller: Caller) -> None:
         """The role's ``client_certificate`` rule (else its organization's) against the certificate the
-        TLS handshake verified on this connection."""
-        org = state.policy.organizations.get(caller.org)
-        if org is None:
-            return
-        role = org.roles.get(caller.role)
-        rule, path = org.client_certificate, f"organizations.{caller.org}.client_certificate"
-        if role is not None and role.client_certificate is not None:
-            rule = role.client_certificate
-            path = f"organizations.{caller.org}.roles.{caller.role}.client_certificate"
-        if rule is None:
-            return
+        TLS handshake verified on this connection (decided by the engine, as ``policy explain`` shows)."""
         peer = ex.request.peer
-        if peer.cert_fingerprint is None:
-            if not rule.required:
-                return
-            if not self._client_ca:
-                raise ClientCertificateDenied(
-                    "this caller's role requires a client certificate (mutual TLS), but this gateway asks "
-                    "clients for none: its operator must set server.tls.client_ca_file",
-                    rule=path,
-                )
-            raise ClientCertificateDenied(
-                "this caller's role requires a client certificate (mutual TLS); the connection presented "
-                "none",
-                rule=path,
-            )
-        if rule.subjects and peer.cert_subject not in rule.subjects:
-            raise ClientCertificateDenied(
-                "the client certificate's subject is not one this caller's role accepts",
-                code="client_certificate_not_allowed",
-                rule=path,
-            )
+        certificate = Certificate(
+            presented=peer.cert_fingerprint is not None, subject=peer.cert_subject, client_ca=self._client_ca
+        )
+        refusal = state.engine.check_client_certificate(caller.org, caller.role, certificate)
+        if refusal is not None:
+            code, rule, message = refusal
+            raise ClientCertificateDenied(message, code=code, rule=rule)
 
     @staticmethod
     def _verdict(state: PolicyState, caller: Caller, model: str, facts: BodyFacts) -> Verdict:

@@ -55,6 +55,8 @@ REASONS = frozenset(
         "prompt_denied",
         "too_many_messages",
         "prompt_too_long",
+        "client_certificate_required",
+        "client_certificate_not_allowed",
     }
 )
 """Every ``Verdict.reason``."""
@@ -70,6 +72,18 @@ class Intervention:
     """Path of the rule that acted, e.g. ``organizations.stmarys.roles.billing.tools.allow``."""
     detail: str
     """What changed, safe for the audit record (names and numbers, never prompt text)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Certificate:
+    """What the connection's TLS handshake says of a client certificate."""
+
+    presented: bool
+    """A certificate was presented and verified against the site's client CA."""
+    subject: str | None = None
+    """Its RFC 4514 subject."""
+    client_ca: bool = True
+    """The gateway asks clients for certificates at all (``server.tls.client_ca_file`` is set)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +106,9 @@ class RequestFacts:
     longer than the role's scan limit is denied."""
     max_tokens: int | None = None
     """The completion-token limit the request asks for, or None."""
+    certificate: Certificate | None = None
+    """The connection's client certificate, when the decision should include the ``client_certificate``
+    rule (the pipeline checks that rule before the body, with ``check_client_certificate``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,6 +366,8 @@ class PolicyEngine:
         """
         draft = _Draft(facts)
         refusal = self._check_expiry(now) or self._check_role(draft)
+        if refusal is None and facts.certificate is not None:
+            refusal = self.check_client_certificate(facts.org, facts.role, facts.certificate)
         if refusal is None:
             self._resolve_alias(draft)
             self._force_model(draft)
@@ -365,6 +384,42 @@ class PolicyEngine:
         self._clamp_max_tokens(draft)
         self._choose_fallbacks(draft)
         return draft.allowed()
+
+    def check_client_certificate(self, org: str, role: str, certificate: Certificate) -> _Refusal | None:
+        """The role's ``client_certificate`` rule (else its organization's) against the certificate the
+        connection's TLS handshake verified: None when it passes (or neither has a rule)."""
+        organization = self.policy.organizations.get(org)
+        if organization is None:
+            return None
+        spec = organization.roles.get(role)
+        rule, path = organization.client_certificate, f"organizations.{org}.client_certificate"
+        if spec is not None and spec.client_certificate is not None:
+            rule, path = spec.client_certificate, f"organizations.{org}.roles.{role}.client_certificate"
+        if rule is None:
+            return None
+        if not certificate.presented:
+            if not rule.required:
+                return None
+            if not certificate.client_ca:
+                return (
+                    "client_certificate_required",
+                    path,
+                    "this caller's role requires a client certificate (mutual TLS), but this gateway asks "
+                    "clients for none: its operator must set server.tls.client_ca_file",
+                )
+            return (
+                "client_certificate_required",
+                path,
+                "this caller's role requires a client certificate (mutual TLS); the connection presented "
+                "none",
+            )
+        if rule.subjects and certificate.subject not in rule.subjects:
+            return (
+                "client_certificate_not_allowed",
+                path,
+                "the client certificate's subject is not one this caller's role accepts",
+            )
+        return None
 
     def _check_expiry(self, now: float | None) -> _Refusal | None:
         if (time.time() if now is None else now) >= self._expires_ts:

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
 from appliance.policy.display import show
-from appliance.policy.engine import PolicyEngine, RequestFacts, Verdict
+from appliance.policy.engine import Certificate, PolicyEngine, RequestFacts, Verdict
 from appliance.policy.schema import Organization, Policy, Role, scan_limit
 from appliance.timestamps import rfc3339
 
@@ -149,8 +149,10 @@ def explain_request(
     max_tokens: int | None = None,
     message_count: int | None = None,
     now: datetime | None = None,
+    certificate: Certificate | None = None,
 ) -> Explanation:
-    """The engine's verdict on a request with these facts (``text``: its message text, if any)."""
+    """The engine's verdict on a request with these facts (``text``: its message text, if any;
+    ``certificate``: what the connection's handshake verified, default none presented)."""
     facts = RequestFacts(
         org=org,
         role=role,
@@ -161,6 +163,7 @@ def explain_request(
         message_count=(1 if text else 0) if message_count is None else message_count,
         text=text,
         max_tokens=max_tokens,
+        certificate=certificate if certificate is not None else Certificate(presented=False),
     )
     verdict = PolicyEngine(policy).evaluate(facts, None if now is None else now.timestamp())
     return Explanation(policy, org, role, model, data_class, verdict)

@@ -338,6 +338,8 @@ def test_import_verify_and_explain_print_words_or_json(
             "billing",
             "--model",
             "openai/gpt-4o-mini",
+            "--client-cert",
+            "CN=a",  # the organization's rule after the import: CN=a or CN=b
             "--json",
             "--home",
             str(home),
@@ -358,6 +360,8 @@ def test_import_verify_and_explain_print_words_or_json(
         "clinical-summary",
         "--tools",
         "dicom_x,web_search",
+        "--client-cert",
+        "CN=b",
         "--home",
         str(home),
     ).stdout

@@ -351,3 +351,34 @@ def test_certificate_rotation_while_a_stream_runs(tmp_path: Path) -> None:
     finally:
         gateway.h.stop()
         held.stop_thread()
+
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def test_policy_explain_decides_the_client_certificate_rule_as_the_gateway_does(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    doc = policy_doc(upstream.base_url)
+    doc["organizations"]["stmarys"]["roles"]["radiology"]["client_certificate"] = {"required": True}
+    h = GatewayHarness(tmp_path)
+    h.import_policy(doc)
+    h.set_provider_keys()
+    h.start()
+    try:
+        token = h.issue("radiology-bot")
+        args = ["policy", "explain", "--home", str(h.home.root), "--caller", "radiology-bot"]
+        explained = CliRunner().invoke(main, [*args, "--model", "openai/gpt-4o", "--json"])
+        document = json.loads(explained.stdout)
+        with (
+            openai.OpenAI(base_url=h.base_url, api_key=token, max_retries=0, timeout=10) as client,
+            pytest.raises(openai.PermissionDeniedError) as refused,
+        ):
+            client.chat.completions.create(
+                model="openai/gpt-4o", messages=[{"role": "user", "content": "hi"}]
+            )
+        assert document["decision"] == "denied"
+        assert document["reason"] == refused.value.body["code"] == "client_certificate_required"  # type: ignore[index]
+        assert "server.tls.client_ca_file" in document["message"]
+    finally:
+        h.stop()
