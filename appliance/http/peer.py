@@ -16,6 +16,8 @@ import ssl
 import struct
 from typing import Any
 
+from appliance.x509_names import subject_of
+
 __all__ = ["Peer", "peer_of"]
 
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid (Linux)
@@ -43,7 +45,8 @@ class Peer:
         self.pid = pid
         self.tls = tls
         self.cert_subject = cert_subject
-        """RFC 4514 subject of the client certificate the handshake verified; None without one."""
+        """RFC 4514 subject of the client certificate the handshake verified (``appliance.x509_names``'s
+        canonical form, which a policy's subjects are also put in); None without one."""
         self.cert_fingerprint = cert_fingerprint
         """``sha256:<hex>`` of that certificate's DER encoding."""
 
@@ -63,7 +66,7 @@ def peer_of(transport: asyncio.BaseTransport) -> Peer:
     if isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
         der = ssl_object.getpeercert(binary_form=True)
         if der:  # only a certificate the context verified is ever returned here (CERT_OPTIONAL/REQUIRED)
-            subject = _subject(ssl_object.getpeercert())
+            subject = subject_of(der)
             fingerprint = "sha256:" + hashlib.sha256(der).hexdigest()
     return Peer(
         address,
@@ -85,37 +88,3 @@ def _credentials(sock: Any) -> tuple[int | None, int | None, int | None]:
     except (OSError, struct.error):
         return None, None, None
     return uid, gid, pid
-
-
-def _subject(cert: Any) -> str | None:
-    """The subject as an RFC 4514 string, most specific attribute first (``CN=…,O=…``)."""
-    if not isinstance(cert, dict) or not cert.get("subject"):
-        return None
-    parts = []
-    for rdn in reversed(cert["subject"]):
-        parts.append("+".join(f"{_SHORT.get(name, name)}={_escape(value)}" for name, value in rdn))
-    return ",".join(parts)
-
-
-_SHORT = {
-    "commonName": "CN",
-    "organizationName": "O",
-    "organizationalUnitName": "OU",
-    "countryName": "C",
-    "stateOrProvinceName": "ST",
-    "localityName": "L",
-    "domainComponent": "DC",
-    "userId": "UID",
-}
-
-
-def _escape(value: str) -> str:
-    out = []
-    for i, char in enumerate(value):
-        if char in ',+"\\<>;=' or (char in " #" and i == 0) or (char == " " and i == len(value) - 1):
-            out.append("\\" + char)
-        elif ord(char) < 32:
-            out.append(f"\\{ord(char):02x}")
-        else:
-            out.append(char)
-    return "".join(out)

@@ -49,6 +49,7 @@ from pydantic import (
 
 from appliance.errors import BundleRejected
 from appliance.policy.limits_schema import RoleBudgets, RoleLimits, Spend
+from appliance.x509_names import canonical
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 # The model part of "provider/model"; one extra "/" segment admits OpenRouter-style "vendor/model" ids.
@@ -261,8 +262,14 @@ class ClientCertificate(_Frozen):
     required: bool = True
     """Refuse (403 ``client_certificate_required``) a request whose connection presented none."""
     subjects: list[str] = Field(default=[], max_length=256)
-    """Accepted subjects, as RFC 4514 strings (``CN=radiology-bot,O=St Example``); empty: any certificate
-    the site's client CA signed."""
+    """Accepted subjects, as RFC 4514 strings (``CN=radiology-bot,O=St Example``, most specific first, as
+    ``openssl x509 -noout -subject -nameopt RFC2253`` prints them; compared in one canonical form, so
+    escaping may differ); empty: any certificate the site's client CA signed."""
+
+    @field_validator("subjects")
+    @classmethod
+    def _canonical_subjects(cls, subjects: list[str]) -> list[str]:
+        return [canonical(subject) for subject in subjects]
 
 
 class Role(_Frozen):
