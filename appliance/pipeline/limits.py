@@ -502,7 +502,7 @@ def _check_spend(
                 "budget_exceeded",
                 f"{rule}.usd_per_day",
                 f"budget exhausted: {day_cap:g} USD per day; "
-                + _accounts(spend.day_usd, spend.day_reserved, cost),
+                + _accounts(spend.day_usd, spend.day_reserved, cost, rule),
             )
         )
     if month_cap is not None and spend.month_usd + cost > month_cap + _EPS:
@@ -515,14 +515,19 @@ def _check_spend(
                 "budget_exceeded",
                 f"{rule}.usd_per_month",
                 f"budget exhausted: {month_cap:g} USD per month; "
-                + _accounts(spend.month_usd, spend.month_reserved, cost),
+                + _accounts(spend.month_usd, spend.month_reserved, cost, rule),
             )
         )
 
 
-def _accounts(total: float, reserved: float, cost: float) -> str:
-    """Where the budget went, so the caller (and the operator reading the 429) can tell spend that is
-    settled from reservations of requests still in flight, and this request's own estimate."""
+def _accounts(total: float, reserved: float, cost: float, rule: str) -> str:
+    """Where the budget went, so the caller can tell spend that is settled from reservations of requests
+    still in flight, and this request's own estimate. A budget shared by a role or an organization names no
+    amounts but the estimate: they are other callers' spend, not this caller's to read."""
+    if not rule.endswith(".per_caller"):
+        held = "; requests in flight hold part of it" if reserved > _EPS else ""
+        shared = "the role's callers" if rule.endswith(".per_role") else "the organization"
+        return f"shared by {shared}{held}; this request estimated at ${cost:.4f}"
     return (
         f"spent ${max(total - reserved, 0.0):.4f}, reserved ${reserved:.4f} by requests in flight, "
         f"this request estimated at ${cost:.4f}"

@@ -545,7 +545,7 @@ def test_rebuild_of_200k_records_is_fast(db: Database, clock: Clock) -> None:
 def test_a_budget_429_names_the_settled_spend_the_reservations_and_its_own_estimate(
     keeper: LimitKeeper,
 ) -> None:
-    budgets = RoleBudgets(per_role=Spend(usd_per_day=1.0))
+    budgets = RoleBudgets(per_caller=Spend(usd_per_day=1.0))
     settled = _admit(keeper, ALICE, budgets=budgets, cost=0.25)
     keeper.settle(settled, tokens=100, cost_usd=0.5)
     _admit(keeper, ALICE, budgets=budgets, cost=0.3)  # still in flight: reserved, not spent
@@ -556,3 +556,14 @@ def test_a_budget_429_names_the_settled_spend_the_reservations_and_its_own_estim
     assert "spent $0.5000" in message
     assert "reserved $0.3000 by requests in flight" in message
     assert "this request estimated at $0.4000" in message
+
+
+def test_a_shared_budget_429_names_no_other_callers_spend(keeper: LimitKeeper) -> None:
+    org = Spend(usd_per_month=100.0)
+    settled = _admit(keeper, ALICE, org=org, cost=1.0)  # radiology's caller
+    keeper.settle(settled, tokens=100, cost_usd=73.1234)
+    _admit(keeper, ALICE, org=org, cost=20.0)  # ... with $20 in flight
+    message = str(_refused(keeper, CAROL, org=org, cost=10.0))  # billing's caller
+    assert "73.1234" not in message and "20.0000" not in message
+    assert "100 USD per month" in message and "shared by the organization" in message
+    assert "requests in flight hold part of it" in message and "estimated at $10.0000" in message
