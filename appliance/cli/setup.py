@@ -43,7 +43,7 @@ def init(home: Path | None, site: str) -> None:
         click.echo(f"created {line}")
     click.echo(
         "next: a certificate for the public port (phi-gateway tls self-signed --host NAME, or tls import "
-        "CERT KEY); without one, serve listens on loopback only"
+        "CERT KEY); without one, serve refuses any address but loopback (serve --host 127.0.0.1 works)"
     )
 
 

@@ -9,6 +9,7 @@ pair that ``appliance.tls`` refuses.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 import click
@@ -71,7 +72,7 @@ def tls_self_signed(home: Path | None, hosts: tuple[str, ...], days: int) -> Non
     click.echo(
         f"\nclients verify it with a copy of {material.cert} as their CA file (it holds no secret), or pin "
         f"{pair.info.fingerprint}:\n"
-        f"  OpenAI(base_url='https://{hosts[0]}:{port}/v1', api_key=TOKEN,\n"
+        f"  OpenAI(base_url='https://{_url_host(hosts[0])}:{port}/v1', api_key=TOKEN,\n"
         f"         http_client=httpx.Client(verify=ssl.create_default_context(cafile='cert.pem')))"
     )
 
@@ -135,3 +136,11 @@ def _installed(home: Home, pair: Pair, replaced: CertificateInfo | None) -> None
         "a running gateway serves it to new connections within server.tls.reload_interval_s; open "
         "connections keep the certificate they began with"
     )
+
+
+def _url_host(host: str) -> str:
+    """``host`` as a URL's authority writes it: an IPv6 address in brackets."""
+    try:
+        return f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
+    except ValueError:
+        return host

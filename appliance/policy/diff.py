@@ -79,10 +79,7 @@ class Change:
         if self.action == "removed":
             return f"{noun} removed: {name}"
         if self.fields:
-            parts = (
-                f"{f} {show_field(f, getattr(self.before, f))} -> {show_field(f, getattr(self.after, f))}"
-                for f in self.fields
-            )
+            parts = (_field_change(f, getattr(self.before, f), getattr(self.after, f)) for f in self.fields)
             return f"{noun} changed: {name} ({'; '.join(parts)})"
         return f"{noun} changed: {name} ({show(self.before)} -> {show(self.after)})"
 
@@ -118,6 +115,22 @@ def changes(old: Policy | None, new: Policy) -> list[Change]:
     if new.trust is not None and (old is None or old.trust != new.trust):
         out.append(Change("trust", None, "changed", None if old is None else old.trust, new.trust))
     return out
+
+
+def _field_change(name: str, before: Any, after: Any) -> str:
+    """``name old -> new``; two values that read alike (an empty list and none) are told apart."""
+    old, new = show_field(name, before), show_field(name, after)
+    if old == new:
+        old, new = _exactly(before), _exactly(after)
+    return f"{name} {old} -> {new}"
+
+
+def _exactly(value: Any) -> str:
+    if value is None:
+        return "not set"
+    if isinstance(value, list | tuple | dict) and not value:
+        return "empty"
+    return show(value)
 
 
 def summarize_change(old: Policy | None, new: Policy) -> list[str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from pydantic import BaseModel
@@ -68,8 +69,11 @@ def show_field(name: str, value: object) -> str:
 
 
 def money(usd: float) -> str:
-    """``$12.50``, ``$2,000.00``; sub-cent amounts keep their digits (``$0.075``)."""
-    return f"${usd:,.2f}" if round(usd, 2) == usd else f"${usd:,.6g}"
+    """``$12.50``, ``$2,000.00``; sub-cent amounts keep their digits, never an exponent (``$0.075``,
+    ``$0.0000015``)."""
+    if round(usd, 2) == usd:
+        return f"${usd:,.2f}"
+    return f"${Decimal(repr(usd)):,f}"
 
 
 def duration(seconds: float) -> str:

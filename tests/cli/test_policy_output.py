@@ -377,3 +377,27 @@ def test_the_json_documents_keys_are_in_the_readme() -> None:
     sections |= {"expires_at", "scope.sites"}
     for section in sorted(sections):
         assert f"`{section}`" in scripts, f"README's 'Output for scripts' lacks the change section {section}"
+
+
+def test_tiny_prices_and_values_that_read_alike_stay_readable() -> None:
+    from appliance.policy.display import money
+
+    assert [money(v) for v in (12.5, 2000, 0.075, 0.0000015, 1e-9)] == [
+        "$12.50",
+        "$2,000.00",
+        "$0.075",
+        "$0.0000015",
+        "$0.000000001",
+    ]
+    before = every_field()
+    after = every_field(version=before["version"] + 1)
+    before["organizations"]["stmarys"]["roles"]["radiology"]["declarable_data_classes"] = []
+    after["organizations"]["stmarys"]["roles"]["radiology"]["declarable_data_classes"] = None
+    lines = [
+        change.line()
+        for change in changes(
+            Policy.model_validate_json(json.dumps(before)), Policy.model_validate_json(json.dumps(after))
+        )
+    ]
+    assert any("declarable_data_classes empty -> not set" in line for line in lines), lines
+    assert not any("none -> none" in line for line in lines)

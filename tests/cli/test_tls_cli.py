@@ -177,3 +177,11 @@ def test_serve_insecure_http_is_the_operators_explicit_choice(tmp_path: Path) ->
     finally:
         loopback.send_signal(signal.SIGTERM)
         assert loopback.wait(30) == 0
+
+
+def test_the_printed_sdk_line_is_a_url_for_an_ipv6_host_too(tmp_path: Path) -> None:
+    home = _home(tmp_path)
+    printed = _run("tls", "self-signed", "--home", str(home), "--host", "fd00::10", "--host", "gw").output
+    assert "base_url='https://[fd00::10]:8080/v1'" in printed
+    init = _run("init", "--home", str(tmp_path / "other"), "--site", "s1").output
+    assert "serve --host 127.0.0.1 works" in init
