@@ -260,7 +260,9 @@ class ClientCertificate(_Frozen):
     file of the ``server.tls.client_ca_file`` setting; its subject is recorded with the caller."""
 
     required: bool = True
-    """Refuse (403 ``client_certificate_required``) a request whose connection presented none."""
+    """Refuse (403 ``client_certificate_required``) a request whose connection presented none. With
+    ``false``, a connection without a certificate passes, and one with a certificate must still match
+    ``subjects``."""
     subjects: list[str] = Field(default=[], max_length=256)
     """Accepted subjects, as RFC 4514 strings (``CN=radiology-bot,O=St Example``, most specific first, as
     ``openssl x509 -noout -subject -nameopt RFC2253`` prints them; compared in one canonical form, so
