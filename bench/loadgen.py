@@ -126,8 +126,9 @@ def build_request(path: str, body: bytes, headers: list[str]) -> bytes:
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def arguments(prog: str) -> argparse.ArgumentParser:
+    """The options every load generator here takes (``tls_loadgen`` adds its own)."""
+    ap = argparse.ArgumentParser(prog=prog)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--path", default="/v1/chat/completions")
@@ -135,15 +136,24 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--body", default='{"model":"openai/gpt-4o","messages":[{"role":"user","content":"hi"}]}')
     ap.add_argument("--header", action="append", default=[])
-    args = ap.parse_args()
+    return ap
+
+
+def prepare(args: argparse.Namespace, prog: str) -> None:
+    """Refuse a target off loopback; run on uvloop where it is installed."""
     if args.host not in ("127.0.0.1", "localhost", "::1"):
-        sys.exit("loadgen: loopback targets only")
+        sys.exit(f"{prog}: loopback targets only")
     try:
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except ImportError:
         pass
+
+
+def main() -> None:
+    args = arguments("loadgen").parse_args()
+    prepare(args, "loadgen")
     request = build_request(args.path, args.body.encode(), args.header)
     print(json.dumps(asyncio.run(run(args.host, args.port, request, args.connections, args.seconds))))
 

@@ -15,17 +15,15 @@ Prints one JSON object: requests, errors, req_per_s, p50_ms, p99_ms, connect_p50
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import functools
 import json
 import ssl
-import sys
 import time
 
 import httptools
 
-from bench.loadgen import _Conn, _pct, build_request
+from bench.loadgen import _Conn, _pct, arguments, build_request, prepare
 
 
 class _Once(asyncio.Protocol):
@@ -145,25 +143,11 @@ async def new_connection_each(
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--path", default="/v1/chat/completions")
-    ap.add_argument("--connections", type=int, default=1)
-    ap.add_argument("--seconds", type=float, default=5.0)
-    ap.add_argument("--body", default='{"model":"openai/gpt-4o","messages":[{"role":"user","content":"hi"}]}')
-    ap.add_argument("--header", action="append", default=[])
+    ap = arguments("tls_loadgen")
     ap.add_argument("--cafile", default=None, help="speak TLS, verifying the server against this PEM file")
     ap.add_argument("--new-connection", action="store_true", help="one connection (and handshake) a request")
     args = ap.parse_args()
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        sys.exit("tls_loadgen: loopback targets only")
-    try:
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    except ImportError:
-        pass
+    prepare(args, "tls_loadgen")
     context = ssl.create_default_context(cafile=args.cafile) if args.cafile else None
     headers = [*args.header, "Connection: close"] if args.new_connection else args.header
     request = build_request(args.path, args.body.encode(), headers)

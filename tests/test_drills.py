@@ -1,4 +1,5 @@
-"""The soak and fault drills (``bench/soak.py``, ``bench/faults.py``) still run and pass, briefly.
+"""The soak and fault drills (``bench/soak.py``, ``bench/faults.py``) and the overhead bench still run,
+briefly.
 
 The full drills take minutes (``./dev soak``, ``./dev faults``); here each runs as its own process, as an
 operator would start it: the soak for about ten seconds on eight connections, and the cheap fault rows.
@@ -50,3 +51,15 @@ def test_cheap_fault_rows_pass() -> None:
     for name in (*CHEAP_FAULTS, "shared-ledger"):
         assert f"PASS  {name}" in output, output
     assert not [line for line in output.splitlines() if line.startswith("FAIL")], output
+
+
+def test_the_overhead_bench_runs_briefly_with_its_tls_rows() -> None:
+    """``./dev bench`` (``bench/gateway.py``): plain and TLS rows, the handshake line, from one run."""
+    done = _drill("bench.gateway", "--seconds", "0.3")
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    for row in ("gateway   1 conn", "gw TLS  16 conn", "TLS new conn   1", "gw new conn   1"):
+        assert row in output, output
+    assert "TLS handshake (ECDSA P-256" in output and "keep-alive over TLS at 16 connections" in output, (
+        output
+    )
