@@ -190,12 +190,13 @@ def verify_proof(
         except CheckpointError as exc:
             raise ProofRejected(f"your kept checkpoint: {exc}") from None
     kind = doc.get("kind")
-    if kind not in _SIZES:
-        raise ProofRejected(f"unknown proof kind {kind!r}")
+    if not isinstance(kind, str) or kind not in _SIZES:
+        raise ProofRejected(f"unknown proof kind {str(kind)[:40]!r} (inclusion or consistency)")
     stray = [name for names in _SIZES.values() for name in names if name in doc and name not in _SIZES[kind]]
     if stray:  # a size of the other kind would make a kept checkpoint look used without being opened
         raise ProofRejected(
-            f"an {kind} proof has no {stray[0]}: this document is not one the appliance wrote"
+            f"{'an' if kind == 'inclusion' else 'a'} {kind} proof has no {stray[0]}: this document is not "
+            "one the appliance wrote"
         )
     path = _unb64(doc.get("path"), "path")
     sizes = {doc[name] for name in _SIZES[kind] if isinstance(doc.get(name), int)}
@@ -208,11 +209,9 @@ def verify_proof(
     try:
         if kind == "inclusion":
             return _verify_inclusion(doc, path, verifiers, kept_by_size)
-        if kind == "consistency":
-            return _verify_consistency(doc, path, verifiers, kept_by_size)
+        return _verify_consistency(doc, path, verifiers, kept_by_size)
     except ProofError as exc:
         raise ProofRejected(f"the proof does not hold: {exc}") from None
-    raise ProofRejected(f"unknown proof kind {kind!r}")
 
 
 def _int(doc: dict[str, Any], name: str) -> int:

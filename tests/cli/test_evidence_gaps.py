@@ -363,3 +363,8 @@ def test_verify_proof_refuses_a_size_of_the_other_kind(
     proof.write_text(json.dumps(doc))
     result = _run("audit", "verify-proof", str(proof), "--key", key, "--checkpoint", str(kept), ok=False)
     assert result.exit_code == 1 and f"has no {stray}" in result.output
+    for kind in (["inclusion"], {"a": 1}, None, "other"):
+        doc["kind"] = kind
+        proof.write_text(json.dumps(doc))
+        result = _run("audit", "verify-proof", str(proof), "--key", key, ok=False)
+        assert result.exit_code == 1 and "unknown proof kind" in result.output, result.output
