@@ -30,6 +30,7 @@ from appliance.policy.diff import changes
 from appliance.policy.engine import Certificate
 from appliance.policy.explain import explain_request
 from appliance.policy.schema import DATA_CLASSES, Policy, parse_policy
+from appliance.x509_names import canonical
 
 BUNDLE = files.Input("policy bundle", importer.MAX_BUNDLE_BYTES)
 """A bundle larger than the importer accepts is refused before it is read (``files.read_bytes``)."""
@@ -238,13 +239,25 @@ def policy_explain(
         data_class=data_class,
         tools=names,
         max_tokens=max_tokens,
-        certificate=Certificate(presented=client_cert is not None, subject=client_cert, client_ca=client_ca),
+        certificate=Certificate(
+            presented=client_cert is not None, subject=_subject(client_cert), client_ca=client_ca
+        ),
     )
     if as_json:
         click.echo(json.dumps(explanation.document(), indent=2))
         return
     for line in explanation.lines():
         click.echo(line)
+
+
+def _subject(written: str | None) -> str | None:
+    """``--client-cert`` in the form the gateway compares (``appliance.x509_names``)."""
+    if written is None:
+        return None
+    try:
+        return canonical(written)
+    except ValueError as exc:
+        raise OperatorError(f"--client-cert: {exc}") from None
 
 
 def _policy_in_force(vault: Vault) -> Policy | None:

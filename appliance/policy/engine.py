@@ -389,15 +389,16 @@ class PolicyEngine:
         """The role's ``client_certificate`` rule (else its organization's) against the certificate the
         connection's TLS handshake verified: None when it passes (or neither has a rule)."""
         organization = self.policy.organizations.get(org)
-        if organization is None:
-            return None
-        spec = organization.roles.get(role)
+        spec = None if organization is None else organization.roles.get(role)
+        if organization is None or spec is None:
+            return None  # an unknown role is refused by the role check, with its own reason
         rule, path = organization.client_certificate, f"organizations.{org}.client_certificate"
-        if spec is not None and spec.client_certificate is not None:
+        if spec.client_certificate is not None:
             rule, path = spec.client_certificate, f"organizations.{org}.roles.{role}.client_certificate"
         if rule is None:
             return None
-        if not certificate.presented:
+        # Without a client CA the gateway asks for no certificate, so none can ever be presented.
+        if not (certificate.presented and certificate.client_ca):
             if not rule.required:
                 return None
             if not certificate.client_ca:

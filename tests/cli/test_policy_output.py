@@ -274,6 +274,8 @@ def test_import_verify_and_explain_print_words_or_json(
     tmp_path: Path, home_and_keys: tuple[Path, Path, Path, dict[str, Any]]
 ) -> None:
     home, author, successor, trust = home_and_keys
+    with (home / "gateway.toml").open("a", encoding="utf-8") as settings:  # a gateway that asks for them
+        settings.write('\n[server.tls]\nclient_ca_file = "tls/client-ca.pem"\n')
     first = every_field(trust, scope={"sites": [SITE]})
     bundle = _sign(tmp_path, first, "v12", author, successor)
     checked = json.loads(_run("policy", "verify", str(bundle), "--json", "--home", str(home)).stdout)

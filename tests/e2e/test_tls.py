@@ -382,3 +382,36 @@ def test_policy_explain_decides_the_client_certificate_rule_as_the_gateway_does(
         assert "server.tls.client_ca_file" in document["message"]
     finally:
         h.stop()
+
+
+def test_policy_explain_reads_the_subject_as_the_gateway_does(tmp_path: Path, upstream: FakeUpstream) -> None:
+    doc = policy_doc(upstream.base_url)
+    rule = {"required": True, "subjects": ["CN=radiology-bot,O=St Marys"]}
+    doc["organizations"]["stmarys"]["roles"]["radiology"]["client_certificate"] = rule
+    doc["organizations"]["stmarys"]["client_certificate"] = {"required": True}
+    h = GatewayHarness(tmp_path)
+    h.import_policy(doc)
+    explain_args = ["policy", "explain", "--home", str(h.home.root), "--model", "openai/gpt-4o"]
+
+    def explain(*args: str) -> dict[str, Any]:
+        done = CliRunner().invoke(main, [*explain_args, *args])
+        assert done.exit_code == 0, done.output
+        return json.loads(done.output)  # type: ignore[no-any-return]
+
+    radiology = ("--org", "stmarys", "--role", "radiology", "--json")
+    # no client CA on this gateway: no certificate can ever be presented, whatever explain is told
+    assert explain(*radiology, "--client-cert", "CN=radiology-bot,O=St Marys")["reason"] == (
+        "client_certificate_required"
+    )
+    with (h.home.root / "gateway.toml").open("a", encoding="utf-8") as settings:
+        settings.write('\n[server.tls]\nclient_ca_file = "tls/client-ca.pem"\n')
+    for spelling in (
+        "CN=radiology-bot,O=St Marys",
+        "cn=radiology-bot,o=St Marys",
+        "CN=radiology-bot,O=St\\20Marys",
+    ):
+        assert explain(*radiology, "--client-cert", spelling)["decision"] == "allowed", spelling
+    refused = CliRunner().invoke(main, [*explain_args, *radiology, "--client-cert", "radiology-bot"])
+    assert refused.exit_code == 1 and "--client-cert" in refused.output
+    # a role the policy lacks is refused for that reason, as the gateway's role check does
+    assert explain("--org", "stmarys", "--role", "nobody", "--json")["reason"] == "unknown_role"
