@@ -2,14 +2,18 @@
 subject and what a policy's ``client_certificate.subjects`` are compared with.
 
 Owns: ``subject_of`` (a certificate's subject, from its DER encoding) and ``canonical`` (a subject an
-operator wrote, in the same form). Both are RFC 4514 as the ``cryptography`` library writes it, most
-specific attribute first (``CN=radiology-bot,O=St Marys``), with ``emailAddress`` named as OpenSSL names
-it; so a subject copied from ``openssl x509 -noout -subject -nameopt RFC2253`` matches however its
-escaping was written.
-Never: compares names as the operator typed them (two spellings of one name must be one string).
+operator wrote, in the same form). Both are RFC 4514 as the ``cryptography`` library escapes it, most
+specific attribute first (``CN=radiology-bot,O=St Marys``), attribute types named as OpenSSL names them
+(``emailAddress``, ``GN``, ``serialNumber``, …; unknown ones as their OID), the attributes of a multi-valued
+RDN in sorted order: so a subject copied from ``openssl x509 -noout -subject -nameopt RFC2253`` matches
+however its escaping, attribute-type case or multi-valued order was written.
+Never: compares names as the operator typed them (two spellings of one name must be one string); accepts
+an empty name or a ``#``-hex value (BER bytes an operator cannot check by eye) from a policy.
 """
 
 from __future__ import annotations
+
+import re
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
@@ -28,6 +32,14 @@ _OPENSSL_NAMES = {
     NameOID.BUSINESS_CATEGORY: "businessCategory",
     NameOID.POSTAL_CODE: "postalCode",
     NameOID.ORGANIZATION_IDENTIFIER: "organizationIdentifier",
+    NameOID.DN_QUALIFIER: "dnQualifier",
+    NameOID.INITIALS: "initials",
+    NameOID.PSEUDONYM: "pseudonym",
+    NameOID.GENERATION_QUALIFIER: "generationQualifier",
+    NameOID.JURISDICTION_COUNTRY_NAME: "jurisdictionC",
+    NameOID.JURISDICTION_STATE_OR_PROVINCE_NAME: "jurisdictionST",
+    NameOID.JURISDICTION_LOCALITY_NAME: "jurisdictionL",
+    x509.ObjectIdentifier("2.5.4.13"): "description",
 }
 _RFC4514 = {
     "CN": NameOID.COMMON_NAME,
@@ -49,25 +61,40 @@ _READ = {
         *((n, o) for o, n in _OPENSSL_NAMES.items()),
         ("E", NameOID.EMAIL_ADDRESS),
     ]
-    for spelling in {name, name.lower(), name.upper()}
+    for spelling in {name, name.lower(), name.upper(), name.capitalize()}
 }
+_HEX_VALUE = re.compile(r"(?:^|(?<!\\)[,+])[^=]*=\s*#")
 
 
 def subject_of(der: bytes) -> str | None:
-    """The subject of a DER certificate in the canonical form; None when it cannot be read."""
+    """The subject of a DER certificate in the canonical form; None when it is empty or cannot be read
+    (such a certificate matches no subject a policy lists)."""
     try:
-        return x509.load_der_x509_certificate(der).subject.rfc4514_string(_WRITE)
+        written = _written(x509.load_der_x509_certificate(der).subject)
     except ValueError:
         return None
+    return written or None
 
 
 def canonical(subject: str) -> str:
     """``subject`` (RFC 4514) in the canonical form; ``ValueError`` naming the problem if it is not one."""
     try:
+        if _HEX_VALUE.search(subject):
+            raise ValueError
         name = x509.Name.from_rfc4514_string(subject, _READ)
+        if not name.rdns:
+            raise ValueError
     except ValueError:
         raise ValueError(
             f"{subject[:200]!r} is not an RFC 4514 distinguished name (write it as "
             "openssl x509 -noout -subject -nameopt RFC2253 prints it: CN=radiology-bot,O=St Marys)"
         ) from None
-    return name.rfc4514_string(_WRITE)
+    return _written(name)
+
+
+def _written(name: x509.Name) -> str:
+    """Most specific RDN first; a multi-valued RDN's attributes sorted (their DER order is not an
+    operator's to know)."""
+    return ",".join(
+        "+".join(sorted(attribute.rfc4514_string(_WRITE) for attribute in rdn)) for rdn in reversed(name.rdns)
+    )

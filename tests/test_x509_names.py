@@ -29,6 +29,11 @@ CASES = [
     ([A(NameOID.SURNAME, "Doe"), A(NameOID.GIVEN_NAME, "Jane"), A(NameOID.COMMON_NAME, "jdoe")],
      ["CN=jdoe,GN=Jane,SN=Doe"]),
     ([A(NameOID.SERIAL_NUMBER, "123"), A(NameOID.COMMON_NAME, "x")], ["CN=x,serialNumber=123"]),
+    ([A(NameOID.PSEUDONYM, "p"), A(NameOID.INITIALS, "JD"), A(NameOID.DN_QUALIFIER, "q"),
+      A(NameOID.JURISDICTION_COUNTRY_NAME, "US"), A(x509.ObjectIdentifier("2.5.4.13"), "x"),
+      A(NameOID.COMMON_NAME, "bot")],
+     ["CN=bot,description=x,jurisdictionC=US,dnQualifier=q,initials=JD,pseudonym=p",
+      "Cn=bot,DESCRIPTION=x,jurisdictionc=US,dnqualifier=q,Initials=JD,PSEUDONYM=p"]),
 ]  # fmt: skip
 
 
@@ -44,6 +49,21 @@ def test_every_spelling_of_a_subject_is_the_certificates_own(
         assert ClientCertificate(subjects=[spelling]).subjects == [seen]
 
 
-def test_a_subject_that_is_no_name_is_refused_at_import() -> None:
+@pytest.mark.parametrize(
+    "written",
+    ["radiology-bot", "", "CN=#0C03626F74", "CN=bot,1.3.6.1.4.1.99999.1=#0C0178"],  # hex: BER bytes
+)
+def test_a_subject_that_is_no_readable_name_is_refused_at_import(written: str) -> None:
     with pytest.raises(ValueError, match="not an RFC 4514 distinguished name"):
-        ClientCertificate(subjects=["radiology-bot"])
+        ClientCertificate(subjects=[written])
+
+
+def test_a_multi_valued_rdn_matches_in_any_order_and_an_empty_subject_matches_nothing() -> None:
+    ca = CertificateAuthority()
+    rdn = x509.RelativeDistinguishedName([A(NameOID.ORGANIZATION_NAME, "b"), A(NameOID.COMMON_NAME, "a")])
+    seen = subject_of(ca.issue(x509.Name([rdn])).cert.public_bytes(Encoding.DER))
+    assert seen == canonical("O=b+CN=a") == canonical("CN=a+O=b")  # OpenSSL prints O=b+CN=a
+    assert canonical("CN=a,O=b") != seen
+    assert canonical("CN=a\\,O=b") != canonical("CN=a,O=b")
+    empty = ca.issue(x509.Name([])).cert  # a SAN-only certificate (a SPIFFE SVID, say)
+    assert subject_of(empty.public_bytes(Encoding.DER)) is None
