@@ -274,6 +274,43 @@ def test_an_install_that_fails_midway_leaves_the_old_pair_whole(
     assert sorted(p.name for p in material.dir.iterdir()) == ["cert.pem", "key.pem"]  # nothing left behind
 
 
+def test_what_a_crash_between_the_renames_left_is_undone_when_the_gateway_starts(
+    material: TlsMaterial,
+) -> None:
+    served = material.read()
+    new_cert, new_key = certificates.self_signed(["127.0.0.1"], 30)
+    # as install leaves it when killed after the key's rename: old key aside, new key in place, staged files
+    material.previous.write_bytes(material.key.read_bytes())
+    material.previous.chmod(0o600)
+    material.key.write_bytes(new_key)
+    (material.dir / ".cert.pem.x1.tmp").write_bytes(new_cert)
+    (material.dir / ".key.pem.x2.tmp").write_bytes(new_key)
+    with pytest.raises(OperatorError, match="does not match"):
+        material.read()
+    tls = ServerTls(material, TlsSettings())
+    assert tls.info.fingerprint == served.info.fingerprint
+    assert sorted(p.name for p in material.dir.iterdir()) == ["cert.pem", "key.pem"]
+
+
+def test_a_first_install_that_fails_leaves_no_half_pair(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from appliance.tls import material as material_module
+
+    real_replace = os.replace
+
+    def replace(source: str | Path, target: str | Path) -> None:
+        if Path(target).name == "cert.pem":
+            raise OSError(5, "Input/output error")
+        real_replace(source, target)
+
+    monkeypatch.setattr(material_module.os, "replace", replace)
+    fresh = TlsMaterial(tmp_path)
+    with pytest.raises(OSError):
+        fresh.install(*certificates.self_signed(["127.0.0.1"], 30))
+    assert not fresh.present() and list(fresh.dir.iterdir()) == []
+
+
 def test_a_key_other_users_can_read_is_not_served(material: TlsMaterial) -> None:
     material.key.chmod(0o644)
     with pytest.raises(OperatorError, match=r"accessible by other users \(mode 0644\).*chmod 600"):

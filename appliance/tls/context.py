@@ -56,6 +56,7 @@ class ServerTls:
         self.client_ca = client_ca
         # Read once: every pair's context verifies clients against the same CAs (a change needs a restart).
         self._client_ca_pem = _client_ca_pem(client_ca) if client_ca is not None else None
+        material.recover()  # an install a crash interrupted: its old key back, its staged files gone
         self._stamp: Stamp | None = material.stamp()  # before reading: a change meanwhile is seen later
         pair = material.read()
         self.context = self._serving = self._context_for(pair)

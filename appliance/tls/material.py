@@ -7,8 +7,9 @@
 Owns: those paths, whether TLS is in force (``present``: the home holds a certificate or a key), reading
 the pair (``read``: both files once, checked and described together), installing a new pair (``install``:
 checked first, both files written to temporary names and fsynced before either is renamed over the old
-one, the key before the certificate, the old key put back if the certificate cannot be), and the stamp a
-running gateway compares to notice a new pair.
+one, the key before the certificate, the old key put back if the certificate cannot be), ``recover``
+(what a crash in the middle of an install left), and the stamp a running gateway compares to notice a new
+pair.
 Never: writes a pair that ``certificates.check`` refuses; leaves a key readable by anyone but the
 appliance's user, or serves one that is (as ``master.key``); prints or records key material.
 """
@@ -54,6 +55,30 @@ class TlsMaterial:
         self.dir = root / "tls"
         self.cert = self.dir / "cert.pem"
         self.key = self.dir / "key.pem"
+        self.previous = self.dir / ".key.pem.previous"
+        """The key an install is replacing, kept until its certificate is replaced too."""
+
+    def recover(self) -> None:
+        """Undo what an install interrupted by a crash left: staged files are removed, and the old key is
+        put back when the new one never got its certificate. Run before an install and when the gateway
+        starts, never by the watcher (an install may be running then)."""
+        if not self.dir.is_dir():
+            return
+        for stale in self.dir.glob(".*.tmp"):
+            _discard(stale)
+        if not self.previous.exists():
+            return
+        try:
+            self.read()
+        except OperatorError:
+            try:
+                _check(files.read_bytes(self.cert, PEM_FILE), files.read_bytes(self.previous, PEM_FILE))
+            except OperatorError:
+                return  # neither key goes with the certificate: leave both for the operator to see
+            os.replace(self.previous, self.key)
+            _fsync_dir(self.dir)
+            return
+        _discard(self.previous)  # the pair in place is whole: the old key is no longer needed
 
     def present(self) -> bool:
         """True when the home holds a certificate or a key: then the public port speaks TLS (and a half
@@ -96,6 +121,7 @@ class TlsMaterial:
         info = _check(served, key_pem)
         self.dir.mkdir(mode=0o700, exist_ok=True)
         os.chmod(self.dir, 0o700)
+        self.recover()
         # Both written in full before either is renamed: a full disk fails here, with the old pair intact.
         key_file = _staged(self.key, _normalized_key(key_pem), 0o600)
         try:
@@ -103,21 +129,25 @@ class TlsMaterial:
         except BaseException:
             _discard(key_file)
             raise
-        # The key first: a running gateway that looks between the two renames sees a key that does not
-        # match the old certificate, refuses that pair and keeps serving; the next look sees both.
-        previous = self.dir / ".key.pem.previous"
-        _discard(previous)
-        kept = _link_if_present(self.key, previous)
+        # The old key is copied aside first (it is put back if the certificate cannot follow, and by
+        # ``recover`` after a crash between the renames). The key is renamed first: a running gateway that
+        # looks between the two renames sees a key that does not match the old certificate, refuses that
+        # pair and keeps serving; the next look sees both.
         try:
+            old_key = self.key.read_bytes() if self.key.exists() else None
+            if old_key is not None:
+                os.replace(_staged(self.previous, old_key, 0o600), self.previous)
             os.replace(key_file, self.key)
             try:
                 os.replace(cert_file, self.cert)
             except BaseException:
-                if kept:  # the old key back beside the old certificate: the home still holds a pair
-                    os.replace(previous, self.key)
+                if old_key is not None:  # the old key back beside the old certificate
+                    os.replace(self.previous, self.key)
+                else:  # a first install: no half pair left to stop the next start
+                    _discard(self.key)
                 raise
         finally:
-            _discard(key_file, cert_file, previous)
+            _discard(key_file, cert_file, self.previous)
             _fsync_dir(self.dir)
         return Pair(served, key_pem, info)
 
@@ -162,8 +192,14 @@ def _staged(path: Path, data: bytes, mode: int) -> Path:
     """``data`` in a new file beside ``path``, with ``mode``, fsynced: ready to be renamed over it."""
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as out:
+        out = os.fdopen(fd, "wb")
+    except BaseException:
+        os.close(fd)
+        _discard(Path(temporary))
+        raise
+    try:
+        with out:
+            os.fchmod(fd, mode)
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
@@ -171,14 +207,6 @@ def _staged(path: Path, data: bytes, mode: int) -> Path:
         _discard(Path(temporary))
         raise
     return Path(temporary)
-
-
-def _link_if_present(path: Path, link: Path) -> bool:
-    try:
-        os.link(path, link)
-    except OSError:  # no old key, or a filesystem without hard links: nothing to put back then
-        return False
-    return True
 
 
 def _discard(*paths: Path) -> None:
