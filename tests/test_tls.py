@@ -481,3 +481,18 @@ def test_scanners_and_plain_http_are_closed_quietly(
         runner.run(asyncio.wait_for(scenario(), 15))
     loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert not loud, [r.getMessage() for r in loud]
+
+
+def test_a_replaced_pair_is_not_kept_loaded(material: TlsMaterial) -> None:
+    """The listener's own context holds a throwaway certificate: after a rotation nothing keeps the
+    replaced pair's context (and its private key) alive."""
+    import gc
+    import weakref
+
+    tls = ServerTls(material, TlsSettings())
+    first = weakref.ref(tls._serving)
+    assert tls.context is not tls._serving
+    material.install(*certificates.self_signed(["127.0.0.1"], 30))
+    assert tls.refresh() is True
+    gc.collect()
+    assert first() is None

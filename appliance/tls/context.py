@@ -59,9 +59,11 @@ class ServerTls:
         material.recover()  # an install a crash interrupted: its old key back, its staged files gone
         self._stamp: Stamp | None = material.stamp()  # before reading: a change meanwhile is seen later
         pair = material.read()
-        self.context = self._serving = self._context_for(pair)
-        """The listener's context (its callback picks the one serving); the first pair's."""
-        self.context.sni_callback = self._choose
+        self._serving = self._context_for(pair)
+        self.context = self._listener_context()
+        """The listener's context: its callback hands every handshake to the context serving now. It holds
+        a throwaway certificate of its own, so no pair the operator replaced stays loaded for the life of
+        the process (a key rotated away after a leak is dropped with its context)."""
         self.info: CertificateInfo = pair.info
         self.reload_error: str | None = None
         """Why the pair now in the home is not the one served (None when it is)."""
@@ -143,6 +145,14 @@ class ServerTls:
         serving = self._serving
         if context is not serving:
             ssl_object.context = serving
+
+    def _listener_context(self) -> ssl.SSLContext:
+        context = _server_context(self.settings, self.client_ca, self._client_ca_pem)
+        certificate_pem, key_pem = certificates.self_signed(["phi-gateway.invalid"], 1)
+        with _private_copy(self.material.dir, key_pem + certificate_pem) as combined:
+            context.load_cert_chain(combined)
+        context.sni_callback = self._choose
+        return context
 
     def _context_for(self, pair: Pair) -> ssl.SSLContext:
         """A new context holding a checked pair (never an old context loaded again; see the module)."""
