@@ -122,7 +122,35 @@ def _field_change(name: str, before: Any, after: Any) -> str:
     old, new = show_field(name, before), show_field(name, after)
     if old == new:
         old, new = _exactly(before), _exactly(after)
+    if (
+        old == new
+    ):  # a change inside (a deny pattern's regex) or below the words' precision (90 -> 90.0000001)
+        inside = _changed_paths(to_jsonable_python(before), to_jsonable_python(after))
+        if inside:
+            return f"{name} {old} ({', '.join(inside[:4])} changed)"
+        if isinstance(before, int | float) and isinstance(after, int | float):
+            return f"{name} {before!r} -> {after!r}"  # the exact numbers
     return f"{name} {old} -> {new}"
+
+
+def _changed_paths(before: Any, after: Any, path: str = "") -> list[str]:
+    """Where two JSON values differ, as dotted paths (``deny_patterns[0].pattern``)."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        keys = [*before, *(k for k in after if k not in before)]
+        return [
+            p for k in keys for p in _changed_paths(before.get(k), after.get(k), f"{path}.{k}".lstrip("."))
+        ]
+    if isinstance(before, list) and isinstance(after, list) and len(before) == len(after):
+        return [
+            p
+            for i, (b, a) in enumerate(zip(before, after, strict=True))
+            for p in _changed_paths(b, a, f"{path}[{i}]")
+        ]
+    if before == after:
+        return []
+    if not path:  # two scalars that read alike: the exact values
+        return []
+    return [path]
 
 
 def _exactly(value: Any) -> str:

@@ -403,3 +403,13 @@ def test_tiny_prices_and_values_that_read_alike_stay_readable() -> None:
     ]
     assert any("declarable_data_classes empty -> not set" in line for line in lines), lines
     assert not any("none -> none" in line for line in lines)
+
+
+def test_a_change_inside_a_section_or_below_the_words_precision_is_named() -> None:
+    from appliance.policy.diff import _field_change
+    from appliance.policy.schema import PromptRules
+
+    before = PromptRules(deny_patterns=[{"id": "ssn", "pattern": "a"}], max_chars=4000)  # type: ignore[list-item]
+    after = PromptRules(deny_patterns=[{"id": "ssn", "pattern": "b"}], max_chars=4000)  # type: ignore[list-item]
+    assert _field_change("prompt", before, after).endswith("(deny_patterns[0].pattern changed)")
+    assert _field_change("timeout_s", 90, 90.0000001) == "timeout_s 90 -> 90.0000001"
