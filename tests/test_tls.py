@@ -242,6 +242,20 @@ def test_unknown_cipher_setting_is_an_operator_error(material: TlsMaterial) -> N
         ServerTls(material, TlsSettings(ciphers="NO-SUCH-CIPHER"))
 
 
+def _fail_renaming_the_certificate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``material``'s rename of a staged ``cert.pem`` fails (EIO); every other rename works."""
+    from appliance.tls import material as material_module
+
+    real_replace = os.replace
+
+    def replace(source: str | Path, target: str | Path) -> None:
+        if Path(target).name == "cert.pem":
+            raise OSError(5, "Input/output error")
+        real_replace(source, target)
+
+    monkeypatch.setattr(material_module.os, "replace", replace)
+
+
 @pytest.mark.parametrize("failing", ["staging the certificate", "renaming the certificate"])
 def test_an_install_that_fails_midway_leaves_the_old_pair_whole(
     material: TlsMaterial, monkeypatch: pytest.MonkeyPatch, failing: str
@@ -259,14 +273,7 @@ def test_an_install_that_fails_midway_leaves_the_old_pair_whole(
 
         monkeypatch.setattr(material_module, "_staged", staged)
     else:
-        real_replace = os.replace
-
-        def replace(source: str | Path, target: str | Path) -> None:
-            if Path(target).name == "cert.pem":
-                raise OSError(5, "Input/output error")
-            real_replace(source, target)
-
-        monkeypatch.setattr(material_module.os, "replace", replace)
+        _fail_renaming_the_certificate(monkeypatch)
     with pytest.raises(OSError):
         material.install(*certificates.self_signed(["127.0.0.1"], 30))
     monkeypatch.undo()
@@ -295,16 +302,7 @@ def test_what_a_crash_between_the_renames_left_is_undone_when_the_gateway_starts
 def test_a_first_install_that_fails_leaves_no_half_pair(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from appliance.tls import material as material_module
-
-    real_replace = os.replace
-
-    def replace(source: str | Path, target: str | Path) -> None:
-        if Path(target).name == "cert.pem":
-            raise OSError(5, "Input/output error")
-        real_replace(source, target)
-
-    monkeypatch.setattr(material_module.os, "replace", replace)
+    _fail_renaming_the_certificate(monkeypatch)
     fresh = TlsMaterial(tmp_path)
     with pytest.raises(OSError):
         fresh.install(*certificates.self_signed(["127.0.0.1"], 30))
