@@ -23,7 +23,7 @@ from appliance import files, signing_keys
 from appliance.admin import AdminClient
 from appliance.cli.options import home_option, open_home, record_admin
 from appliance.errors import BundleRejected, OperatorError
-from appliance.home import Vault
+from appliance.home import Home, Vault
 from appliance.os_user import this_os_user
 from appliance.policy import dsse, importer, reference
 from appliance.policy.diff import changes
@@ -108,21 +108,14 @@ def policy_verify(home: Path | None, as_json: bool, bundle: Path) -> None:
     data = files.read_bytes(bundle, BUNDLE)
     with target.open_vault() as vault, _rejections_as_json(as_json):
         old = _policy_in_force(vault)
-        vb = importer.verify_bundle(
-            data,
-            target.trust(),
-            site=target.settings().site,
-            current_version=vault.policies.current_version(),
-        )
+        vb = _verify(target, data, vault.policies.current_version())
     if as_json:
         click.echo(json.dumps(_bundle_document(vb, old, imported=False), indent=2))
         return
     click.echo(
         f"ok: policy v{vb.policy.version}, sha256 {vb.sha256}, signed by {len(vb.keyids)} trusted key(s)"
     )
-    click.echo("importing it would change:")
-    for change in changes(old, vb.policy):
-        click.echo(f"  {change.line()}")
+    _print_changes("importing it would change:", old, vb.policy)
 
 
 @policy_group.command("import")
@@ -153,12 +146,7 @@ def policy_import(home: Path | None, as_json: bool, bundle: Path) -> None:
                 else f"trust rotation of policy v{old.version} completed"
             )
             return
-        vb = importer.verify_bundle(
-            data,
-            target.trust(),
-            site=target.settings().site,
-            current_version=active.version if active else None,
-        )
+        vb = _verify(target, data, active.version if active else None)
         detail = (
             f"policy_import v{vb.policy.version} sha256:{vb.sha256[:16]} "
             f"keys={','.join(k[:16] for k in vb.keyids)}"
@@ -182,9 +170,11 @@ def policy_import(home: Path | None, as_json: bool, bundle: Path) -> None:
     if as_json:
         click.echo(json.dumps(_bundle_document(vb, old, imported=True), indent=2))
         return
-    click.echo(f"policy v{vb.policy.version} imported and in force (running gateways switch within seconds)")
-    for change in changes(old, vb.policy):
-        click.echo(f"  {change.line()}")
+    _print_changes(
+        f"policy v{vb.policy.version} imported and in force (running gateways switch within seconds)",
+        old,
+        vb.policy,
+    )
 
 
 @policy_group.command("explain")
@@ -248,6 +238,19 @@ def policy_explain(
         return
     for line in explanation.lines():
         click.echo(line)
+
+
+def _verify(target: Home, data: bytes, current_version: int | None) -> importer.VerifiedBundle:
+    """Every import check of the bundle ``data`` against this home's trust, site and policy in force."""
+    return importer.verify_bundle(
+        data, target.trust(), site=target.settings().site, current_version=current_version
+    )
+
+
+def _print_changes(heading: str, old: Policy | None, new: Policy) -> None:
+    click.echo(heading)
+    for change in changes(old, new):
+        click.echo(f"  {change.line()}")
 
 
 def _subject(written: str | None) -> str | None:

@@ -11,20 +11,12 @@ from pathlib import Path
 
 import openai
 import pytest
-from click.testing import CliRunner, Result
 
-from appliance.cli import main
 from appliance.home import Home
+from tests.cli.test_cli import _run
 from tests.ledger.test_evidence import _append, _home
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.gateway import GatewayHarness, policy_doc
-
-
-def _run(*args: str, ok: bool = True) -> Result:
-    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
-    if ok:
-        assert result.exit_code == 0, result.output
-    return result
 
 
 def _key(home: Home) -> str:

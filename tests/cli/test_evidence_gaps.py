@@ -124,16 +124,23 @@ def test_verify_of_bundles_does_not_pass_for_the_ledger_named_by_home(tmp_path: 
     assert env.exit_code == 0, env.output  # a home from the environment is not a request to check it
 
 
-def test_verify_of_the_ledger_refuses_a_kept_checkpoint_it_cannot_vouch_for(tmp_path: Path) -> None:
-    home = _home(tmp_path, 40)
-    kept = _kept(home, tmp_path / "kept.txt")
-    ok = _run("audit", "verify", "--home", str(home.root), "--checkpoint", str(kept)).output
-    assert ok.startswith("ok:") and "kept checkpoint(s) kept.txt match it" in ok
+def _bad_kept(home: Home, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """Kept "checkpoints" of 40 records that must never pass: not a checkpoint, another root signed by
+    this appliance, and one of another appliance."""
     junk = tmp_path / "junk.txt"
     junk.write_text("hello\n")
     forged = tmp_path / "forged.txt"
     forged.write_text(_forged(home, 40, b"\x01" * 32))
     stranger = _kept(_home(tmp_path, 40, name="other"), tmp_path / "other.txt")
+    return junk, forged, stranger
+
+
+def test_verify_of_the_ledger_refuses_a_kept_checkpoint_it_cannot_vouch_for(tmp_path: Path) -> None:
+    home = _home(tmp_path, 40)
+    kept = _kept(home, tmp_path / "kept.txt")
+    ok = _run("audit", "verify", "--home", str(home.root), "--checkpoint", str(kept)).output
+    assert ok.startswith("ok:") and "kept checkpoint(s) kept.txt match it" in ok
+    junk, forged, stranger = _bad_kept(home, tmp_path)
     for bad, why in ((junk, "junk.txt"), (forged, "no longer has the root"), (stranger, "unknown key")):
         result = _run("audit", "verify", "--home", str(home.root), "--checkpoint", str(bad), ok=False)
         assert result.exit_code == 1 and why in result.output, (bad.name, result.output)
@@ -148,11 +155,7 @@ def test_verify_proof_refuses_a_kept_checkpoint_it_cannot_vouch_for(tmp_path: Pa
     assert _run(
         "audit", "verify-proof", str(proof), "--key", key, "--checkpoint", str(kept)
     ).output.startswith("ok: record 7")
-    junk = tmp_path / "junk.txt"
-    junk.write_text("hello\n")
-    forged = tmp_path / "forged.txt"
-    forged.write_text(_forged(home, 40, b"\x01" * 32))
-    stranger = _kept(_home(tmp_path, 40, name="other"), tmp_path / "other.txt")
+    junk, forged, stranger = _bad_kept(home, tmp_path)
     for bad, why in ((junk, "kept checkpoint"), (forged, "different roots"), (stranger, "unknown key")):
         result = _run("audit", "verify-proof", str(proof), "--key", key, "--checkpoint", str(bad), ok=False)
         assert result.exit_code == 1 and why in result.output, (bad.name, result.output)

@@ -15,22 +15,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from click.testing import CliRunner, Result
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from appliance.cli import main
+from tests.cli.test_cli import _run
 from tests.support.subprocess_gateway import cli
 from tests.support.tls_certs import CertificateAuthority, fingerprint, name, pem
 
 _REPO = Path(__file__).resolve().parents[2]
 FINGERPRINT = re.compile(r"^fingerprint: (sha256:[0-9a-f]{64})$", re.M)
-
-
-def _run(*args: str, ok: bool = True) -> Result:
-    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
-    if ok:
-        assert result.exit_code == 0, result.output
-    return result
 
 
 def _home(tmp_path: Path) -> Path:

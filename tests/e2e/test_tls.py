@@ -242,25 +242,36 @@ def _wait_for_policy(gateway: TlsGateway, version: int) -> None:
             time.sleep(0.05)
 
 
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
 def test_a_required_certificate_without_a_client_ca_is_refused_with_the_setting_named(
     tmp_path: Path, upstream: FakeUpstream
 ) -> None:
+    """... on every endpoint, and ``policy explain`` decides the same (the engine decides both)."""
     doc = policy_doc(upstream.base_url)
     doc["organizations"]["stmarys"]["roles"]["radiology"]["client_certificate"] = {"required": True}
     h = GatewayHarness(tmp_path)
     h.import_policy(doc)
+    h.set_provider_keys()
     h.start()  # plain HTTP on loopback: no client can present a certificate
     try:
         token = h.issue("radiology-bot")
-        with (
-            openai.OpenAI(base_url=h.base_url, api_key=token, max_retries=0, timeout=10) as client,
-            pytest.raises(openai.PermissionDeniedError) as denied,
-        ):
-            client.models.list()
+        with openai.OpenAI(base_url=h.base_url, api_key=token, max_retries=0, timeout=10) as client:
+            with pytest.raises(openai.PermissionDeniedError) as denied:
+                client.models.list()
+            with pytest.raises(openai.PermissionDeniedError) as refused:
+                client.chat.completions.create(model="openai/gpt-4o", messages=MESSAGES)  # type: ignore[arg-type]
         assert (
             isinstance(denied.value.body, dict) and denied.value.body["code"] == "client_certificate_required"
         )
         assert "server.tls.client_ca_file" in denied.value.body["message"]
+        args = ["policy", "explain", "--home", str(h.home.root), "--caller", "radiology-bot"]
+        explained = CliRunner().invoke(main, [*args, "--model", "openai/gpt-4o", "--json"])
+        document = json.loads(explained.stdout)
+        assert document["decision"] == "denied"
+        assert document["reason"] == refused.value.body["code"] == "client_certificate_required"  # type: ignore[index]
+        assert "server.tls.client_ca_file" in document["message"]
     finally:
         h.stop()
 
@@ -351,37 +362,6 @@ def test_certificate_rotation_while_a_stream_runs(tmp_path: Path) -> None:
     finally:
         gateway.h.stop()
         held.stop_thread()
-
-
-MESSAGES = [{"role": "user", "content": "hi"}]
-
-
-def test_policy_explain_decides_the_client_certificate_rule_as_the_gateway_does(
-    tmp_path: Path, upstream: FakeUpstream
-) -> None:
-    doc = policy_doc(upstream.base_url)
-    doc["organizations"]["stmarys"]["roles"]["radiology"]["client_certificate"] = {"required": True}
-    h = GatewayHarness(tmp_path)
-    h.import_policy(doc)
-    h.set_provider_keys()
-    h.start()
-    try:
-        token = h.issue("radiology-bot")
-        args = ["policy", "explain", "--home", str(h.home.root), "--caller", "radiology-bot"]
-        explained = CliRunner().invoke(main, [*args, "--model", "openai/gpt-4o", "--json"])
-        document = json.loads(explained.stdout)
-        with (
-            openai.OpenAI(base_url=h.base_url, api_key=token, max_retries=0, timeout=10) as client,
-            pytest.raises(openai.PermissionDeniedError) as refused,
-        ):
-            client.chat.completions.create(
-                model="openai/gpt-4o", messages=[{"role": "user", "content": "hi"}]
-            )
-        assert document["decision"] == "denied"
-        assert document["reason"] == refused.value.body["code"] == "client_certificate_required"  # type: ignore[index]
-        assert "server.tls.client_ca_file" in document["message"]
-    finally:
-        h.stop()
 
 
 def test_policy_explain_reads_the_subject_as_the_gateway_does(tmp_path: Path, upstream: FakeUpstream) -> None:
