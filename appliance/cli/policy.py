@@ -26,8 +26,8 @@ from appliance.errors import BundleRejected, OperatorError
 from appliance.home import Home, Vault
 from appliance.os_user import this_os_user
 from appliance.policy import dsse, importer, reference
+from appliance.policy.client_certificates import Certificate
 from appliance.policy.diff import changes
-from appliance.policy.engine import Certificate
 from appliance.policy.explain import explain_request
 from appliance.policy.schema import DATA_CLASSES, Policy, parse_policy
 from appliance.x509_names import canonical

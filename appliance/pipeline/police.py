@@ -22,7 +22,8 @@ from appliance.identity import Caller
 from appliance.pipeline.exchange import Exchange
 from appliance.pipeline.facts import BodyFacts, apply_edits, parse_request, read_facts
 from appliance.pipeline.limits import DEFAULT_MAX_TOKENS, LimitKeeper, Subject, Ticket
-from appliance.policy.engine import Certificate, RequestFacts, Verdict
+from appliance.policy.client_certificates import Certificate
+from appliance.policy.engine import RequestFacts, Verdict
 from appliance.policy_state import PolicyKeeper, PolicyState
 from routes.pricing import cost_usd
 from routes.result import RouteResult

@@ -26,6 +26,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from appliance.policy import client_certificates
+from appliance.policy.client_certificates import Certificate
 from appliance.policy.schema import (
     DATA_CLASS_RANK,
     Policy,
@@ -72,18 +74,6 @@ class Intervention:
     """Path of the rule that acted, e.g. ``organizations.stmarys.roles.billing.tools.allow``."""
     detail: str
     """What changed, safe for the audit record (names and numbers, never prompt text)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Certificate:
-    """What the connection's TLS handshake says of a client certificate."""
-
-    presented: bool
-    """A certificate was presented and verified against the site's client CA."""
-    subject: str | None = None
-    """Its RFC 4514 subject."""
-    client_ca: bool = True
-    """The gateway asks clients for certificates at all (``server.tls.client_ca_file`` is set)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -388,39 +378,7 @@ class PolicyEngine:
     def check_client_certificate(self, org: str, role: str, certificate: Certificate) -> _Refusal | None:
         """The role's ``client_certificate`` rule (else its organization's) against the certificate the
         connection's TLS handshake verified: None when it passes (or neither has a rule)."""
-        organization = self.policy.organizations.get(org)
-        spec = None if organization is None else organization.roles.get(role)
-        if organization is None or spec is None:
-            return None  # an unknown role is refused by the role check, with its own reason
-        rule, path = organization.client_certificate, f"organizations.{org}.client_certificate"
-        if spec.client_certificate is not None:
-            rule, path = spec.client_certificate, f"organizations.{org}.roles.{role}.client_certificate"
-        if rule is None:
-            return None
-        # Without a client CA the gateway asks for no certificate, so none can ever be presented.
-        if not (certificate.presented and certificate.client_ca):
-            if not rule.required:
-                return None
-            if not certificate.client_ca:
-                return (
-                    "client_certificate_required",
-                    path,
-                    "this caller's role requires a client certificate (mutual TLS), but this gateway asks "
-                    "clients for none: its operator must set server.tls.client_ca_file",
-                )
-            return (
-                "client_certificate_required",
-                path,
-                "this caller's role requires a client certificate (mutual TLS); the connection presented "
-                "none",
-            )
-        if rule.subjects and certificate.subject not in rule.subjects:
-            return (
-                "client_certificate_not_allowed",
-                path,
-                "the client certificate's subject is not one this caller's role accepts",
-            )
-        return None
+        return client_certificates.check(self.policy, org, role, certificate)
 
     def _check_expiry(self, now: float | None) -> _Refusal | None:
         if (time.time() if now is None else now) >= self._expires_ts:

@@ -20,8 +20,9 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
+from appliance.policy.client_certificates import Certificate
 from appliance.policy.display import show
-from appliance.policy.engine import Certificate, PolicyEngine, RequestFacts, Verdict
+from appliance.policy.engine import PolicyEngine, RequestFacts, Verdict
 from appliance.policy.schema import Organization, Policy, Role, scan_limit
 from appliance.timestamps import rfc3339
 

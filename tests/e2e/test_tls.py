@@ -197,6 +197,9 @@ def test_a_client_certificate_is_required_and_checked_for_one_role(
         ]
         assert all(r["status_code"] == 403 and r["intervention"] == "policy_denied" for r in refusals)
         assert refusals[0]["rule"] == "organizations.stmarys.roles.radiology.client_certificate"
+        # each refusal's X-Request-Id names its ledger record
+        answered = [denied.value.response.headers["x-request-id"], no.value.response.headers["x-request-id"]]
+        assert answered == [r["request_id"] for r in refusals]
         assert (
             refusals[0]["client_cert"] is None
             and refusals[1]["client_cert"] == "CN=intruder,O=St Marys Hospital"

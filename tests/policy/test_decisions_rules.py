@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 
+from appliance.policy.deny_patterns import SCAN_BUDGET, SCAN_LIMIT
 from appliance.policy.engine import PolicyEngine
 from appliance.policy.explain import explain
-from appliance.policy.schema import SCAN_BUDGET, SCAN_LIMIT, scan_limit
+from appliance.policy.schema import scan_limit
 from tests.policy.hospital import SM, T, facts, hospital
 from tests.policy.test_fixtures import NOW
 
