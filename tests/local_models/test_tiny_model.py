@@ -25,20 +25,8 @@ BYTE_OFFSET = 3
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("tiny")
-
-
-@pytest.fixture(scope="module")
-def tiny_path(model_dir: Path) -> Path:
-    path = model_dir / "tiny.gguf"
-    write_tiny_model(path, size="tiny", seed=0)
-    return path
-
-
-@pytest.fixture(scope="module")
-def llm(tiny_path: Path) -> Iterator[Llama]:
-    model = Llama(model_path=str(tiny_path), n_ctx=512, verbose=False)
+def llm(tiny: Path) -> Iterator[Llama]:
+    model = Llama(model_path=str(tiny), n_ctx=512, verbose=False)
     yield model
     model.close()
 
@@ -57,11 +45,11 @@ def _sha256(path: Path) -> str:
 # --- the file --------------------------------------------------------------------------------------
 
 
-def test_same_seed_same_bytes_other_seed_differs(model_dir: Path, tiny_path: Path) -> None:
+def test_same_seed_same_bytes_other_seed_differs(model_dir: Path, tiny: Path) -> None:
     again = model_dir / "again.gguf"
     other = model_dir / "other.gguf"
     digest = write_tiny_model(again, seed=0)
-    assert digest == _sha256(again) == _sha256(tiny_path)
+    assert digest == _sha256(again) == _sha256(tiny)
     assert write_tiny_model(other, seed=1) != digest
     assert not [p for p in model_dir.iterdir() if p.name.endswith(".tmp")]
 
@@ -73,16 +61,16 @@ def test_unknown_size_is_refused(tmp_path: Path) -> None:
 
 
 def test_cli_prints_sha256(
-    model_dir: Path, tiny_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    model_dir: Path, tiny: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = model_dir / "cli.gguf"
     monkeypatch.setattr(sys, "argv", ["tiny", str(out), "--size", "tiny", "--seed", "0"])
     main()
-    assert capsys.readouterr().out.strip() == _sha256(out) == _sha256(tiny_path)
+    assert capsys.readouterr().out.strip() == _sha256(out) == _sha256(tiny)
 
 
-def test_metadata_and_tensors(tiny_path: Path) -> None:
-    reader = GGUFReader(tiny_path)
+def test_metadata_and_tensors(tiny: Path) -> None:
+    reader = GGUFReader(tiny)
     fields = reader.fields
     for key in (
         "general.architecture",
@@ -186,8 +174,8 @@ def test_chat_stream(llm: Llama) -> None:
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
-def test_embeddings_have_n_embd_dims(tiny_path: Path) -> None:
-    model = Llama(model_path=str(tiny_path), n_ctx=512, verbose=False, embedding=True)
+def test_embeddings_have_n_embd_dims(tiny: Path) -> None:
+    model = Llama(model_path=str(tiny), n_ctx=512, verbose=False, embedding=True)
     try:
         out = model.create_embedding(["hello world", "blood pressure"])
     finally:
