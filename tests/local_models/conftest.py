@@ -8,8 +8,15 @@ from pathlib import Path
 import pytest
 from llama_cpp import Llama
 
+from local_models.cpu_backend import ensure_cpu_backend
 from local_models.tiny import write_tiny_model
 from tests.local_models._engine import NO_EOG
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cpu_backend() -> None:
+    """Plain ``llama_cpp.Llama`` yardsticks need llama.cpp's CPU code loaded first, as the gateway does."""
+    ensure_cpu_backend()
 
 
 @pytest.fixture(scope="module")
