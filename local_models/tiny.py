@@ -11,6 +11,13 @@ file at the target path.
 
 The weights are noise: the model produces fluent-looking gibberish, which is all the gateway needs to
 exercise tokenisation, sampling, streaming, chat templating and embeddings end to end.
+
+Quantized files (`QUANTS`) exercise llama.cpp's quantized CPU kernels, the code that differs between the
+CPU backend variants (see ``cpu_backend``). They are quantized the way ``llama-quantize --pure`` would:
+every 2-D weight (token embeddings and output included) takes the one type, norms stay f32, and a matrix
+whose rows do not divide into the type's blocks takes llama.cpp's fallback type. Q8_0 and Q4_0 come from
+``gguf.quants``; gguf has no K-quant quantizer, so Q6_K blocks are packed here (checked against gguf's
+own Q6_K dequantizer by the tests).
 """
 
 from __future__ import annotations
@@ -24,9 +31,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFWriter, LlamaFileType, PoolingType, TokenType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, LlamaFileType, PoolingType, TokenType
+from gguf.quants import np_roundf
+from gguf.quants import quantize as gguf_quantize
 
-__all__ = ["CHAT_TEMPLATE", "CONTROL_TOKENS", "SIZES", "TinySpec", "main", "vocab_pieces", "write_tiny_model"]
+__all__ = [
+    "CHAT_TEMPLATE",
+    "CONTROL_TOKENS",
+    "QUANTS",
+    "SIZES",
+    "TinySpec",
+    "main",
+    "vocab_pieces",
+    "write_tiny_model",
+]
 
 ARCH = "llama"
 SPACE = "\u2581"  # SentencePiece's visible space: "▁the" is " the"
@@ -38,16 +56,46 @@ END_OF_TURN = "<|end|>"
 
 # Written as string expressions, not literal newlines after block tags, so that the rendering is the same
 # whether or not the Jinja environment uses trim_blocks/lstrip_blocks (llama-cpp-python does, others don't).
+# Tools in the Hermes/Qwen style (local_models.tools): listed in a system block as JSON within
+# <tools></tools>, calls written back as <tool_call> blocks, tool results as <tool_response> blocks in a user
+# turn. Without tools and tool messages the rendering is what it was before tools existed.
 CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% elif message['content'] %}"
-    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% macro text(content) %}"
+    "{% if content is string %}{{ content }}"
+    "{% elif content %}"
+    "{% for part in content %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
     "{% endfor %}"
     "{% endif %}"
+    "{% endmacro %}"
+    "{{ bos_token }}"
+    "{% if tools %}"
+    "{{ '<|system|>\\n' }}"
+    "{% if messages[0]['role'] == 'system' %}{{ text(messages[0]['content']) }}{{ '\\n\\n' }}{% endif %}"
+    "{{ '# Tools\\n\\nYou may call one or more functions. Their signatures, within <tools></tools>:"
+    "\\n<tools>' }}"
+    "{% for tool in tools %}{{ '\\n' }}{{ tool | tojson }}{% endfor %}"
+    "{{ '\\n</tools>\\n\\nFor each call, answer with the function name and arguments within "
+    '<tool_call></tool_call>:\\n<tool_call>\\n{"name": <function-name>, "arguments": <args-json-object>}'
+    "\\n</tool_call><|end|>\\n' }}"
+    "{% endif %}"
+    "{% for message in messages %}"
+    "{% if tools and loop.first and message['role'] == 'system' %}"
+    "{% elif message['role'] == 'tool' %}"
+    "{% if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}{{ '<|user|>' }}{% endif %}"
+    "{{ '\\n<tool_response>\\n' }}{{ text(message['content']) }}{{ '\\n</tool_response>' }}"
+    "{% if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{ '<|end|>\\n' }}{% endif %}"
+    "{% else %}"
+    "{{ '<|' + message['role'] + '|>\\n' }}"
+    "{{ text(message['content']) }}"
+    "{% for call in message['tool_calls'] or [] %}"
+    "{% if message['content'] or not loop.first %}{{ '\\n' }}{% endif %}"
+    "{{ '<tool_call>\\n{\"name\": \"' + call['function']['name'] + '\", \"arguments\": ' }}"
+    "{% if call['function']['arguments'] is string %}{{ call['function']['arguments'] }}"
+    "{% else %}{{ call['function']['arguments'] | tojson }}{% endif %}"
+    "{{ '}\\n</tool_call>' }}"
+    "{% endfor %}"
     "{{ '<|end|>\\n' }}"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
@@ -64,8 +112,12 @@ class TinySpec:
     n_head_kv: int
     n_ff: int
     f16: bool
-    """Store 2-D weights as f16 (norms stay f32); otherwise everything is f32."""
+    """Store 2-D weights as f16 (norms stay f32); otherwise everything is f32. The size's default quant."""
     init_std: float = 0.02
+
+    @property
+    def default_quant(self) -> str:
+        return "f16" if self.f16 else "f32"
 
     @property
     def head_dim(self) -> int:
@@ -87,6 +139,29 @@ SIZES: dict[str, TinySpec] = {
     "tiny": TinySpec(n_vocab=3072, n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=176, f16=False),
     "bench": TinySpec(n_vocab=8000, n_embd=512, n_layer=8, n_head=8, n_head_kv=8, n_ff=1408, f16=True),
 }
+
+
+@dataclass(frozen=True)
+class _Quant:
+    tensor_type: GGMLQuantizationType
+    file_type: LlamaFileType
+    fallback: str | None
+    """llama-quantize's type for a matrix whose rows do not divide into this type's blocks."""
+
+    @property
+    def block(self) -> int:
+        return GGML_QUANT_SIZES[self.tensor_type][0]
+
+
+_QUANTS: dict[str, _Quant] = {
+    "f32": _Quant(GGMLQuantizationType.F32, LlamaFileType.ALL_F32, None),
+    "f16": _Quant(GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16, None),
+    "q8_0": _Quant(GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0, "f16"),
+    "q4_0": _Quant(GGMLQuantizationType.Q4_0, LlamaFileType.MOSTLY_Q4_0, "f16"),
+    "q6_k": _Quant(GGMLQuantizationType.Q6_K, LlamaFileType.MOSTLY_Q6_K, "q8_0"),
+}
+QUANTS: tuple[str, ...] = tuple(_QUANTS)
+"""The weight types ``write_tiny_model`` writes; K-quants (256-value blocks) need the bench size."""
 
 # Common English and clinical words, most frequent first; the vocabulary is carved from them.
 _WORDS = """
@@ -194,15 +269,15 @@ def _vocabulary(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
 
 
 def _random_weights(spec: TinySpec, seed: int) -> list[tuple[str, np.ndarray]]:
-    """Every tensor llama.cpp's llama arch loads, in numpy (row-major) shape: (out_features, in_features)."""
+    """Every tensor llama.cpp's llama arch loads, as f32 in numpy (row-major) shape: (out_features,
+    in_features); ``_encode`` gives each matrix its stored type."""
     rng = np.random.default_rng(seed)
-    dtype = np.float16 if spec.f16 else np.float32
     kv = spec.n_head_kv * spec.head_dim
 
     def matrix(rows: int, cols: int) -> np.ndarray:
         values = rng.standard_normal((rows, cols), dtype=np.float32)
         values *= spec.init_std
-        return values.astype(dtype, copy=False)
+        return values
 
     def ones() -> np.ndarray:
         return np.ones(spec.n_embd, dtype=np.float32)
@@ -225,11 +300,62 @@ def _random_weights(spec: TinySpec, seed: int) -> list[tuple[str, np.ndarray]]:
     return tensors
 
 
-def _write_gguf(target: str, spec: TinySpec, size: str, seed: int, n_ctx_train: int) -> None:
+def _encode(values: np.ndarray, quant: str) -> tuple[np.ndarray, GGMLQuantizationType | None]:
+    """A matrix in the stored form of ``quant`` (or of its fallback), with the raw type GGUFWriter needs
+    for bytes; 1-D tensors (the norms) stay f32, as llama-quantize keeps them."""
+    if values.ndim < 2 or quant == "f32":
+        return values, None
+    if quant == "f16":
+        return values.astype(np.float16), None
+    kind = _QUANTS[quant]
+    if values.shape[-1] % kind.block:
+        assert kind.fallback is not None
+        return _encode(values, kind.fallback)
+    if kind.tensor_type == GGMLQuantizationType.Q6_K:
+        return _q6_k(values), kind.tensor_type
+    return gguf_quantize(values, kind.tensor_type), kind.tensor_type
+
+
+QK_K = 256
+
+
+def _q6_k(rows: np.ndarray) -> np.ndarray:
+    """Q6_K blocks (ggml's ``block_q6_K``): per 256 values, 6-bit quants in ``ql`` (low 4 bits) and ``qh``
+    (high 2), an int8 scale per 16 values, and one f16 super-scale ``d``; value = d * scale * (q - 32).
+
+    Simpler than ggml's reference quantizer (no error search: each scale is its 16 values' max / 31), the
+    same layout: ``ql[64h + l]`` holds quants l and l+64 of the half h's 128 in its low and high nibble,
+    ``ql[64h + 32 + l]`` quants l+32 and l+96, ``qh[32h + l]`` the high bits of l, l+32, l+64, l+96.
+    """
+    n_rows = rows.shape[0]
+    groups = rows.astype(np.float32, copy=False).reshape(-1, QK_K // 16, 16)
+    n_blocks = groups.shape[0]
+    sub_scale = np.abs(groups).max(axis=2) / 31
+    d = (sub_scale.max(axis=1, keepdims=True) / 127).astype(np.float16)
+    d32 = d.astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scales = np.where(d32 > 0, np_roundf(sub_scale / d32), 0)
+        scales = np.clip(scales, 0, 127).astype(np.int8)
+        step = (d32 * scales)[..., None]
+        q = np.where(step > 0, np_roundf(groups / step), 0)
+    quants = (np.clip(q, -32, 31) + 32).astype(np.uint8).reshape(n_blocks, 2, 4, 32)
+    ql = (quants[:, :, 0:2] & 0x0F) | ((quants[:, :, 2:4] & 0x0F) << 4)
+    qh = quants[:, :, 0] >> 4
+    for quarter in (1, 2, 3):
+        qh |= (quants[:, :, quarter] >> 4) << (2 * quarter)
+    blocks = np.concatenate(
+        [ql.reshape(n_blocks, 128), qh.reshape(n_blocks, 64), scales.view(np.uint8), d.view(np.uint8)], axis=1
+    )
+    return blocks.reshape(n_rows, -1)
+
+
+def _write_gguf(target: str, spec: TinySpec, size: str, seed: int, n_ctx_train: int, quant: str) -> None:
     writer = GGUFWriter(target, ARCH)
-    writer.add_name(f"phi-gateway-{size}-seed{seed}")
+    # The size's own type keeps its historical name (and so its bytes and hash).
+    suffix = "" if quant == spec.default_quant else f"-{quant}"
+    writer.add_name(f"phi-gateway-{size}-seed{seed}{suffix}")
     writer.add_description("Random weights generated offline by local_models.tiny; not a real model.")
-    writer.add_file_type(LlamaFileType.MOSTLY_F16 if spec.f16 else LlamaFileType.ALL_F32)
+    writer.add_file_type(_QUANTS[quant].file_type)
     writer.add_vocab_size(spec.n_vocab)
     writer.add_context_length(n_ctx_train)
     writer.add_embedding_length(spec.n_embd)
@@ -257,8 +383,9 @@ def _write_gguf(target: str, spec: TinySpec, size: str, seed: int, n_ctx_train: 
     writer.add_add_space_prefix(True)
     writer.add_chat_template(CHAT_TEMPLATE)
 
-    for name, tensor in _random_weights(spec, seed):
-        writer.add_tensor(name, tensor)
+    for name, values in _random_weights(spec, seed):
+        tensor, raw_dtype = _encode(values, quant)
+        writer.add_tensor(name, tensor, raw_dtype=raw_dtype)
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -267,21 +394,35 @@ def _write_gguf(target: str, spec: TinySpec, size: str, seed: int, n_ctx_train: 
         writer.close()
 
 
-def write_tiny_model(path: Path, *, size: str = "tiny", seed: int = 0, n_ctx_train: int = 2048) -> str:
+def write_tiny_model(
+    path: Path, *, size: str = "tiny", seed: int = 0, n_ctx_train: int = 2048, quant: str | None = None
+) -> str:
     """Write the GGUF at path (atomically: temp file + rename); return its SHA-256 hex.
 
-    Deterministic for a given (size, seed, n_ctx_train).
+    ``quant`` is one of ``QUANTS``; None is the size's own type (tiny: f32, bench: f16). A block-quantized
+    type needs ``n_embd`` to divide into its blocks (K-quants: 256 values, so not the tiny size).
+    Deterministic for a given (size, seed, n_ctx_train, quant).
     """
     try:
         spec = SIZES[size]
     except KeyError:
         raise ValueError(f"unknown size {size!r}; expected one of {sorted(SIZES)}") from None
+    quant = spec.default_quant if quant is None else quant
+    if quant not in _QUANTS:
+        raise ValueError(f"unknown quant {quant!r}; expected one of {list(QUANTS)}")
+    block = _QUANTS[quant].block
+    if spec.n_embd % block:
+        fits = [name for name, other in SIZES.items() if other.n_embd % block == 0]
+        raise ValueError(
+            f"{quant} quantizes rows in blocks of {block} values; size {size!r} has rows of {spec.n_embd} "
+            f"(n_embd): use size {' or '.join(repr(name) for name in fits) or '(none fits)'}"
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Not mkstemp: its 0600 mode would stick to the model; GGUFWriter creates the file under the umask.
     tmp = str(path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"))
     try:
-        _write_gguf(tmp, spec, size, seed, n_ctx_train)
+        _write_gguf(tmp, spec, size, seed, n_ctx_train, quant)
         digest = hashlib.sha256()
         with open(tmp, "rb") as f:
             while chunk := f.read(1 << 20):
@@ -303,8 +444,17 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-ctx-train", type=int, default=2048)
+    parser.add_argument(
+        "--quant", choices=QUANTS, default=None, help="weight type (default: the size's own, f32 or f16)"
+    )
     args = parser.parse_args()
-    print(write_tiny_model(args.out, size=args.size, seed=args.seed, n_ctx_train=args.n_ctx_train))
+    try:
+        digest = write_tiny_model(
+            args.out, size=args.size, seed=args.seed, n_ctx_train=args.n_ctx_train, quant=args.quant
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    print(digest)
 
 
 if __name__ == "__main__":
