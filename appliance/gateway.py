@@ -189,6 +189,7 @@ class Gateway:
             "http": {"in_flight": server.in_flight if server else 0},
             "transport": self._transport() if self._transport is not None else None,
             "local_models": self.local.status() if self.local else {},
+            "cpu_backend": self.local.cpu_backend() if self.local else None,
         }
 
     def metrics(self) -> tuple[bytes, str]:

@@ -1,7 +1,8 @@
 """The in-process llama.cpp engine: which local models are loaded, and the way requests reach them.
 
-Owns: ``LocalEngine`` — loading and unloading models (a ``ModelWorker`` thread per ``Llama`` instance: one
-for generation, and a second, embedding-mode instance started on the first embeddings request), the memory
+Owns: ``LocalEngine`` — loading and unloading models (a ``ModelWorker`` thread per model instance: one
+for generation with ``slots`` sequences decoded together, and a second, embedding-mode instance started
+on the first embeddings request), the memory
 budget across loaded instances (estimated by file size; the least recently used idle model is unloaded to
 make room), the idle unload check, per-request deadlines while queued (a timer per request, cancelled
 when the request ends so that no finished request is kept alive by it), and the ``status`` for
@@ -9,7 +10,7 @@ when the request ends so that no finished request is kept alive by it), and the 
 from (same ``file_identity``).
 The gateway codes against ``GenerationRequest``, ``Generation`` and this class only.
 
-Must never: touch a ``Llama`` object itself (workers own them), block the event loop (loading, inference
+Must never: touch a llama.cpp object itself (workers own them), block the event loop (loading, inference
 and freeing happen on the workers' threads), unload a model that has a request running or queued to make
 room for another, or fork the process (llama.cpp's threads and memory do not survive it).
 """
@@ -26,6 +27,7 @@ from typing import Any
 
 from appliance import errors
 from local_models.generation import Generation, GenerationRequest
+from local_models.registry import default_slots
 from local_models.worker import EmbeddingJob, ModelWorker
 
 __all__ = ["Generation", "GenerationRequest", "LocalEngine"]
@@ -67,13 +69,15 @@ class LocalEngine:
         idle_unload_s: float = 600.0,
         memory_budget_bytes: int | None = None,
         n_threads: int | None = None,
+        slots: int | None = None,
     ) -> None:
         """``idle_unload_s`` of 0, less or ``math.inf`` disables idle unloading; ``memory_budget_bytes``
-        None means no budget."""
+        None means no budget; ``slots``: for a model loaded without its own (None: ``default_slots``)."""
         self.queue_size = queue_size
         self.idle_unload_s = idle_unload_s
         self.memory_budget_bytes = memory_budget_bytes
         self.n_threads = n_threads
+        self.slots = slots
         self._models: dict[str, _Model] = {}
         self._placement = asyncio.Lock()  # budget decisions and registrations happen one at a time
         self._idle_task: asyncio.Task[None] | None = None
@@ -82,9 +86,17 @@ class LocalEngine:
     # ---- loading ----
 
     async def load(
-        self, model: str, path: Path, n_ctx: int, *, identity: tuple[int, ...] | None = None
+        self,
+        model: str,
+        path: Path,
+        n_ctx: int,
+        *,
+        identity: tuple[int, ...] | None = None,
+        slots: int | None = None,
     ) -> None:
         """Load ``model`` from ``path`` on a new worker thread; a loaded (or loading) model is left alone.
+
+        ``slots``: requests decoded together, each with up to ``n_ctx`` tokens (None: ``default_slots``).
 
         ``identity``: the ``registry.file_identity`` the file had when it was verified; the load is refused
         (``model_file_changed``) if the file is not that file any more, before or during the load."""
@@ -97,7 +109,13 @@ class LocalEngine:
                 size = self._file_size(model, path)
                 await self._make_room(size, keep=model)
                 worker = self._worker(
-                    model, path, n_ctx, embedding=False, loop=loop, expect_identity=identity or None
+                    model,
+                    path,
+                    n_ctx,
+                    embedding=False,
+                    loop=loop,
+                    expect_identity=identity or None,
+                    slots=slots or self.slots or default_slots(n_ctx),
                 )
                 entry = self._models[model] = _Model(model, path, n_ctx, worker)
                 worker.start()
@@ -189,8 +207,8 @@ class LocalEngine:
         return entry is not None and entry.generator.state in ("loading", "ready")
 
     def status(self) -> dict[str, Any]:
-        """Per model: ``state`` (loading | ready | failed), queue depth, whether a request is running, idle
-        seconds, estimated memory, and the same for the embedding instance once it exists."""
+        """Per model: ``state`` (loading | ready | failed), queue depth, requests running (``active``) and
+        ``slots``, idle seconds, estimated memory, and the same for the embedding instance once it exists."""
         out: dict[str, Any] = {}
         for name, entry in self._models.items():
             row: dict[str, Any] = dict(entry.generator.snapshot())
@@ -217,6 +235,7 @@ class LocalEngine:
         embedding: bool,
         loop: asyncio.AbstractEventLoop,
         expect_identity: tuple[int, ...] | None = None,
+        slots: int = 1,
     ) -> ModelWorker:
         return ModelWorker(
             name=model,
@@ -227,6 +246,7 @@ class LocalEngine:
             n_threads=self.n_threads,
             loop=loop,
             expect_identity=expect_identity,
+            slots=slots,
         )
 
     @staticmethod

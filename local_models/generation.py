@@ -3,11 +3,13 @@
 Owns: ``GenerationRequest`` (what to generate), ``Generation`` (the caller's handle: async text pieces,
 exact usage, finish reason, cancel) and the bounded hand-over between the two threads. The worker appends
 pieces under a lock and wakes the loop with ``loop.call_soon_threadsafe`` only when the consumer is
-waiting; once ``BUFFER_PIECES`` pieces are unread it blocks until the consumer catches up, is cancelled,
-or the deadline passes.
+waiting. The worker never waits on one consumer (it decodes many sequences in one batch): once
+``BUFFER_PIECES`` pieces are unread, ``has_room`` is false and the worker leaves that sequence out of its
+batches until the consumer catches up, which pokes the worker (``on_room``).
 
-Must never: touch a ``Llama`` object (only the worker thread does), block the event loop (the lock is held
-for a few list operations only), or let a slow consumer make the worker run ahead without bound.
+Must never: touch a llama.cpp object (only the worker thread does), block the event loop (the lock is
+held for a few list operations only), block the worker, or let a slow consumer make the worker run ahead
+without bound.
 """
 
 from __future__ import annotations
@@ -43,9 +45,21 @@ class GenerationRequest:
     """None: a random seed per request."""
     stop: list[str] = field(default_factory=list)
     grammar: str | None = None
-    """GBNF text (``response_format`` is converted to it elsewhere)."""
+    """GBNF text (``response_format`` and tool calls are converted to it elsewhere)."""
+    grammar_triggers: list[str] = field(default_factory=list)
+    """Non-empty: the grammar is lazy. Generation is free until one of these words appears, and the
+    grammar constrains the text from the start of that word on (its root begins with the word)."""
+    tools: list[dict[str, Any]] | None = None
+    """chat: validated OpenAI tool definitions, given to the chat template as ``tools``."""
+    presence_penalty: float = 0.0
+    """OpenAI's: subtracted once from the logit of every token already generated (-2 to 2)."""
+    frequency_penalty: float = 0.0
+    """OpenAI's: subtracted from a token's logit once per time it was generated (-2 to 2)."""
     logit_bias: dict[int, float] | None = None
     """OpenAI ``logit_bias``: token id -> bias added to its logit (-100 bans, +100 all but forces)."""
+    cache_scope: str = ""
+    """Whose cached prompts this request may reuse (the caller's organization): cached prefixes are never
+    shared across scopes, so one organization cannot time another's prompts."""
     priority: int = 0
     """Lower runs sooner (from the role's policy); FIFO within one priority."""
     deadline: float | None = None
@@ -74,7 +88,7 @@ class Generation:
         """Read by the worker between tokens and from the abort callback during prompt processing."""
         self._loop = loop
         self._lock = threading.Lock()
-        self._space = threading.Condition(self._lock)
+        self._on_room: Callable[[], object] | None = None
         self._pieces: deque[str] = deque()
         self._ended = False
         self._error: BaseException | None = None
@@ -94,14 +108,18 @@ class Generation:
             with self._lock:
                 if self._pieces:
                     piece = self._pieces.popleft()
-                    if len(self._pieces) == BUFFER_PIECES - 1:
-                        self._space.notify()
-                    return piece
-                if self._ended:
+                    roomed = len(self._pieces) == BUFFER_PIECES - 1
+                elif self._ended:
                     if self._error is not None:
                         raise self._error
                     raise StopAsyncIteration
-                waiter = self._waiter = self._loop.create_future()
+                else:
+                    waiter = self._waiter = self._loop.create_future()
+                    piece = None
+            if piece is not None:
+                if roomed and self._on_room is not None:
+                    self._on_room()
+                return piece
             try:
                 await waiter
             except asyncio.CancelledError:
@@ -112,13 +130,11 @@ class Generation:
         return "".join([piece async for piece in self])
 
     def cancel(self) -> None:
-        """The client is gone: a queued request is dropped, a running one stops within a token or a
-        prompt batch node, and its worker moves on to the next request at once. Idempotent."""
+        """The client is gone: a queued request is dropped; a running one stops at the worker's next
+        decode step, which frees its slot and its cache cells. Idempotent."""
         if self.cancelled or self._ended:
             return
         self.cancelled = True
-        with self._lock:
-            self._space.notify_all()
         if self._on_cancel is not None:
             self._on_cancel(self)
 
@@ -128,8 +144,13 @@ class Generation:
         self.cancel()
 
     def on_cancel(self, callback: Callable[[Generation], object]) -> None:
-        """Called (on the loop) by the first ``cancel``: the queue drops the request if it has not started."""
+        """Called (on the loop) by the first ``cancel``: the queue drops the request if it has not started,
+        and a running one's worker is woken to free its slot."""
         self._on_cancel = callback
+
+    def on_room(self, callback: Callable[[], object]) -> None:
+        """Called (on the loop) when a full buffer gets room again: the worker resumes the sequence."""
+        self._on_room = callback
 
     def when_done(self, callback: Callable[[], object]) -> None:
         """Call ``callback`` on the loop once the stream has ended (finished, cancelled or failed); at once
@@ -154,19 +175,14 @@ class Generation:
         return self.cancelled or self.expired()
 
     def put(self, piece: str) -> None:
-        """Hand one piece to the consumer; waits while ``BUFFER_PIECES`` are unread (backpressure)."""
+        """Hand one piece to the consumer; never waits (see ``has_room``)."""
         with self._lock:
             self._pieces.append(piece)
             self._wake_locked()
-            deadline = self.request.deadline
-            while len(self._pieces) >= BUFFER_PIECES and not self.cancelled:
-                if deadline is None:
-                    self._space.wait()
-                    continue
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._space.wait(left)
+
+    def has_room(self) -> bool:
+        """False while ``BUFFER_PIECES`` pieces are unread: the worker generates no more for now."""
+        return len(self._pieces) < BUFFER_PIECES
 
     def finish(self, reason: FinishReason | None, error: BaseException | None = None) -> None:
         """The end of the stream; usage and reason are final. Only the first call counts."""

@@ -26,6 +26,11 @@ from appliance import errors
 READ_SIZE = 1 << 20  # 1 MiB per read: few syscalls, little memory
 
 
+def default_slots(n_ctx: int) -> int:
+    """Sequence slots when the policy sets none: 16k tokens of cache in all, 1 to 8 slots."""
+    return max(1, min(8, 16384 // max(n_ctx, 1)))
+
+
 class LocalModelSpecLike(Protocol):
     """What the registry needs from a policy ``models`` entry (``appliance.policy.schema.LocalModelSpec``)."""
 
@@ -35,6 +40,8 @@ class LocalModelSpecLike(Protocol):
     def sha256(self) -> str: ...
     @property
     def n_ctx(self) -> int: ...
+    @property
+    def slots(self) -> int | None: ...
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,8 @@ class LocalModel:
     n_ctx: int
     model: str = ""
     """The full id as the policy spells it (``local/demo``); defaults to ``local/<name>``."""
+    slots: int | None = None
+    """Requests decoded together (None: the engine's default for ``n_ctx``)."""
     identity: tuple[int, ...] = ()
     """After ``verify``: ``file_identity`` of the file as it was hashed (empty before). Whoever loads the
     file re-stats it after loading and refuses it if the identity differs: it changed after the check."""
@@ -120,6 +129,7 @@ class ModelRegistry:
             path=self.models_dir / spec.file,
             sha256=spec.sha256,
             n_ctx=spec.n_ctx,
+            slots=spec.slots,
             model=key,
         )
 
@@ -213,6 +223,7 @@ class ModelRegistry:
             path=real,
             sha256=entry.sha256,
             n_ctx=entry.n_ctx,
+            slots=entry.slots,
             model=entry.model,
             identity=file_identity(before),
         )
@@ -248,6 +259,7 @@ class ModelRegistry:
                     "size_bytes": size,
                     "sha256": spec.sha256[:16] + "…",
                     "n_ctx": spec.n_ctx,
+                    "slots": spec.slots or default_slots(spec.n_ctx),
                     "present": size is not None,
                 }
             )

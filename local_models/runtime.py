@@ -22,6 +22,7 @@ from typing import Any
 
 from appliance.config import LocalSettings
 from appliance.errors import NotFound
+from local_models.cpu_backend import loaded_cpu_backend
 from local_models.engine import LocalEngine
 from local_models.registry import LocalModelSpecLike, ModelRegistry
 
@@ -70,7 +71,9 @@ class LocalRuntime:
             started = time.monotonic()
             verified = await asyncio.to_thread(self.registry.verify, entry.model)
             # The engine refuses the file if it is no longer the one hashed, or changes while it is read.
-            await self.engine.load(key, verified.path, verified.n_ctx, identity=verified.identity)
+            await self.engine.load(
+                key, verified.path, verified.n_ctx, identity=verified.identity, slots=verified.slots
+            )
             log.info("loaded %s (%s) in %.2f s", entry.model, verified.path.name, time.monotonic() - started)
         return key
 
@@ -101,6 +104,12 @@ class LocalRuntime:
             if key in engine:
                 out[key] = {**engine[key], "state": "retiring"}
         return out
+
+    @staticmethod
+    def cpu_backend() -> dict[str, object] | None:
+        """The llama.cpp CPU variant in use (None until the first model loads)."""
+        backend = loaded_cpu_backend()
+        return backend.describe() if backend is not None else None
 
     async def close(self) -> None:
         for task in self._retiring.values():

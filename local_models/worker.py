@@ -1,15 +1,16 @@
 """A model instance's worker thread and its bounded priority queue.
 
-Owns: one thread per loaded ``Llama`` instance, which creates the instance, runs queued jobs one at a time
-(lower ``priority`` first, first come first served within a priority), and frees the instance when it
-stops; the queue bound (``RateLimited`` with an estimated ``retry_after`` when full); dropping queued jobs
-that are cancelled, expire or are unloaded before they start (one that expires in the queue fails with
+Owns: one thread per loaded model instance, which creates the instance, runs queued jobs and frees the
+instance when it stops. A generation instance admits queued requests into its free sequence slots (lower
+``priority`` first, first come first served within a priority) and drives ``batching.BatchRunner``: every
+running request advances in each decode step. An embedding instance runs its jobs one at a time. Also:
+the queue bound (``RateLimited`` with an estimated ``retry_after`` when full); dropping queued jobs that
+are cancelled, expire or are unloaded before they start (one that expires in the queue fails with
 ``UpstreamTimeout``: it never got an answer); refusing to load a file that is not the one its caller
-vouched for (``expect_identity``) or that changed during the load; and the worker's load state for
-``/health``.
+vouched for (``expect_identity``) or that changed during the load; and the worker's state for ``/health``.
 
-Must never: let any other thread touch the ``Llama`` (it is created, used and closed on this thread only),
-block the event loop (loop-side methods take the queue lock for a few list operations), or run a job
+Must never: let any other thread touch the model (it is created, used and closed on this thread only),
+block the event loop (loop-side methods take the queue lock for a few list operations), or start a job
 whose request was cancelled while it waited.
 """
 
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from appliance import errors
+from local_models.batching import BatchRunner
+from local_models.embedding import EmbeddingModel
 from local_models.generation import Generation
 from local_models.inference import LoadedModel
 from local_models.registry import file_identity
@@ -97,6 +100,7 @@ class ModelWorker:
         n_threads: int | None,
         loop: asyncio.AbstractEventLoop,
         expect_identity: tuple[int, ...] | None = None,
+        slots: int = 1,
     ) -> None:
         """``expect_identity``: the ``file_identity`` the file must still have (the one another instance
         of the model was loaded from); None: whatever the file is when the load starts."""
@@ -106,6 +110,7 @@ class ModelWorker:
         self.embedding = embedding
         self.size_bytes = path.stat().st_size
         self.queue_size = queue_size
+        self.slots = 1 if embedding else slots
         self.state: WorkerState = "loading"
         self.identity: tuple[int, ...] | None = expect_identity
         """The ``file_identity`` of the file loaded (set once ready)."""
@@ -117,7 +122,8 @@ class ModelWorker:
         self._cond = threading.Condition()
         self._heap: list[tuple[int, int, Job]] = []
         self._order = itertools.count()
-        self._active: Job | None = None
+        self._running: list[Job] = []
+        self._cached_tokens = 0  # prompt tokens taken from the cache (the runner's count)
         self._closing = False
         self._seconds_per_job: float | None = None  # moving average, for Retry-After
         self._thread = threading.Thread(target=self._main, name=f"llama {name}", daemon=True)
@@ -140,6 +146,13 @@ class ModelWorker:
             heapq.heappush(self._heap, (_job_priority(job), next(self._order), job))
             self.last_used = time.monotonic()
             self._cond.notify()
+        if isinstance(job, Generation):
+            job.on_room(self.poke)
+
+    def poke(self) -> None:
+        """Something a waiting worker may act on: a consumer caught up, or a request was cancelled."""
+        with self._cond:
+            self._cond.notify()
 
     def withdraw(self, job: Job, error: errors.GatewayError | None = None) -> bool:
         """Drop a job that has not started yet, ending it with ``error`` (none: cancelled); False if it is
@@ -152,6 +165,7 @@ class ModelWorker:
                     heapq.heapify(self._heap)
                     break
             else:
+                self._cond.notify()  # running: the worker frees its slot at its next step
                 return False
         _drop(job, error)
         return True
@@ -166,12 +180,13 @@ class ModelWorker:
             self._closing = True
             dropped = [entry[2] for entry in self._heap]
             self._heap.clear()
-            active = self._active
+            running = list(self._running)
             self._cond.notify_all()
         for job in dropped:
             _drop(job, error)
-        if isinstance(active, Generation):
-            active.abort(error)
+        for job in running:
+            if isinstance(job, Generation):
+                job.abort(error)
 
     def depth(self) -> int:
         with self._cond:
@@ -179,22 +194,24 @@ class ModelWorker:
 
     def busy(self) -> bool:
         with self._cond:
-            return self._active is not None or bool(self._heap)
+            return bool(self._running) or bool(self._heap)
 
     def snapshot(self) -> dict[str, object]:
         with self._cond:
-            idle = 0.0 if self._active is not None else time.monotonic() - self.last_used
+            idle = 0.0 if self._running else time.monotonic() - self.last_used
             return {
                 "state": self.state,
                 "queue_depth": len(self._heap),
-                "active": self._active is not None,
+                "active": len(self._running),
+                "slots": self.slots,
+                "cached_prompt_tokens": self._cached_tokens,
                 "last_used": round(time.time() - idle, 3),
                 "idle_s": round(idle, 3),
             }
 
     def _retry_after_locked(self) -> float:
         per_job = self._seconds_per_job if self._seconds_per_job is not None else 1.0
-        return max(1.0, per_job * (len(self._heap) + 1))
+        return max(1.0, per_job * (len(self._heap) + 1) / self.slots)
 
     # ---- worker thread ----
 
@@ -216,10 +233,10 @@ class ModelWorker:
             self.state = "stopped"
             self._to_loop(self._settle, self.stopped, None)
 
-    def _load(self) -> LoadedModel:
+    def _load(self) -> LoadedModel | EmbeddingModel:
         """Load the file, refusing it if it is not (or stops being, during the load) the expected one.
 
-        ``LoadedModel`` copies the weights into memory: once this returns, the file no longer matters."""
+        The weights are copied into memory: once this returns, the file no longer matters."""
         changed = errors.Unavailable(
             f"local model {self.name}: its file changed after it was checked; refusing to load it",
             code="model_file_changed",
@@ -232,7 +249,11 @@ class ModelWorker:
             ) from exc
         if self.identity is not None and before != self.identity:
             raise changed
-        model = LoadedModel(self.path, self.n_ctx, embedding=self.embedding, n_threads=self._n_threads)
+        model: LoadedModel | EmbeddingModel
+        if self.embedding:
+            model = EmbeddingModel(self.path, self.n_ctx, n_threads=self._n_threads)
+        else:
+            model = LoadedModel(self.path, self.n_ctx, slots=self.slots, n_threads=self._n_threads)
         try:
             after = file_identity(os.stat(self.path))
         except OSError:
@@ -243,7 +264,61 @@ class ModelWorker:
         self.identity = before
         return model
 
-    def _serve(self, model: LoadedModel) -> None:
+    def _serve(self, model: LoadedModel | EmbeddingModel) -> None:
+        if isinstance(model, EmbeddingModel):
+            self._serve_embeddings(model)
+        else:
+            self._serve_generations(model)
+
+    def _serve_generations(self, model: LoadedModel) -> None:
+        """Admit queued requests into free slots between decode steps; step while any runs."""
+        runner = BatchRunner(model)
+        started: dict[Generation, float] = {}
+        try:
+            while True:
+                with self._cond:
+                    while not self._closing and not self._heap and not runner.busy():
+                        self._cond.wait()
+                    if self._closing:
+                        return
+                    count = min(runner.free_slots(), len(self._heap))
+                    admit = [heapq.heappop(self._heap)[2] for _ in range(count)]
+                    self._running = [*runner.generations(), *admit]
+                self._admit(runner, admit, started)
+                del admit  # an idle worker must not keep its last requests (and their prompts) alive
+                stepped = runner.step() if runner.busy() else False
+                running = runner.generations()
+                now = time.monotonic()
+                with self._cond:
+                    for gen in [g for g in started if g.done]:
+                        self._job_took(now - started.pop(gen))
+                    self._running = list(running)
+                    self._cached_tokens = runner.cached_tokens
+                    self.last_used = now
+                    if not stepped and runner.busy() and not self._heap and not self._closing:
+                        # Every running request waits for its consumer: until one catches up or leaves.
+                        self._cond.wait(0.05)
+                del running
+        finally:
+            runner.close()
+            with self._cond:
+                self._running = []
+
+    def _admit(self, runner: BatchRunner, jobs: list[Job], started: dict[Generation, float]) -> None:
+        for job in jobs:
+            assert isinstance(job, Generation)
+            if job.expired():  # taken after its deadline, before the timer could drop it
+                _drop(job, queued_timeout(self.name))
+                continue
+            job.started_at = time.monotonic()
+            if runner.admit(job):
+                started[job] = job.started_at
+
+    def _job_took(self, took: float) -> None:
+        previous = self._seconds_per_job
+        self._seconds_per_job = took if previous is None else 0.8 * previous + 0.2 * took
+
+    def _serve_embeddings(self, model: EmbeddingModel) -> None:
         while True:
             with self._cond:
                 while not self._heap and not self._closing:
@@ -251,27 +326,22 @@ class ModelWorker:
                 if self._closing:
                     return
                 job = heapq.heappop(self._heap)[2]
-                self._active = job
+                self._running = [job]
             started = time.monotonic()
             try:
-                self._run(model, job)
+                self._embed(model, job)
             finally:
-                del job  # an idle worker must not keep its last request (and its prompt) alive
+                del job  # an idle worker must not keep its last request (and its inputs) alive
                 ended = time.monotonic()
                 with self._cond:
-                    self._active = None
+                    self._running = []
                     self.last_used = ended
-                    took = ended - started
-                    previous = self._seconds_per_job
-                    self._seconds_per_job = took if previous is None else 0.8 * previous + 0.2 * took
+                    self._job_took(ended - started)
 
-    def _run(self, model: LoadedModel, job: Job) -> None:
+    def _embed(self, model: EmbeddingModel, job: Job) -> None:
+        assert isinstance(job, EmbeddingJob)
         if job.expired():  # taken from the queue after its deadline, before the timer could drop it
             _drop(job, queued_timeout(self.name))
-            return
-        if isinstance(job, Generation):
-            job.started_at = time.monotonic()
-            model.generate(job)
             return
         try:
             result = model.embed(job.inputs)

@@ -159,7 +159,13 @@ class AnthropicRoute:
         self._upstream = Upstream(name, spec, client, ((b"anthropic-version", ANTHROPIC_VERSION),))
 
     async def messages(
-        self, body: dict[str, Any], *, upstream_model: str, key: str | None, priority: int = 0
+        self,
+        body: dict[str, Any],
+        *,
+        upstream_model: str,
+        key: str | None,
+        priority: int = 0,
+        scope: str = "",
     ) -> RouteResult:
         """Anthropic caller, Anthropic upstream: the body goes through with only the model replaced."""
         request = dict(body)
@@ -181,7 +187,13 @@ class AnthropicRoute:
         )
 
     async def completions(
-        self, body: dict[str, Any], *, upstream_model: str, key: str | None, priority: int = 0
+        self,
+        body: dict[str, Any],
+        *,
+        upstream_model: str,
+        key: str | None,
+        priority: int = 0,
+        scope: str = "",
     ) -> RouteResult:
         raise BadRequest(
             "/v1/completions is not served by anthropic routes; use /v1/chat/completions",
@@ -189,12 +201,24 @@ class AnthropicRoute:
         )
 
     async def embeddings(
-        self, body: dict[str, Any], *, upstream_model: str, key: str | None, priority: int = 0
+        self,
+        body: dict[str, Any],
+        *,
+        upstream_model: str,
+        key: str | None,
+        priority: int = 0,
+        scope: str = "",
     ) -> RouteResult:
         raise BadRequest("anthropic routes serve no embeddings", code="unsupported_endpoint")
 
     async def chat_completions(
-        self, body: dict[str, Any], *, upstream_model: str, key: str | None, priority: int = 0
+        self,
+        body: dict[str, Any],
+        *,
+        upstream_model: str,
+        key: str | None,
+        priority: int = 0,
+        scope: str = "",
     ) -> RouteResult:
         """OpenAI caller, Anthropic upstream: request, answer, stream and errors are translated."""
         options = body.get("stream_options")

@@ -85,17 +85,35 @@ class OpenAIRoute:
         self._upstream = Upstream(name, spec, client)
 
     async def chat_completions(
-        self, body: dict[str, Any], *, upstream_model: str, key: str | None, priority: int = 0
+        self,
+        body: dict[str, Any],
+        *,
+        upstream_model: str,
+        key: str | None,
+        priority: int = 0,
+        scope: str = "",
     ) -> RouteResult:
         return await self._generate("/chat/completions", body, upstream_model, key)
 
     async def completions(
-        self, body: dict[str, Any], *, upstream_model: str, key: str | None, priority: int = 0
+        self,
+        body: dict[str, Any],
+        *,
+        upstream_model: str,
+        key: str | None,
+        priority: int = 0,
+        scope: str = "",
     ) -> RouteResult:
         return await self._generate("/completions", body, upstream_model, key)
 
     async def embeddings(
-        self, body: dict[str, Any], *, upstream_model: str, key: str | None, priority: int = 0
+        self,
+        body: dict[str, Any],
+        *,
+        upstream_model: str,
+        key: str | None,
+        priority: int = 0,
+        scope: str = "",
     ) -> RouteResult:
         request = dict(body)
         request["model"] = upstream_model
@@ -139,6 +157,12 @@ class OpenAIRoute:
         )
 
     async def messages(
-        self, body: dict[str, Any], *, upstream_model: str, key: str | None, priority: int = 0
+        self,
+        body: dict[str, Any],
+        *,
+        upstream_model: str,
+        key: str | None,
+        priority: int = 0,
+        scope: str = "",
     ) -> RouteResult:
         raise BadRequest("/v1/messages serves anthropic routes only", code="unsupported_endpoint")

@@ -30,28 +30,53 @@ class Route(Protocol):
     kind: str
 
     async def chat_completions(
-        self, body: dict[str, Any], *, upstream_model: str, key: str | None, priority: int = 0
+        self,
+        body: dict[str, Any],
+        *,
+        upstream_model: str,
+        key: str | None,
+        priority: int = 0,
+        scope: str = "",
     ) -> RouteResult:
         """``/v1/chat/completions``: ``body`` is the caller's parsed JSON; the answer is OpenAI-shaped.
 
-        ``priority`` orders a local model's queue (lower first; from the caller's role); upstreams ignore it.
+        ``priority`` orders a local model's queue (lower first; from the caller's role); ``scope`` (the
+        caller's organization) bounds which cached prompts a local model may reuse. Upstreams ignore both.
         """
         ...
 
     async def completions(
-        self, body: dict[str, Any], *, upstream_model: str, key: str | None, priority: int = 0
+        self,
+        body: dict[str, Any],
+        *,
+        upstream_model: str,
+        key: str | None,
+        priority: int = 0,
+        scope: str = "",
     ) -> RouteResult:
         """``/v1/completions`` (legacy text completions); routes that cannot serve it raise BadRequest."""
         ...
 
     async def embeddings(
-        self, body: dict[str, Any], *, upstream_model: str, key: str | None, priority: int = 0
+        self,
+        body: dict[str, Any],
+        *,
+        upstream_model: str,
+        key: str | None,
+        priority: int = 0,
+        scope: str = "",
     ) -> RouteResult:
         """``/v1/embeddings``; routes that cannot serve it raise BadRequest."""
         ...
 
     async def messages(
-        self, body: dict[str, Any], *, upstream_model: str, key: str | None, priority: int = 0
+        self,
+        body: dict[str, Any],
+        *,
+        upstream_model: str,
+        key: str | None,
+        priority: int = 0,
+        scope: str = "",
     ) -> RouteResult:
         """``/v1/messages`` (Anthropic Messages API); routes that cannot serve it raise BadRequest."""
         ...

@@ -58,7 +58,11 @@ class Route:
         role = ex.state.engine.role(ex.caller.org, ex.caller.role) if ex.caller else None
         serve = getattr(route, _METHODS[ex.endpoint])
         result: RouteResult = await serve(
-            ex.payload, upstream_model=upstream_model, key=key, priority=role.priority if role else 0
+            ex.payload,
+            upstream_model=upstream_model,
+            key=key,
+            priority=role.priority if role else 0,
+            scope=ex.caller.org if ex.caller else "",  # local models share cached prompts within it only
         )
         return result
 

@@ -182,6 +182,9 @@ class LocalModelSpec(_Frozen):
     """SHA-256 of the file, 64 lowercase hex characters."""
     n_ctx: int = Field(default=2048, ge=16, le=1 << 20)
     """Context window in tokens (prompt plus completion); a request that cannot fit is refused (400)."""
+    slots: int | None = Field(default=None, ge=1, le=64)
+    """Requests the model decodes together (continuous batching), each with the whole ``n_ctx``; the
+    cache holds ``slots x n_ctx`` tokens. Unset: 16,384 tokens of cache in all, 1 to 8 slots."""
 
     @field_validator("file")
     @classmethod

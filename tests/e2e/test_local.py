@@ -22,21 +22,19 @@ from tests.support.fake_upstream import FakeUpstream
 from tests.support.gateway import GatewayHarness, policy_doc
 
 
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, str]]:
-    folder = tmp_path_factory.mktemp("models")
-    return {
-        name: (folder / f"{name}.gguf", write_tiny_model(folder / f"{name}.gguf", seed=seed))
-        for name, seed in (("tiny", 0), ("tiny2", 1))
-    }
-
-
-def _local_doc(upstream: FakeUpstream, models: dict[str, tuple[Path, str]], **pins: str) -> dict[str, Any]:
+def _local_doc(
+    upstream: FakeUpstream,
+    models: dict[str, tuple[Path, str]],
+    slots: dict[str, int] | None = None,
+    **pins: str,
+) -> dict[str, Any]:
     doc = policy_doc(upstream.base_url)
     doc["models"] = {
         f"local/{name}": {"file": path.name, "sha256": pins.get(name, sha), "n_ctx": 512}
         for name, (path, sha) in models.items()
     }
+    for name, count in (slots or {}).items():
+        doc["models"][f"local/{name}"]["slots"] = count
     doc["organizations"]["stmarys"]["roles"]["radiology"]["models"].append("local/*")
     doc["pricing"]["local/tiny"] = {"input_per_mtok": 0.0, "output_per_mtok": 0.0}
     return doc
@@ -48,7 +46,7 @@ def _start(
     h = GatewayHarness(tmp_path)
     for path, _ in models.values():
         shutil.copy(path, h.home.models_dir / path.name)
-    h.import_policy(_local_doc(upstream, models, **kwargs.pop("pins", {})))
+    h.import_policy(_local_doc(upstream, models, kwargs.pop("slots", None), **kwargs.pop("pins", {})))
     h.start(**kwargs)
     return h
 
@@ -172,7 +170,7 @@ def test_queue_full_is_429_with_retry_after(
     big = tmp_path / "models" / "big.gguf"
     big.parent.mkdir()
     models = {**tiny_models, "big": (big, write_tiny_model(big, size="bench"))}
-    h = _start(tmp_path, upstream, models, local=LocalSettings(queue_size=1))
+    h = _start(tmp_path, upstream, models, local=LocalSettings(queue_size=1), slots={"big": 1})
     token = h.issue("radiology-bot")
     try:
         long = {"model": "local/big", "messages": [{"role": "user", "content": "x"}], "max_tokens": 400}

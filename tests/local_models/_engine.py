@@ -36,6 +36,7 @@ async def loaded(
     identity: tuple[int, ...] | None = None,
     **options: Any,
 ) -> AsyncIterator[LocalEngine]:
+    options.setdefault("slots", 1)  # one request at a time unless a test asks for more
     engine = LocalEngine(n_threads=1, **options)
     try:
         await engine.load(name, path, n_ctx, identity=identity)

@@ -29,6 +29,7 @@ class Spec:
     file: str
     sha256: str
     n_ctx: int = 2048
+    slots: int | None = None
 
 
 @pytest.fixture
@@ -268,6 +269,7 @@ def test_verify_all_and_listing(models_dir: Path, tmp_path: Path) -> None:
         "size_bytes": len(CONTENT),
         "sha256": DIGEST[:16] + "…",
         "n_ctx": 4096,
+        "slots": 4,
         "present": True,
     }
     assert rows["local/wrong"]["present"] is True
