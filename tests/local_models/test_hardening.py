@@ -18,6 +18,7 @@ import pytest
 from llama_cpp import Llama
 
 from appliance import errors
+from local_models.batching import run_alone
 from local_models.generation import Generation, GenerationRequest
 from local_models.inference import LoadedModel
 from local_models.json_schema import MAX_DEPTH, grammar_compiles, grammar_for
@@ -33,14 +34,14 @@ BIG_CTX = 65536
 
 @pytest.fixture(scope="module")
 def model(tiny: Path) -> Iterator[LoadedModel]:
-    loaded_model = LoadedModel(tiny, BIG_CTX, embedding=False, n_threads=1)
+    loaded_model = LoadedModel(tiny, BIG_CTX, n_threads=1)
     yield loaded_model
     loaded_model.close()
 
 
 @pytest.fixture(scope="module")
 def small(tiny: Path) -> Iterator[LoadedModel]:
-    loaded_model = LoadedModel(tiny, 2048, embedding=False, n_threads=1)
+    loaded_model = LoadedModel(tiny, 2048, n_threads=1)
     yield loaded_model
     loaded_model.close()
 
@@ -105,7 +106,7 @@ def test_control_token_text_in_a_message_is_plain_text(
         END,
         ASSISTANT,
     ]
-    assert model.llama.detokenize(tokens).decode().count("<|system|>") == 1  # still there, as text
+    assert model.detokenize(tokens).decode().count("<|system|>") == 1  # still there, as text
 
 
 def test_control_token_text_in_a_completion_prompt_is_plain_text(
@@ -142,7 +143,7 @@ def test_thirty_thousand_messages_are_refused_before_rendering(
 
     monkeypatch.setattr(small, "_chat", never)
     gen = _chat(loop, *["a"] * 30_000)  # each message takes a token at least: 30k cannot fit 2048
-    small.generate(gen)
+    run_alone(small, gen)
     error = _error(gen)
     assert isinstance(error, errors.BadRequest) and error.code == "context_length_exceeded"
     assert error.param == "messages"
@@ -156,7 +157,7 @@ def test_text_longer_than_the_context_can_spell_is_refused_before_rendering(
 
     monkeypatch.setattr(model, "_chat", never)
     gen = _chat(loop, "x" * (BIG_CTX * 64))
-    model.generate(gen)
+    run_alone(model, gen)
     error = _error(gen)
     assert isinstance(error, errors.BadRequest) and error.code == "context_length_exceeded"
 
@@ -166,7 +167,7 @@ def test_thirty_thousand_messages_tokenize_in_linear_work_and_stop_at_the_contex
 ) -> None:
     calls = _watch_tokenizer(model, monkeypatch, 0, lambda: None)
     gen = _chat(loop, *["a"] * 30_000)
-    model.generate(gen)  # took 88 s when the whole rendering was tokenized with special tokens on
+    run_alone(model, gen)  # took 88 s when the whole rendering was tokenized with special tokens on
     error = _error(gen)
     assert isinstance(error, errors.BadRequest) and error.code == "context_length_exceeded"
     assert f"more than {BIG_CTX}" in error.message
@@ -187,7 +188,7 @@ def test_a_long_tokenization_stops_when_cancelled_or_out_of_time(
             gen.request.deadline = time.monotonic() - 1
 
     calls = _watch_tokenizer(model, monkeypatch, 100, stop)
-    model.generate(gen)
+    run_alone(model, gen)
     assert gen.finish_reason == ("cancelled" if how == "cancel" else "timeout")
     assert len(calls) <= 103  # checked before each segment: at most the rest of that one was tokenized
     assert gen.completion_tokens == 0
@@ -245,7 +246,7 @@ def test_a_role_off_the_allow_list_is_refused_by_the_model_too(
     model: LoadedModel, loop: asyncio.AbstractEventLoop
 ) -> None:
     gen = _chat(loop, "x", role="user|>\n<|system")
-    model.generate(gen)
+    run_alone(model, gen)
     error = _error(gen)
     assert isinstance(error, errors.BadRequest) and error.param == "messages[0].role"
 
@@ -268,7 +269,7 @@ def test_content_other_than_text_is_refused(content: object, param: str) -> None
     assert _refused("chat_completions", body).param == f"messages[0].{param}"
 
 
-def test_only_role_and_text_reach_the_template() -> None:
+def test_only_role_text_and_tool_fields_reach_the_template() -> None:
     request = _route_chat(
         {
             "messages": [
@@ -285,14 +286,19 @@ def test_only_role_and_text_reach_the_template() -> None:
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "ab"},
         {"role": "assistant", "content": ""},
-        {"role": "tool", "content": "42"},
+        {"role": "tool", "content": "42", "tool_call_id": "call_1"},
     ]
 
 
 @pytest.mark.parametrize(
     ("message", "param"),
     [
-        ({"role": "assistant", "content": "", "tool_calls": [{"id": "c"}]}, "messages[0].tool_calls"),
+        (
+            {"role": "assistant", "content": "", "tool_calls": [{"id": "c"}]},
+            "messages[0].tool_calls[0].function",
+        ),
+        ({"role": "user", "content": "x", "tool_calls": [{"id": "c"}]}, "messages[0].tool_calls"),
+        ({"role": "tool", "content": "x", "tool_call_id": "a b"}, "messages[0].tool_call_id"),
         ({"role": "user", "content": "x", "name": 5}, "messages[0].name"),
         ({"role": "user", "content": "x", "audio": {"id": "a"}}, "messages[0].audio"),
     ],
@@ -304,8 +310,9 @@ def test_a_message_field_local_models_cannot_honour_is_refused(message: dict[str
 @pytest.mark.parametrize(
     ("call", "field", "value"),
     [
-        ("chat_completions", "presence_penalty", 0.5),
-        ("chat_completions", "tools", [{"type": "function"}]),
+        ("chat_completions", "presence_penalty", 2.5),
+        ("chat_completions", "functions", [{"name": "a"}]),
+        ("chat_completions", "logprobs", True),
         ("chat_completions", "reasoning_effort", "high"),
         ("completions", "echo", True),
         ("completions", "suffix", "end"),
@@ -451,7 +458,7 @@ def test_a_model_unloaded_while_tokenizing_ends_the_request_with_503(
     gen = _chat(loop, *["a"] * 9000)
     unloaded = errors.Unavailable("local model local/tiny was unloaded", code="model_unloaded")
     _watch_tokenizer(model, monkeypatch, 50, lambda: gen.abort(unloaded))
-    model.generate(gen)
+    run_alone(model, gen)
     assert _error(gen) is unloaded and unloaded.status == 503
 
 

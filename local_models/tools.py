@@ -1,0 +1,625 @@
+"""Tool calling on local models: OpenAI ``tools`` in, ``<tool_call>`` blocks written by the model, OpenAI
+tool calls out.
+
+A local model calls a tool by writing text. Its chat template lists the tools (the template renders
+``tools`` itself, usually with ``tojson``) and the model answers with one block per call, in the syntax of
+Hermes 2 Pro, Qwen 2.5 and most local tool models::
+
+    <tool_call>
+    {"name": "<function>", "arguments": {...}}
+    </tool_call>
+
+=============================  =====================  ======================================================
+OpenAI ``tool_choice``         the template is given  grammar (GBNF, from the tools' parameter schemas)
+=============================  =====================  ======================================================
+``none``                       no tools               none: free text
+``auto`` (the default)         the tools              lazy: free text until ``<tool_call>``, then calls only
+``required``                   the tools              from the first token: one or more calls
+``{"type": "function", ...}``  the tools              from the first token: calls of that function
+=============================  =====================  ======================================================
+
+``parallel_tool_calls: false`` lets the grammar end after one call. ``ToolCallParser`` turns the model's
+text back into content and OpenAI tool-call deltas as it streams.
+
+Owns: reading ``tools``, ``tool_choice`` and ``parallel_tool_calls`` (``plan_tools``: at most
+``MAX_TOOLS`` functions, names ``^[A-Za-z0-9_-]{1,64}$`` and unique, ``MAX_TOOLS_CHARS`` of definitions,
+each ``parameters`` schema checked and converted by ``json_schema``); the tool calls of assistant messages
+in the history (``history_calls``); the call syntax and its grammar; the streaming parser; and whether a
+chat template speaks this syntax (``template_supports_tools``).
+
+Must never: build a grammar from a schema ``json_schema`` has not checked; let one tool's grammar rules
+stand in for another's (each tool's rules are renamed apart); let a call name a function that was not
+offered (the grammar lists only those); or hold back more than a call's head and closing suffix, so a
+stream shows arguments as they are written. Tool text rendered by the template is caller text: the
+worker refuses any that spells a control token (``prompt.chat_prompt``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from llama_cpp.llama_grammar import DOT, PRIMITIVE_RULES, SPACE_RULE, STRING_FORMAT_RULES
+
+from appliance import errors
+from local_models.json_schema import MAX_GRAMMAR_CHARS, grammar_compiles
+from local_models.json_schema import _repair as repair_builtins
+from local_models.json_schema import _schema_grammar as schema_grammar
+
+CALL_OPEN = "<tool_call>"
+CALL_CLOSE = "</tool_call>"
+MAX_TOOLS = 128
+"""Most functions one request may offer."""
+MAX_TOOLS_CHARS = 256 * 1024
+"""Longest ``tools`` list accepted, as JSON: it is rendered into every prompt of the request."""
+MAX_TOOLS_GRAMMAR_CHARS = 4 * MAX_GRAMMAR_CHARS
+"""Longest grammar of all the offered tools together (each tool's own is held to ``MAX_GRAMMAR_CHARS``)."""
+MAX_HISTORY_CALLS = 128
+"""Most tool calls one assistant message of the history may carry."""
+MAX_ARGUMENT_DEPTH = 64
+"""Deepest nesting of a history call's arguments (the worker walks them to screen every string)."""
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+CALL_ID = re.compile(r"[A-Za-z0-9_.:-]{1,256}")
+
+_CHOICES = ("none", "auto", "required")
+_TOOL_FIELDS = frozenset({"type", "function"})
+_FUNCTION_FIELDS = frozenset({"name", "description", "parameters", "strict"})
+
+
+def _bad(message: str, param: str, code: str = "invalid_tools") -> errors.BadRequest:
+    return errors.BadRequest(message, code=code, param=param)
+
+
+# ---- what the request asks for -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    """What a chat request's tool fields mean for one generation."""
+
+    offered: list[dict[str, Any]] | None
+    """The validated definitions the template lists (``GenerationRequest.tools``); None: no tools."""
+    grammar: str | None
+    """GBNF whose root starts with ``CALL_OPEN``; None when no tools are offered."""
+    triggers: list[str]
+    """Non-empty (``[CALL_OPEN]``): the grammar is lazy, applied from the first trigger on."""
+    calls_only: bool
+    """The answer is tool calls only (``required`` or a named function)."""
+
+
+NO_TOOLS = ToolPlan(offered=None, grammar=None, triggers=[], calls_only=False)
+
+
+def plan_tools(tools: object, tool_choice: object, parallel_tool_calls: object) -> ToolPlan:
+    """The plan for a chat request's ``tools``, ``tool_choice`` and ``parallel_tool_calls``; ``BadRequest``
+    naming the field otherwise. Converts every offered schema: run it off the event loop."""
+    if parallel_tool_calls is not None and not isinstance(parallel_tool_calls, bool):
+        raise _bad("'parallel_tool_calls' must be true or false", "parallel_tool_calls")
+    definitions = read_tools(tools)
+    choice = _read_choice(tool_choice, definitions)
+    if choice == "none" or not definitions:
+        return NO_TOOLS
+    if choice in ("auto", "required"):
+        called = definitions
+    else:
+        called = [d for d in definitions if d["function"]["name"] == choice]
+    grammar = _calls_grammar(called, definitions, parallel=parallel_tool_calls is not False)
+    lazy = choice == "auto"
+    return ToolPlan(
+        offered=definitions, grammar=grammar, triggers=[CALL_OPEN] if lazy else [], calls_only=not lazy
+    )
+
+
+def read_tools(tools: object) -> list[dict[str, Any]]:
+    """OpenAI function tools, as the template gets them: ``{"type": "function", "function": {"name",
+    "description"?, "parameters"}}`` (``strict`` is dropped: the grammar is always strict)."""
+    if tools is None:
+        return []
+    if not isinstance(tools, list):
+        raise _bad("'tools' must be a list of function tools", "tools")
+    if len(tools) > MAX_TOOLS:
+        raise _bad(f"'tools' lists {len(tools)} tools; local models take at most {MAX_TOOLS}", "tools")
+    definitions: list[dict[str, Any]] = []
+    names: set[str] = set()
+    for i, tool in enumerate(tools):
+        where = f"tools[{i}]"
+        if not isinstance(tool, Mapping):
+            raise _bad(f"'{where}' must be an object", where)
+        if tool.get("type") != "function":
+            raise _bad(
+                f"'{where}.type' must be 'function': local models call functions only", f"{where}.type"
+            )
+        _only(tool, _TOOL_FIELDS, where)
+        function = tool.get("function")
+        if not isinstance(function, Mapping):
+            raise _bad(f"'{where}.function' must be an object with a name", f"{where}.function")
+        _only(function, _FUNCTION_FIELDS, f"{where}.function")
+        name = function.get("name")
+        if not isinstance(name, str) or TOOL_NAME.fullmatch(name) is None:
+            raise _bad(
+                f"'{where}.function.name' must be 1-64 letters, digits, '_' or '-'", f"{where}.function.name"
+            )
+        if name in names:
+            raise _bad(f"'{where}.function.name' repeats the name {name!r}", f"{where}.function.name")
+        names.add(name)
+        entry: dict[str, Any] = {"name": name}
+        description = function.get("description")
+        if description is not None:
+            if not isinstance(description, str):
+                raise _bad(
+                    f"'{where}.function.description' must be a string", f"{where}.function.description"
+                )
+            entry["description"] = description
+        strict = function.get("strict")
+        if strict is not None and not isinstance(strict, bool):
+            raise _bad(f"'{where}.function.strict' must be true or false", f"{where}.function.strict")
+        parameters = function.get("parameters")
+        if parameters is None:
+            parameters = {"type": "object", "properties": {}}
+        elif not isinstance(parameters, Mapping) or parameters.get("type", "object") != "object":
+            raise _bad(
+                f"'{where}.function.parameters' must be a JSON Schema of type 'object'",
+                f"{where}.function.parameters",
+            )
+        entry["parameters"] = parameters
+        definitions.append({"type": "function", "function": entry})
+    try:
+        size = len(json.dumps(definitions, ensure_ascii=False, allow_nan=False).encode("utf-8"))
+    except (ValueError, UnicodeEncodeError):
+        raise _bad(
+            "'tools' must be plain JSON text: no lone surrogates, no NaN or Infinity", "tools"
+        ) from None
+    if size > MAX_TOOLS_CHARS:
+        raise _bad(f"'tools' is {size} bytes as JSON; local models take at most {MAX_TOOLS_CHARS}", "tools")
+    return definitions
+
+
+def _only(obj: Mapping[Any, Any], allowed: frozenset[str], where: str) -> None:
+    for key, value in obj.items():
+        if key not in allowed and value is not None:
+            shown = str(key) if TOOL_NAME.fullmatch(str(key)) else "?"
+            raise _bad(f"'{where}.{shown}' is not a field local models take", f"{where}.{shown}")
+
+
+def _read_choice(choice: object, definitions: list[dict[str, Any]]) -> str:
+    """``none``, ``auto``, ``required`` or the name of the one function to call."""
+    if choice is None:
+        return "auto" if definitions else "none"
+    if isinstance(choice, str):
+        if choice not in _CHOICES:
+            raise _bad("'tool_choice' must be 'none', 'auto', 'required' or a function", "tool_choice")
+        if choice == "required" and not definitions:
+            raise _bad("'tool_choice' is 'required' but no 'tools' are given", "tool_choice")
+        return choice
+    if not isinstance(choice, Mapping) or choice.get("type") != "function":
+        raise _bad(
+            "'tool_choice' must be 'none', 'auto', 'required' or {\"type\": \"function\", \"function\": "
+            '{"name": ...}} (local models take no other kind)',
+            "tool_choice",
+        )
+    function = choice.get("function")
+    name = function.get("name") if isinstance(function, Mapping) else None
+    known = {d["function"]["name"] for d in definitions}
+    if not isinstance(name, str) or name not in known:
+        raise _bad("'tool_choice.function.name' must name one of the 'tools'", "tool_choice.function.name")
+    return name
+
+
+# ---- the grammar ----------------------------------------------------------------------------------------
+
+_BUILTIN: dict[str, str] = {
+    name: repair_builtins(f"{name} ::= {body}").split(" ::= ", 1)[1]
+    for name, body in {
+        "space": SPACE_RULE,
+        "dot": DOT,
+        **{name: rule.content for name, rule in PRIMITIVE_RULES.items()},
+        **{name: rule.content for name, rule in STRING_FORMAT_RULES.items()},
+    }.items()
+}
+"""The converter's shared rules, by name, as json_schema writes them (strict JSON strings). A tool's rule
+with one of these names and bodies is shared by every tool; any other rule is renamed apart."""
+_RULE_LINE = re.compile(r"([A-Za-z0-9-]+) ::= (.*)")
+_GBNF_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|\[(?:[^\]\\]|\\.)*\]|\{[^}]*\}|([A-Za-z0-9-]+)|.', re.DOTALL)
+"""One token of a rule body: a literal, a character class, a repetition count, a rule name, or any other
+character. Only rule names (group 1) are ever rewritten."""
+
+
+def _calls_grammar(called: list[dict[str, Any]], offered: list[dict[str, Any]], *, parallel: bool) -> str:
+    """GBNF for one call (or, ``parallel``, several separated by a newline) of the ``called`` functions,
+    each ``{"name": "<name>", "arguments": <its parameters schema>}`` inside ``CALL_OPEN``/``CALL_CLOSE``."""
+    rules: dict[str, str] = {}
+    alternatives = []
+    index = {d["function"]["name"]: i for i, d in enumerate(offered)}
+    for definition in called:
+        function = definition["function"]
+        i = index[function["name"]]
+        where = f"tools[{i}].function.parameters"
+        try:
+            gbnf = schema_grammar(function["parameters"], where)
+        except errors.BadRequest as exc:
+            raise _bad(exc.message, where) from None
+        arguments = _merge_apart(gbnf, f"tool{i}-", rules)
+        rules[f"call-{i}"] = (
+            _literal(f'{{"name": "{function["name"]}", "arguments": ') + f" {arguments} " + _literal("}")
+        )
+        alternatives.append(f"call-{i}")
+    rules["call"] = f"{_OPEN_RULE} ( {' | '.join(alternatives)} ) {_CLOSE_RULE}"
+    rules["root"] = f"call ( {_SEPARATOR_RULE} call )*" if parallel else "call"
+    grammar = "\n".join(f"{name} ::= {body}" for name, body in sorted(rules.items()))
+    if len(grammar) > MAX_TOOLS_GRAMMAR_CHARS:
+        limit = MAX_TOOLS_GRAMMAR_CHARS
+        raise _bad(f"'tools': the grammar of these tools exceeds {limit} characters", "tools")
+    if not grammar_compiles(grammar):  # each part compiled on its own: this would be a bug here
+        raise _bad("'tools': llama.cpp cannot parse the grammar made from these tools", "tools")
+    return grammar
+
+
+def _merge_apart(gbnf: str, prefix: str, into: dict[str, str]) -> str:
+    """Add the rules of one schema grammar to ``into``, every rule that is not a shared builtin renamed
+    with ``prefix``; returns the new name of its root."""
+    own: dict[str, str] = {}
+    for line in gbnf.split("\n"):
+        match = _RULE_LINE.fullmatch(line)
+        if match is None:
+            raise _bad("'tools': a schema grammar line could not be read", "tools")
+        own[match.group(1)] = match.group(2)
+    renamed = {name: name if _BUILTIN.get(name) == body else prefix + name for name, body in own.items()}
+
+    def rename(match: re.Match[str]) -> str:
+        word = match.group(1)
+        return renamed.get(word, word) if word is not None else match.group(0)
+
+    for name, body in own.items():
+        new = renamed[name]
+        text = _GBNF_TOKEN.sub(rename, body)
+        if into.setdefault(new, text) != text:
+            raise _bad("'tools': two tools' grammars disagree on a shared rule", "tools")
+    return renamed["root"]
+
+
+def _literal(text: str) -> str:
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
+
+
+_OPEN_RULE = _literal(CALL_OPEN + "\n")
+_CLOSE_RULE = _literal("\n" + CALL_CLOSE)
+_SEPARATOR_RULE = _literal("\n")
+
+
+# ---- calls in the history -------------------------------------------------------------------------------
+
+
+def history_calls(value: object, where: str) -> list[dict[str, Any]]:
+    """An assistant message's ``tool_calls``, as templates take them: ``{"id"?, "type": "function",
+    "function": {"name", "arguments": <the JSON object the arguments string holds>}}``."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise _bad(f"'{where}' must be a list of tool calls", where)
+    if len(value) > MAX_HISTORY_CALLS:
+        raise _bad(f"'{where}' holds more than {MAX_HISTORY_CALLS} calls", where)
+    calls = []
+    for j, call in enumerate(value):
+        at = f"{where}[{j}]"
+        if not isinstance(call, Mapping):
+            raise _bad(f"'{at}' must be an object", at)
+        if call.get("type", "function") != "function":
+            raise _bad(f"'{at}.type' must be 'function'", f"{at}.type")
+        _only(call, frozenset({"id", "type", "function"}), at)
+        function = call.get("function")
+        if not isinstance(function, Mapping):
+            raise _bad(f"'{at}.function' must be an object with a name and arguments", f"{at}.function")
+        _only(function, frozenset({"name", "arguments"}), f"{at}.function")
+        name = function.get("name")
+        if not isinstance(name, str) or TOOL_NAME.fullmatch(name) is None:
+            raise _bad(
+                f"'{at}.function.name' must be 1-64 letters, digits, '_' or '-'", f"{at}.function.name"
+            )
+        entry: dict[str, Any] = {"type": "function", "function": {"name": name}}
+        ident = call.get("id")
+        if ident is not None:
+            if not isinstance(ident, str) or CALL_ID.fullmatch(ident) is None:
+                raise _bad(f"'{at}.id' must be 1-256 letters, digits or '_.:-'", f"{at}.id")
+            entry["id"] = ident
+        entry["function"]["arguments"] = _arguments(function.get("arguments"), f"{at}.function.arguments")
+        calls.append(entry)
+    return calls
+
+
+def _arguments(text: object, where: str) -> dict[str, Any]:
+    if not isinstance(text, str):
+        raise _bad(f"'{where}' must be a string of JSON (an object)", where)
+    try:
+        value = json.loads(text, parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        raise _bad(f"'{where}' is not JSON", where) from None
+    if not isinstance(value, dict):
+        raise _bad(f"'{where}' must be a JSON object", where)
+    if _depth(value) > MAX_ARGUMENT_DEPTH:
+        raise _bad(f"'{where}' nests deeper than {MAX_ARGUMENT_DEPTH} levels", where)
+    return value
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _depth(value: object) -> int:
+    deepest, level = 0, [(value, 1)]
+    while level:
+        node, depth = level.pop()
+        deepest = max(deepest, depth)
+        if isinstance(node, dict):
+            level += [(child, depth + 1) for child in node.values()]
+        elif isinstance(node, list):
+            level += [(child, depth + 1) for child in node]
+    return deepest
+
+
+def wire_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``history_calls`` back in OpenAI's shape (arguments as a JSON string)."""
+    return [
+        {**call, "function": {**call["function"], "arguments": json.dumps(call["function"]["arguments"])}}
+        for call in calls
+    ]
+
+
+# ---- which templates speak this syntax ------------------------------------------------------------------
+
+_USES_TOOLS = re.compile(r"\{[{%][^}]*\btools\b")
+
+
+def template_supports_tools(template: str | None) -> bool:
+    """Whether a chat template lists ``tools`` and asks for ``<tool_call>`` blocks (Hermes 2 Pro, Qwen 2.5,
+    and the tiny model's). Any other template (Llama 3.1's JSON calls, Mistral's ``[TOOL_CALLS]``) would
+    be asked for a syntax it does not teach: requests with tools are refused on such models."""
+    if not template:
+        return False
+    return CALL_OPEN in template and _USES_TOOLS.search(template) is not None
+
+
+# ---- the model's text back into calls ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ContentText:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class CallStarted:
+    index: int
+    id: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class CallArguments:
+    index: int
+    text: str
+
+
+Event = ContentText | CallStarted | CallArguments
+_State = Literal["text", "head", "arguments", "tail"]
+_WS = " \t\n\r"
+_HELD_SPACE = 256
+"""Most trailing whitespace held back as a possible separator before a call; past it, it is content."""
+_HEAD_LIMIT = 512
+"""Longest call head (``{"name": "...", "arguments": ``) or closing suffix read before giving up."""
+_HEAD = ("{", '"name"', ":", None, ",", '"arguments"', ":")
+_NAME_STRING = re.compile(r'"([A-Za-z0-9_-]{1,64})"')
+_NAME_PREFIX = re.compile(r'"[A-Za-z0-9_-]{0,64}\Z')
+
+
+class ToolCallParser:
+    """Text pieces in, content and tool-call events out, whatever the pieces' boundaries.
+
+    Text outside calls is content, less the whitespace just before a call (a separator). A call's first
+    event (``CallStarted``) comes once its head (``{"name": "<name>", "arguments":``) is read whole; its
+    arguments follow as they arrive, up to the
+    brace that closes them; the closing ``}`` and ``CALL_CLOSE`` are never shown. Text that breaks the
+    syntax (only possible when generation was cut, by ``stop`` say) is content from there on. At
+    ``finish`` a call cut before its head was complete is dropped; one cut in its arguments keeps the
+    arguments written so far."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        """Calls started so far."""
+        self._state: _State = "text"
+        self._buffer = ""
+        self._depth = 0
+        self._in_string = False
+        self._escaped = False
+        self._begun = False  # the arguments' first character has been read
+
+    @property
+    def inside_call(self) -> bool:
+        """A call is open: its head or arguments are not complete."""
+        return self._state in ("head", "arguments")
+
+    def feed(self, text: str) -> list[Event]:
+        events: list[Event] = []
+        self._buffer += text
+        while self._step(events):
+            pass
+        return _merged(events)
+
+    def finish(self) -> list[Event]:
+        """What was held back at the end: whitespace and a partial ``CALL_OPEN`` are content before any
+        call, and after one only the start of another call's separator (dropped)."""
+        events: list[Event] = []
+        if self._state == "text" and self._buffer and not self.calls:
+            events.append(ContentText(self._buffer))
+        self._buffer = ""
+        return events
+
+    def _step(self, out: list[Event]) -> bool:
+        """Consume what the buffer allows in the current state; True if the state changed."""
+        if self._state == "text":
+            return self._text(out)
+        if self._state == "head":
+            return self._head(out)
+        if self._state == "arguments":
+            return self._arguments(out)
+        return self._tail(out)
+
+    def _text(self, out: list[Event]) -> bool:
+        buffer = self._buffer
+        at = buffer.find(CALL_OPEN)
+        if at >= 0:
+            before = buffer[:at].rstrip(_WS)
+            if before:
+                out.append(ContentText(before))
+            self._buffer = buffer[at + len(CALL_OPEN) :]
+            self._state = "head"
+            return True
+        keep = len(buffer) - _partial_suffix(buffer, CALL_OPEN)
+        floor = max(0, keep - _HELD_SPACE)
+        while keep > floor and buffer[keep - 1] in _WS:
+            keep -= 1
+        if keep:
+            out.append(ContentText(buffer[:keep]))
+            self._buffer = buffer[keep:]
+        return False
+
+    def _head(self, out: list[Event]) -> bool:
+        status, name, end = _read_head(self._buffer)
+        if status == "partial" and len(self._buffer) <= _HEAD_LIMIT:
+            return False
+        if status != "done":
+            out.append(ContentText(CALL_OPEN))
+            self._state = "text"
+            return True
+        out.append(CallStarted(self.calls, "call_" + secrets.token_hex(12), name))
+        self.calls += 1
+        self._buffer = self._buffer[end:]
+        self._state = "arguments"
+        self._depth, self._in_string, self._escaped, self._begun = 0, False, False, False
+        return True
+
+    def _arguments(self, out: list[Event]) -> bool:
+        buffer, i = self._buffer, 0
+        if not self._begun:
+            while i < len(buffer) and buffer[i] in _WS:
+                i += 1
+            if i == len(buffer):
+                self._buffer = ""
+                return False
+            if buffer[i] not in "{[":
+                self._buffer = buffer[i:]
+                self._state = "text"
+                return True
+            self._begun = True
+        start, end = i, None
+        depth, in_string, escaped = self._depth, self._in_string, self._escaped
+        while i < len(buffer):
+            c = buffer[i]
+            i += 1
+            if in_string:
+                if escaped:
+                    escaped = False
+                elif c == "\\":
+                    escaped = True
+                elif c == '"':
+                    in_string = False
+            elif c == '"':
+                in_string = True
+            elif c in "{[":
+                depth += 1
+            elif c in "}]":
+                depth -= 1
+                if depth == 0:
+                    end = i
+                    break
+        self._depth, self._in_string, self._escaped = depth, in_string, escaped
+        stop = len(buffer) if end is None else end
+        if stop > start:
+            out.append(CallArguments(self.calls - 1, buffer[start:stop]))
+        self._buffer = buffer[stop:]
+        if end is None:
+            return False
+        self._state = "tail"
+        return True
+
+    def _tail(self, out: list[Event]) -> bool:
+        buffer, i = self._buffer, 0
+        for part in ("}", CALL_CLOSE):
+            while i < len(buffer) and buffer[i] in _WS:
+                i += 1
+            rest = buffer[i:]
+            if rest.startswith(part):
+                i += len(part)
+                continue
+            if part.startswith(rest) and len(buffer) <= _HEAD_LIMIT:
+                return False
+            self._state = "text"  # not the closing suffix: what follows is content
+            return True
+        self._buffer = buffer[i:]
+        self._state = "text"
+        return True
+
+
+def _read_head(buffer: str) -> tuple[Literal["partial", "done", "bad"], str, int]:
+    """Read ``{"name": "<name>", "arguments":`` (JSON whitespace between tokens) from the start."""
+    i, name = 0, ""
+    for part in _HEAD:
+        while i < len(buffer) and buffer[i] in _WS:
+            i += 1
+        if i == len(buffer):
+            return "partial", "", 0
+        if part is None:
+            match = _NAME_STRING.match(buffer, i)
+            if match is not None:
+                name, i = match.group(1), match.end()
+                continue
+            return ("partial" if _NAME_PREFIX.match(buffer, i) else "bad"), "", 0
+        if buffer.startswith(part, i):
+            i += len(part)
+            continue
+        return ("partial" if part.startswith(buffer[i:]) else "bad"), "", 0
+    return "done", name, i
+
+
+def _partial_suffix(text: str, word: str) -> int:
+    """Length of the longest end of ``text`` that is a proper beginning of ``word``."""
+    for size in range(min(len(word) - 1, len(text)), 0, -1):
+        if word.startswith(text[-size:]):
+            return size
+    return 0
+
+
+def _merged(events: list[Event]) -> list[Event]:
+    """Neighbouring content, or neighbouring arguments of one call, as one event."""
+    merged: list[Event] = []
+    for event in events:
+        last = merged[-1] if merged else None
+        if isinstance(event, ContentText) and isinstance(last, ContentText):
+            merged[-1] = ContentText(last.text + event.text)
+        elif (
+            isinstance(event, CallArguments) and isinstance(last, CallArguments) and last.index == event.index
+        ):
+            merged[-1] = CallArguments(event.index, last.text + event.text)
+        else:
+            merged.append(event)
+    return merged
+
+
+def assemble(events: list[Event]) -> tuple[str, list[dict[str, Any]]]:
+    """The content and the OpenAI ``tool_calls`` (arguments as a JSON string) that ``events`` spell."""
+    content: list[str] = []
+    calls: list[dict[str, Any]] = []
+    for event in events:
+        if isinstance(event, ContentText):
+            content.append(event.text)
+        elif isinstance(event, CallStarted):
+            calls.append(
+                {"id": event.id, "type": "function", "function": {"name": event.name, "arguments": ""}}
+            )
+        else:
+            calls[event.index]["function"]["arguments"] += event.text
+    return "".join(content), calls
