@@ -361,16 +361,16 @@ def staged_llama_server(binary: Path, into: Path) -> Path:
 
 
 def llama_server_args(binary: Path, model: Path, port: int, shape: Shape) -> list[str]:
-    """Our engine's shape in llama-server's words: one unified KV cache of slots x ctx tokens with each
-    sequence capped at ctx, the same batch (512) and threads for prompt and generation."""
+    """Our engine's shape in llama-server's words: slots x ctx cells of KV cache, a stream of ctx cells
+    per sequence (not unified), the same batch (512) and threads for prompt and generation."""
     help_text = subprocess.run(
         [str(binary), "--help"], capture_output=True, text=True, timeout=30, check=False
     ).stdout
     args = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port)]
     args += ["-t", str(shape.threads), "-tb", str(shape.threads), "-np", str(shape.slots)]
-    args += ["-c", str(shape.slots * shape.ctx), "-b", "512", "-ub", "512", "--kv-unified"]
-    if "--kv-unified-per-slot" in help_text:
-        args += ["--kv-unified-per-slot", str(shape.ctx)]
+    args += ["-c", str(shape.slots * shape.ctx), "-b", "512", "-ub", "512"]
+    if "--no-kv-unified" in help_text:
+        args.append("--no-kv-unified")
     if "--no-webui" in help_text:
         args.append("--no-webui")
     if "--fit " in help_text or "-fit," in help_text:

@@ -9,8 +9,9 @@ text handed to the request's ``Generation``. A sequence whose consumer has falle
 the batch until it catches up; one cancelled leaves at the next step and its cells are freed at once; one
 that ends normally keeps its cells for the next prompt that starts the same way.
 
-The cache is bounded by construction: each slot holds at most ``n_ctx`` tokens and the context has exactly
-``slots x n_ctx`` cells; it belongs to one model instance (one pin), never to another.
+The cache is bounded by construction: each slot has its own stream of ``n_ctx`` cells (``slots x n_ctx``
+in all); it belongs to one model instance (one pin), never to another, and a prefix is reused only within
+one ``cache_scope``.
 
 Must never: be used from any thread but the model's worker; hand a sequence another sequence's cells
 beyond the prefix they share; or let one request's error end another's stream.
@@ -78,6 +79,15 @@ class BatchRunner:
         """Prompt tokens taken from the cache instead of evaluated, since the runner started."""
         self.decode_calls = 0
 
+    def fail_all(self, error: errors.GatewayError) -> None:
+        """End every running request with ``error`` and empty the cache (after an unexpected failure,
+        what the cells hold is not known)."""
+        for slot in self._slots:
+            if slot.gen is not None:
+                self._end(slot, None, error)
+            slot.cached = []
+        llama_cpp.llama_memory_clear(self.model.memory, True)
+
     def close(self, error: errors.GatewayError | None = None) -> None:
         """End every running request (cancelled, or ``error``) and free the batch."""
         for slot in self._slots:
@@ -122,6 +132,14 @@ class BatchRunner:
             gen.finish("cancelled" if gen.cancelled else "timeout")
             return False
         gen.prompt_tokens = len(prompt)
+        if not prompt or any(not 0 <= token < model.n_vocab for token in prompt):
+            # A template that renders nothing, or a vocabulary without the token it asked for (no bos):
+            # never decoded, as it would fail the whole batch it joined.
+            raise errors.BadRequest(
+                "the prompt renders to no tokens this model can read",
+                code="empty_prompt",
+                param="messages" if gen.request.kind == "chat" else "prompt",
+            )
         room = model.n_ctx - len(prompt)
         if room <= 0:
             size = len(prompt) if len(prompt) <= model.n_ctx else f"more than {model.n_ctx}"  # cut short
@@ -160,9 +178,12 @@ class BatchRunner:
         for other in self._slots:
             if other is not chosen and (k := keep_of(other)) > keep:
                 donor, keep = other, k
-        if donor is not None:  # another slot holds more of it: share those cells (no copy, no compute)
+        if donor is not None:  # another slot holds more of it: copy its stream (no compute), keep the prefix
             llama_cpp.llama_memory_seq_rm(memory, chosen.seq_id, -1, -1)
-            llama_cpp.llama_memory_seq_cp(memory, donor.seq_id, chosen.seq_id, 0, keep)
+            # Each sequence has its own stream: llama.cpp copies whole streams only (a partial range
+            # aborts the process), so the copy is cut back to the shared prefix after.
+            llama_cpp.llama_memory_seq_cp(memory, donor.seq_id, chosen.seq_id, -1, -1)
+            llama_cpp.llama_memory_seq_rm(memory, chosen.seq_id, keep, -1)
         elif keep == 0 or not llama_cpp.llama_memory_seq_rm(memory, chosen.seq_id, keep, -1):
             llama_cpp.llama_memory_seq_rm(memory, chosen.seq_id, -1, -1)
             keep = 0
@@ -182,6 +203,15 @@ class BatchRunner:
                 continue
             if gen.cancelled:
                 self._end(slot, "cancelled", drop_cells=True)
+            elif gen.expired() and slot.produced == 0:  # no answer was started: an error, not an answer
+                self._end(
+                    slot,
+                    None,
+                    errors.UpstreamTimeout(
+                        "the request reached its deadline before the local model wrote its first token",
+                        code="local_timeout",
+                    ),
+                )
             elif gen.expired():
                 self._end(slot, "timeout")
         outputs, advance = self._fill()

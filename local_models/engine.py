@@ -1,14 +1,13 @@
 """The in-process llama.cpp engine: which local models are loaded, and the way requests reach them.
 
-Owns: ``LocalEngine`` — loading and unloading models (a ``ModelWorker`` thread per model instance: one
-for generation with ``slots`` sequences decoded together, and a second, embedding-mode instance started
-on the first embeddings request), the memory
-budget across loaded instances (estimated by file size; the least recently used idle model is unloaded to
-make room), the idle unload check, per-request deadlines while queued (a timer per request, cancelled
-when the request ends so that no finished request is kept alive by it), and the ``status`` for
-``/health``. The embedding instance is loaded only from the very file the generation instance was loaded
-from (same ``file_identity``).
-The gateway codes against ``GenerationRequest``, ``Generation`` and this class only.
+Owns: ``LocalEngine`` — loading and unloading models (a ``ModelWorker`` thread per model instance: one for
+generation with ``slots`` sequences decoded together, and a second, embedding-mode instance started on the
+first embeddings request), the memory budget across loaded instances (the file size plus the KV cache of its
+slots; the least recently used idle model is unloaded to make room), the idle unload check, per-request
+deadlines while queued (a timer per request, cancelled when the request ends so that no finished request is
+kept alive by it), and the ``status`` for ``/health``. The embedding instance is loaded only from the very
+file the generation instance was loaded from (same ``file_identity``). The gateway codes against
+``GenerationRequest``, ``Generation`` and this class only.
 
 Must never: touch a llama.cpp object itself (workers own them), block the event loop (loading, inference
 and freeing happen on the workers' threads), unload a model that has a request running or queued to make
@@ -27,7 +26,7 @@ from typing import Any
 
 from appliance import errors
 from local_models.generation import Generation, GenerationRequest
-from local_models.registry import default_slots
+from local_models.registry import default_slots, kv_bytes_per_token
 from local_models.worker import EmbeddingJob, ModelWorker
 
 __all__ = ["Generation", "GenerationRequest", "LocalEngine"]
@@ -106,7 +105,8 @@ class LocalEngine:
                 raise errors.Unavailable("the local engine is shut down", code="model_not_loaded")
             entry = self._models.get(model)
             if entry is None:
-                size = self._file_size(model, path)
+                slots = slots or self.slots or default_slots(n_ctx)
+                size = await self._footprint(model, path, n_ctx * slots)
                 await self._make_room(size, keep=model)
                 worker = self._worker(
                     model,
@@ -115,7 +115,8 @@ class LocalEngine:
                     embedding=False,
                     loop=loop,
                     expect_identity=identity or None,
-                    slots=slots or self.slots or default_slots(n_ctx),
+                    slots=slots,
+                    size_bytes=size,
                 )
                 entry = self._models[model] = _Model(model, path, n_ctx, worker)
                 worker.start()
@@ -173,13 +174,15 @@ class LocalEngine:
                 entry = self._entry(model)
                 worker = entry.embedder
                 if worker is None:
-                    await self._make_room(self._file_size(model, entry.path), keep=model)
+                    size = await self._footprint(model, entry.path, entry.n_ctx)
+                    await self._make_room(size, keep=model)
                     worker = entry.embedder = self._worker(
                         model,
                         entry.path,
                         entry.n_ctx,
                         embedding=True,
                         loop=loop,
+                        size_bytes=size,
                         expect_identity=entry.generator.identity,
                     )
                     worker.start()
@@ -236,6 +239,7 @@ class LocalEngine:
         loop: asyncio.AbstractEventLoop,
         expect_identity: tuple[int, ...] | None = None,
         slots: int = 1,
+        size_bytes: int = 0,
     ) -> ModelWorker:
         return ModelWorker(
             name=model,
@@ -247,16 +251,23 @@ class LocalEngine:
             loop=loop,
             expect_identity=expect_identity,
             slots=slots,
+            size_bytes=size_bytes,
         )
 
     @staticmethod
-    def _file_size(model: str, path: Path) -> int:
-        try:
-            return path.stat().st_size
-        except OSError as exc:
-            raise errors.Unavailable(
-                f"local model {model}: its file cannot be read", code="model_load_failed"
-            ) from exc
+    async def _footprint(model: str, path: Path, cache_tokens: int) -> int:
+        """Estimated memory of an instance: the weights (the file) and its KV cache of ``cache_tokens``."""
+
+        def measure() -> int:
+            try:
+                weights = path.stat().st_size
+            except OSError as exc:
+                raise errors.Unavailable(
+                    f"local model {model}: its file cannot be read", code="model_load_failed"
+                ) from exc
+            return weights + cache_tokens * kv_bytes_per_token(path)
+
+        return await asyncio.to_thread(measure)
 
     async def _await_ready(self, model: str, entry: _Model, worker: ModelWorker) -> None:
         try:

@@ -1,10 +1,10 @@
 """One generation model in llama.cpp: the weights, one context with N sequence slots, prompts and samplers.
 
 Owns: ``LoadedModel`` — loading the GGUF (through the low-level API: ``Llama`` cannot make a context with
-several sequences), one context whose unified KV cache holds ``slots`` sequences of up to ``n_ctx`` tokens
-each, the model's chat template (``tokenizer.chat_template`` from the GGUF metadata), prompts as token ids
-(through ``prompt``: caller text never becomes a control token), a sampler chain per request (logit bias,
-penalties, grammar or lazy grammar, top-k/top-p/min-p, temperature, seed) and token pieces. The decode
+several sequences), one context whose KV cache holds ``slots`` sequences of up to ``n_ctx`` tokens each (a
+stream of cells per sequence), the model's chat template (``tokenizer.chat_template`` in the GGUF), prompts as
+token ids (through ``prompt``: caller text never becomes a control token), a sampler chain per request (logit
+bias, penalties, grammar or lazy grammar, top-k/top-p/min-p, temperature, seed) and token pieces. The decode
 step that drives it for many requests at once is ``batching.BatchRunner``'s.
 
 Must never: be used from any thread but the one that created it (llama.cpp contexts are not thread-safe);
@@ -67,7 +67,9 @@ class LoadedModel:
                 n_batch=BATCH,
                 n_ubatch=BATCH,
                 n_seq_max=slots,
-                kv_unified=True,  # one cache: a shared prompt prefix is stored once
+                # A stream of n_ctx cells per sequence: llama.cpp then sizes each sequence's context (and
+                # picks rope factors, e.g. Phi-3's LongRoPE) from n_ctx, not from the whole cache.
+                kv_unified=False,
                 no_perf=True,
             )
             if n_threads:
@@ -176,7 +178,8 @@ class LoadedModel:
             )
         prompt = plain_text(request.prompt or "", "prompt")
         if not prompt:
-            return [llama_cpp.llama_vocab_bos(self.vocab)]
+            bos = llama_cpp.llama_vocab_bos(self.vocab)
+            return [bos] if bos >= 0 else []
         check_fits(1, len(prompt), self.n_ctx, self._tokenizer.longest_piece, "prompt")
         return self._tokenizer.plain(prompt, add_special=True)
 

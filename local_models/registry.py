@@ -19,11 +19,37 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
+
+import gguf
 
 from appliance import errors
 
 READ_SIZE = 1 << 20  # 1 MiB per read: few syscalls, little memory
+
+
+def kv_bytes_per_token(path: Path) -> int:
+    """Bytes of (f16) KV cache one token of context takes in this GGUF, from its metadata; 0 when the
+    metadata does not say (the memory budget then counts the file alone). Reads the header only.
+    Blocking: not on the loop."""
+    try:
+        reader = gguf.GGUFReader(path)
+        arch = str(reader.fields["general.architecture"].contents())
+
+        def number(key: str, default: int | None = None) -> Any:
+            field = reader.fields.get(f"{arch}.{key}")
+            return default if field is None else field.contents()
+
+        layers = int(number("block_count"))
+        embd, heads = int(number("embedding_length")), number("attention.head_count")
+        heads_kv = number("attention.head_count_kv", heads)
+        head_max = max(heads) if isinstance(heads, list) else int(heads)
+        per_layer_kv = heads_kv if isinstance(heads_kv, list) else [int(heads_kv)] * layers
+        k_dim = int(number("attention.key_length", embd // max(head_max, 1)))
+        v_dim = int(number("attention.value_length", k_dim))
+    except Exception:  # an unusual or damaged header: llama.cpp's load is the judge of the file
+        return 0
+    return sum(int(n) * (k_dim + v_dim) * 2 for n in per_layer_kv[:layers])
 
 
 def default_slots(n_ctx: int) -> int:

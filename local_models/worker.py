@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import logging
 import os
 import threading
 import time
@@ -33,6 +34,8 @@ from local_models.embedding import EmbeddingModel
 from local_models.generation import Generation
 from local_models.inference import LoadedModel
 from local_models.registry import file_identity
+
+log = logging.getLogger("phi.local")
 
 WorkerState = Literal["loading", "ready", "failed", "stopped"]
 
@@ -101,6 +104,7 @@ class ModelWorker:
         loop: asyncio.AbstractEventLoop,
         expect_identity: tuple[int, ...] | None = None,
         slots: int = 1,
+        size_bytes: int = 0,
     ) -> None:
         """``expect_identity``: the ``file_identity`` the file must still have (the one another instance
         of the model was loaded from); None: whatever the file is when the load starts."""
@@ -108,7 +112,8 @@ class ModelWorker:
         self.path = path
         self.n_ctx = n_ctx
         self.embedding = embedding
-        self.size_bytes = path.stat().st_size
+        self.size_bytes = size_bytes or path.stat().st_size
+        """Estimated memory (weights and cache), for the engine's budget."""
         self.queue_size = queue_size
         self.slots = 1 if embedding else slots
         self.state: WorkerState = "loading"
@@ -124,6 +129,7 @@ class ModelWorker:
         self._order = itertools.count()
         self._running: list[Job] = []
         self._cached_tokens = 0  # prompt tokens taken from the cache (the runner's count)
+        self._poked = False
         self._closing = False
         self._seconds_per_job: float | None = None  # moving average, for Retry-After
         self._thread = threading.Thread(target=self._main, name=f"llama {name}", daemon=True)
@@ -152,6 +158,7 @@ class ModelWorker:
     def poke(self) -> None:
         """Something a waiting worker may act on: a consumer caught up, or a request was cancelled."""
         with self._cond:
+            self._poked = True  # seen even if it comes before the worker waits
             self._cond.notify()
 
     def withdraw(self, job: Job, error: errors.GatewayError | None = None) -> bool:
@@ -165,6 +172,7 @@ class ModelWorker:
                     heapq.heapify(self._heap)
                     break
             else:
+                self._poked = True
                 self._cond.notify()  # running: the worker frees its slot at its next step
                 return False
         _drop(job, error)
@@ -281,28 +289,49 @@ class ModelWorker:
                         self._cond.wait()
                     if self._closing:
                         return
+                    self._poked = False
                     count = min(runner.free_slots(), len(self._heap))
                     admit = [heapq.heappop(self._heap)[2] for _ in range(count)]
                     self._running = [*runner.generations(), *admit]
                 self._admit(runner, admit, started)
                 del admit  # an idle worker must not keep its last requests (and their prompts) alive
-                stepped = runner.step() if runner.busy() else False
-                running = runner.generations()
-                now = time.monotonic()
-                with self._cond:
-                    for gen in [g for g in started if g.done]:
-                        self._job_took(now - started.pop(gen))
-                    self._running = list(running)
-                    self._cached_tokens = runner.cached_tokens
-                    self.last_used = now
-                    if not stepped and runner.busy() and not self._heap and not self._closing:
-                        # Every running request waits for its consumer: until one catches up or leaves.
-                        self._cond.wait(0.05)
-                del running
+                stepped = self._step(runner, model)
+                self._settle_step(runner, started, stepped)
         finally:
             runner.close()
             with self._cond:
                 self._running = []
+
+    def _step(self, runner: BatchRunner, model: LoadedModel) -> bool:
+        """One decode step. An unexpected failure ends the requests running now, with an error (never a
+        truncated answer that looks complete), clears the cache, and the model goes on serving."""
+        if not runner.busy():
+            return False
+        try:
+            return runner.step()
+        except Exception:
+            log.error(
+                "local model %s: a decode step failed; its requests end with an error",
+                self.name,
+                exc_info=True,
+            )
+            runner.fail_all(errors.GatewayError("local inference failed", code="local_inference_failed"))
+            return True
+
+    def _settle_step(self, runner: BatchRunner, started: dict[Generation, float], stepped: bool) -> None:
+        running = runner.generations()
+        now = time.monotonic()
+        with self._cond:
+            for ended in [g for g in started if g.done]:
+                self._job_took(now - started.pop(ended))
+            self._running = list[Job](running)
+            self._cached_tokens = runner.cached_tokens
+            self.last_used = now
+            idle = not stepped and runner.busy() and (not self._heap or runner.free_slots() == 0)
+            if idle and not self._closing and not self._poked:
+                # Every running request waits for its consumer, and none queued can start: until one
+                # catches up, leaves, or a slot frees.
+                self._cond.wait(0.05)
 
     def _admit(self, runner: BatchRunner, jobs: list[Job], started: dict[Generation, float]) -> None:
         for job in jobs:

@@ -82,7 +82,7 @@ def test_a_closed_stream_frees_its_slot_while_the_others_continue(
             )
             assert c.choices[0].message.content is not None
             row = AdminClient(h.home.admin_socket).call("GET", "/admin/status")["local_models"]["local/tiny"]
-            assert row["slots"] == 2 and row["active"] == 1  # b, still going
+            assert row["slots"] == 2 and row["active"] <= 1  # a's slot is free; b may still be going
             assert sum(1 for _ in b) > 0
         _until_idle(h)
     finally:

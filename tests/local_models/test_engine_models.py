@@ -15,7 +15,7 @@ import pytest
 
 from appliance import errors
 from local_models.engine import LocalEngine
-from local_models.registry import file_identity
+from local_models.registry import default_slots, file_identity, kv_bytes_per_token
 from tests.local_models._engine import MODEL, N_CTX, NO_EOG, completion, drain, loaded, run, stalled, until
 
 # --- models ---------------------------------------------------------------------------------------
@@ -80,7 +80,7 @@ def test_idle_models_are_unloaded_busy_ones_kept(tiny: Path) -> None:
 def test_memory_budget_evicts_the_least_recently_used_idle_model_or_refuses(
     tiny: Path, tiny_others: list[Path]
 ) -> None:
-    size = tiny.stat().st_size
+    size = tiny.stat().st_size + kv_bytes_per_token(tiny) * 512 * default_slots(512)  # weights + cache
     b_path, c_path = tiny_others
 
     async def main() -> tuple[errors.Unavailable, errors.Unavailable]:
