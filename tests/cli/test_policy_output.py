@@ -65,6 +65,7 @@ def every_field(trust: dict[str, Any] | None = None, **changes: Any) -> dict[str
     doc["issued_at"] = (now - timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
     doc["expires_at"] = (now + timedelta(days=30)).strftime("%Y-%m-%dT%H:%M:%SZ")
     doc["routes"]["anthropic"].update(auth="x-api-key", timeout_s=90)
+    doc["models"]["local/llama-3-8b"]["slots"] = 2
     stmarys = doc["organizations"]["stmarys"]
     stmarys["client_certificate"] = {"required": False, "subjects": []}
     radiology = stmarys["roles"]["radiology"]
@@ -94,7 +95,7 @@ def changed_everywhere(doc: dict[str, Any]) -> dict[str, Any]:
     new["expires_at"] = "2099-01-01T00:00:00Z"
     new["scope"]["sites"].append("stmarys-annex")
     new["routes"]["anthropic"].update(timeout_s=30, data_classes=["phi"], auth="bearer")
-    new["models"]["local/llama-3-8b"].update(n_ctx=4096, sha256="cd" * 32)
+    new["models"]["local/llama-3-8b"].update(n_ctx=4096, sha256="cd" * 32, slots=4)
     org = new["organizations"]["stmarys"]
     org["budgets"] = {"usd_per_day": 400.5}
     org["client_certificate"] = {"required": True, "subjects": ["CN=a", "CN=b"]}
@@ -182,7 +183,7 @@ def test_the_import_summary_has_no_reprs() -> None:
         + "ab" * 32
         + " -> "
         + "cd" * 32
-        + "; n_ctx 8192 -> 4096)"
+        + "; n_ctx 8192 -> 4096; slots 2 -> 4)"
         in lines
     )
     assert (
