@@ -87,6 +87,7 @@ class LoadedModel:
                 llama_cpp.llama_model_is_recurrent(self.model) or llama_cpp.llama_model_is_hybrid(self.model)
             )
             self._pieces: dict[int, bytes] = {}
+            self._by_piece: dict[bytes, list[int]] | None = None  # built on the first lazy grammar
             self._piece_buf = ctypes.create_string_buffer(64)
             self.template = self._metadata("tokenizer.chat_template")
             self._chat = self._chat_formatter()
@@ -208,8 +209,9 @@ class LoadedModel:
                     self.n_vocab, PENALTY_LAST_N, 1.0, request.frequency_penalty, request.presence_penalty
                 )
                 llama_cpp.llama_sampler_chain_add(chain, stage)
-            if request.grammar is not None:
-                llama_cpp.llama_sampler_chain_add(chain, self._grammar(request))
+            grammar = self._grammar(request) if request.grammar is not None else None
+            if grammar is not None:
+                llama_cpp.llama_sampler_chain_add(chain, grammar)
             if request.temperature <= 0:
                 llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
             else:
@@ -227,24 +229,40 @@ class LoadedModel:
             raise
         return chain
 
-    def _grammar(self, request: GenerationRequest) -> llama_cpp.llama_sampler_p:
+    def _grammar(self, request: GenerationRequest) -> llama_cpp.llama_sampler_p | None:
+        """The grammar stage; None when a lazy grammar cannot be held safely here (see below)."""
         assert request.grammar is not None
         grammar = LlamaGrammar.from_string(request.grammar, verbose=False)
         text, root = grammar._grammar.encode("utf-8"), grammar._root.encode("utf-8")
         if request.grammar_triggers:
-            words = [word.encode("utf-8") for word in request.grammar_triggers]
-            # A trigger pattern is a regex whose first group starts the constrained text.
-            regexes = [b"[\\s\\S]*?(" + _regex_literal(w) + b")[\\s\\S]*" for w in words]
-            patterns = (ctypes.c_char_p * len(regexes))(*regexes)
-            no_tokens = (llama_cpp.llama_token * 0)()
+            # Triggered by token ids only: a trigger found in the text can end inside a token that carries
+            # more text, which the grammar may refuse, and llama.cpp then throws through its C API (the
+            # process aborts). A token whose text is the whole trigger word (Qwen's and Hermes'
+            # <tool_call>) ends exactly at a token boundary. Where no token spells a word the request runs
+            # free: its calls are parsed, their arguments not held to the schema.
+            tokens = [token for word in request.grammar_triggers for token in self._spelling(word)]
+            if any(not self._spelling(word) for word in request.grammar_triggers):
+                return None
+            ids = (llama_cpp.llama_token * len(tokens))(*tokens)
+            no_patterns = (ctypes.c_char_p * 0)()
             stage = llama_cpp.llama_sampler_init_grammar_lazy_patterns(
-                self.vocab, text, root, patterns, len(words), no_tokens, 0
+                self.vocab, text, root, no_patterns, 0, ids, len(tokens)
             )
         else:
             stage = llama_cpp.llama_sampler_init_grammar(self.vocab, text, root)
         if not stage:
-            raise errors.BadRequest("the response format's grammar is invalid", code="invalid_grammar")
+            raise errors.BadRequest("the requested output's grammar is invalid", code="invalid_grammar")
         return stage
+
+    def _spelling(self, word: str) -> list[int]:
+        """The ids of the tokens whose text is exactly ``word`` (a byte token and a merged one may both
+        spell it); empty if none does."""
+        if self._by_piece is None:
+            by_piece: dict[bytes, list[int]] = {}
+            for token in range(self.n_vocab):
+                by_piece.setdefault(self.piece(token), []).append(token)
+            self._by_piece = by_piece
+        return self._by_piece.get(word.encode("utf-8"), []) if word else []
 
     def _add_logit_bias(self, chain: llama_cpp.llama_sampler_p, bias: dict[int, float]) -> None:
         if any(not 0 <= token < self.n_vocab for token in bias):
@@ -269,8 +287,3 @@ def set_fields(params: ctypes.Structure, **fields: object) -> None:
         if name not in known:
             raise RuntimeError(f"llama.cpp's {type(params).__name__} has no field {name!r}")
         setattr(params, name, value)
-
-
-def _regex_literal(word: bytes) -> bytes:
-    """``word`` as an ECMAScript regex that matches it literally."""
-    return b"".join(b"\\" + bytes([c]) if chr(c) in "\\^$.|?*+()[]{}" else bytes([c]) for c in word)

@@ -68,6 +68,8 @@ CALL_ID = re.compile(r"[A-Za-z0-9_.:-]{1,256}")
 _CHOICES = ("none", "auto", "required")
 _TOOL_FIELDS = frozenset({"type", "function"})
 _FUNCTION_FIELDS = frozenset({"name", "description", "parameters", "strict"})
+_NOT_AN_OBJECT_ROOT = ("anyOf", "oneOf", "allOf", "$ref", "enum", "const", "not")
+"""At the root of ``parameters`` these could make the arguments something other than one JSON object."""
 
 
 def _bad(message: str, param: str, code: str = "invalid_tools") -> errors.BadRequest:
@@ -160,7 +162,11 @@ def read_tools(tools: object) -> list[dict[str, Any]]:
         parameters = function.get("parameters")
         if parameters is None:
             parameters = {"type": "object", "properties": {}}
-        elif not isinstance(parameters, Mapping) or parameters.get("type", "object") != "object":
+        elif (
+            not isinstance(parameters, Mapping)
+            or parameters.get("type", "object") != "object"
+            or any(key in parameters for key in _NOT_AN_OBJECT_ROOT)
+        ):
             raise _bad(
                 f"'{where}.function.parameters' must be a JSON Schema of type 'object'",
                 f"{where}.function.parameters",
@@ -233,6 +239,7 @@ def _calls_grammar(called: list[dict[str, Any]], offered: list[dict[str, Any]], 
     each ``{"name": "<name>", "arguments": <its parameters schema>}`` inside ``CALL_OPEN``/``CALL_CLOSE``."""
     rules: dict[str, str] = {}
     alternatives = []
+    total = 0
     index = {d["function"]["name"]: i for i, d in enumerate(offered)}
     for definition in called:
         function = definition["function"]
@@ -242,6 +249,10 @@ def _calls_grammar(called: list[dict[str, Any]], offered: list[dict[str, Any]], 
             gbnf = schema_grammar(function["parameters"], where)
         except errors.BadRequest as exc:
             raise _bad(exc.message, where) from None
+        total += len(gbnf)
+        if total > MAX_TOOLS_GRAMMAR_CHARS:  # before converting the rest: a big request stops early
+            limit = MAX_TOOLS_GRAMMAR_CHARS
+            raise _bad(f"'tools': the grammar of these tools exceeds {limit} characters", "tools")
         arguments = _merge_apart(gbnf, f"tool{i}-", rules)
         rules[f"call-{i}"] = (
             _literal(f'{{"name": "{function["name"]}", "arguments": ') + f" {arguments} " + _literal("}")
@@ -310,11 +321,15 @@ def history_calls(value: object, where: str) -> list[dict[str, Any]]:
             raise _bad(f"'{at}' must be an object", at)
         if call.get("type", "function") != "function":
             raise _bad(f"'{at}.type' must be 'function'", f"{at}.type")
-        _only(call, frozenset({"id", "type", "function"}), at)
+        # index: the SDK's stream helper keeps it on the message it appends; dropped.
+        _only(call, frozenset({"id", "type", "function", "index"}), at)
+        if not isinstance(call.get("index", 0), int):
+            raise _bad(f"'{at}.index' must be an integer", f"{at}.index")
         function = call.get("function")
         if not isinstance(function, Mapping):
             raise _bad(f"'{at}.function' must be an object with a name and arguments", f"{at}.function")
-        _only(function, frozenset({"name", "arguments"}), f"{at}.function")
+        # parsed_arguments: what the SDK's parse helpers add beside arguments; dropped, arguments rule.
+        _only(function, frozenset({"name", "arguments", "parsed_arguments"}), f"{at}.function")
         name = function.get("name")
         if not isinstance(name, str) or TOOL_NAME.fullmatch(name) is None:
             raise _bad(
@@ -342,6 +357,10 @@ def _arguments(text: object, where: str) -> dict[str, Any]:
         raise _bad(f"'{where}' must be a JSON object", where)
     if _depth(value) > MAX_ARGUMENT_DEPTH:
         raise _bad(f"'{where}' nests deeper than {MAX_ARGUMENT_DEPTH} levels", where)
+    try:  # \ud800 escapes decode to lone surrogates, which no tokenizer takes
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise _bad(f"'{where}' holds a lone surrogate (such as \\ud800): not valid Unicode", where) from None
     return value
 
 

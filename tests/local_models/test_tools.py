@@ -560,8 +560,9 @@ def test_a_named_function_is_the_one_called(tiny: Path) -> None:
 
 def test_auto_is_free_text_until_the_trigger_then_calls_only(tiny: Path, reference: Llama) -> None:
     # The random model never writes "<tool_call>" of itself: with the trigger at "<" (the grammar starts
-    # with it too) and "<" favoured, the text runs free until a "<", after which only a call may follow.
-    angle = {t: 6.0 for t in range(reference.n_vocab()) if reference.detokenize([t]).strip() == b"<"}
+    # with it too) and the "<" token favoured, the text runs free until that token, after which only a
+    # call may follow. Triggers are the tokens that spell the word (a word none spells runs free: below).
+    angle = {t: 6.0 for t in range(reference.n_vocab()) if reference.detokenize([t]) == b"<"}
     plain, *lazy = _generate(
         tiny,
         [_chat((TOOLS, "auto", False), seed=1, max_tokens=40)]
@@ -724,3 +725,77 @@ def test_parameters_local_models_cannot_honour_are_refused(field: str, value: ob
     with pytest.raises(errors.BadRequest) as caught:
         _answer(_CannedEngine([]), tools=TOOLS, **{field: value})
     assert caught.value.param == field and words in caught.value.message
+
+
+def test_a_trigger_that_is_not_one_token_runs_free_never_aborting(tiny: Path) -> None:
+    # No token of the tiny vocabulary spells "<tool_call>". Found in the text, the word could end inside a
+    # token carrying more text than the grammar takes, and llama.cpp throws through its C API (the
+    # process aborts): such a request runs free instead, and its calls are parsed as written.
+    [(text, reason)] = _generate(tiny, [_chat((TOOLS, "auto", False), seed=2, max_tokens=24)])
+    assert reason in ("stop", "length") and isinstance(text, str)
+
+
+# ---- found in review: each of these failed before its fix ---------------------------------------------
+
+
+def _history(arguments: str, **call: Any) -> list[dict[str, Any]]:
+    function = {"name": "lookup", "arguments": arguments, **call.pop("function", {})}
+    return [{"id": "call_1", "type": "function", "function": function, **call}]
+
+
+def test_a_lone_surrogate_in_history_arguments_is_a_400_not_a_500() -> None:
+    for arguments in ('{"a": "\\ud800"}', '{"\\udfff": 1}'):
+        with pytest.raises(errors.BadRequest) as err:
+            history_calls(_history(arguments), "messages[1].tool_calls")
+        assert err.value.param == "messages[1].tool_calls[0].function.arguments"
+
+
+def test_the_sdk_stream_and_parse_helpers_messages_are_taken_back() -> None:
+    # get_final_completion() keeps each call's index; parse() adds parsed_arguments. Both are dropped.
+    calls = history_calls(
+        _history('{"a": 1}', index=0, function={"parsed_arguments": {"a": 1}}), "messages[1].tool_calls"
+    )
+    assert calls == [
+        {"type": "function", "function": {"name": "lookup", "arguments": {"a": 1}}, "id": "call_1"}
+    ]
+
+
+@pytest.mark.parametrize(
+    "parameters",
+    [
+        {"anyOf": [{"type": "string"}]},
+        {"enum": [7]},
+        {"$ref": "#/$defs/list", "$defs": {"list": {"type": "array"}}},
+        {"type": "object", "anyOf": [{"type": "string"}]},
+    ],
+)
+def test_parameters_that_need_not_be_one_object_are_refused(parameters: dict[str, Any]) -> None:
+    tools = [{"type": "function", "function": {"name": "f", "parameters": parameters}}]
+    with pytest.raises(errors.BadRequest) as err:
+        plan_tools(tools, "required", None)
+    assert err.value.param == "tools[0].function.parameters"
+
+
+def test_too_big_a_grammar_stops_before_converting_every_tool(monkeypatch: pytest.MonkeyPatch) -> None:
+    from local_models import tools as module
+
+    converted: list[str] = []
+    real = module.schema_grammar
+
+    def counted(schema: Any, where: str) -> str:
+        converted.append(where)
+        return real(schema, where)
+
+    monkeypatch.setattr(module, "schema_grammar", counted)
+    monkeypatch.setattr(module, "MAX_TOOLS_GRAMMAR_CHARS", 2000)
+    properties = {f"p{i}": {"type": "string", "maxLength": 8} for i in range(12)}
+    many = [
+        {
+            "type": "function",
+            "function": {"name": f"f{i}", "parameters": {"type": "object", "properties": properties}},
+        }
+        for i in range(40)
+    ]
+    with pytest.raises(errors.BadRequest):
+        plan_tools(many, "required", None)
+    assert len(converted) < 40
