@@ -20,32 +20,24 @@ import numpy as np
 
 from appliance import errors
 from local_models.cpu_backend import ensure_cpu_backend
-from local_models.inference import set_fields
+from local_models.inference import load_weights, new_context
 
 
 class EmbeddingModel:
     def __init__(self, path: Path, n_ctx: int, *, n_threads: int | None) -> None:
         ensure_cpu_backend()
-        params = llama_cpp.llama_model_default_params()
-        set_fields(params, load_mode=llama_cpp.LLAMA_LOAD_MODE_NONE, n_gpu_layers=0)
-        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
-        if not self.model:
-            raise errors.Unavailable(
-                f"local model file {path.name} could not be loaded", code="model_load_failed"
-            )
+        self.model: llama_cpp.llama_model_p | None = load_weights(path)
         self.ctx = None
         self.n_ctx = n_ctx
         try:
-            ctx_params = llama_cpp.llama_context_default_params()
-            set_fields(ctx_params, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, embeddings=True, no_perf=True)
-            if n_threads:
-                set_fields(ctx_params, n_threads=n_threads, n_threads_batch=n_threads)
-            self.ctx = llama_cpp.llama_init_from_model(self.model, ctx_params)
-            if not self.ctx:
-                raise errors.Unavailable(
-                    f"local model file {path.name}: no embedding context of {n_ctx} tokens could be made",
-                    code="model_load_failed",
-                )
+            fields = {
+                "n_ctx": n_ctx,
+                "n_batch": n_ctx,
+                "n_ubatch": n_ctx,
+                "embeddings": True,
+                "no_perf": True,
+            }
+            self.ctx = new_context(self.model, path, f"{n_ctx} tokens for embeddings", n_threads, **fields)
             self._memory = llama_cpp.llama_get_memory(self.ctx)
             self._vocab = llama_cpp.llama_model_get_vocab(self.model)
             self._n_embd = llama_cpp.llama_model_n_embd(self.model)

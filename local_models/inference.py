@@ -49,20 +49,15 @@ class LoadedModel:
         if not 1 <= slots <= MAX_SLOTS:
             raise errors.Unavailable(f"slots must be 1 to {MAX_SLOTS}", code="model_load_failed")
         self.slots = slots
-        params = llama_cpp.llama_model_default_params()
-        # Read, never mapped (see the module docstring).
-        set_fields(params, load_mode=llama_cpp.LLAMA_LOAD_MODE_NONE, n_gpu_layers=0)
-        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
-        if not self.model:
-            raise errors.Unavailable(
-                f"local model file {path.name} could not be loaded", code="model_load_failed"
-            )
+        self.model: llama_cpp.llama_model_p | None = load_weights(path)
         self.ctx = None
         try:
             self.n_ctx = n_ctx
-            ctx_params = llama_cpp.llama_context_default_params()
-            set_fields(
-                ctx_params,
+            self.ctx = new_context(
+                self.model,
+                path,
+                f"{n_ctx} x {slots} tokens",
+                n_threads,
                 n_ctx=n_ctx * slots,
                 n_batch=BATCH,
                 n_ubatch=BATCH,
@@ -72,14 +67,6 @@ class LoadedModel:
                 kv_unified=False,
                 no_perf=True,
             )
-            if n_threads:
-                set_fields(ctx_params, n_threads=n_threads, n_threads_batch=n_threads)
-            self.ctx = llama_cpp.llama_init_from_model(self.model, ctx_params)
-            if not self.ctx:
-                raise errors.Unavailable(
-                    f"local model file {path.name}: no context of {n_ctx} x {slots} tokens could be made",
-                    code="model_load_failed",
-                )
             self.memory = llama_cpp.llama_get_memory(self.ctx)
             self.vocab = llama_cpp.llama_model_get_vocab(self.model)
             self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
@@ -277,6 +264,34 @@ class LoadedModel:
             entry.bias = value
         stage = llama_cpp.llama_sampler_init_logit_bias(self.n_vocab, len(bias), entries)
         llama_cpp.llama_sampler_chain_add(chain, stage)
+
+
+def load_weights(path: Path) -> llama_cpp.llama_model_p:
+    """The model's weights, read into memory (never mapped: see the module docstring)."""
+    params = llama_cpp.llama_model_default_params()
+    set_fields(params, load_mode=llama_cpp.LLAMA_LOAD_MODE_NONE, n_gpu_layers=0)
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        raise errors.Unavailable(
+            f"local model file {path.name} could not be loaded", code="model_load_failed"
+        )
+    return model
+
+
+def new_context(
+    model: llama_cpp.llama_model_p, path: Path, size: str, n_threads: int | None, **fields: object
+) -> llama_cpp.llama_context_p:
+    """A context on ``model`` with these parameter ``fields`` (``size`` names it in the error)."""
+    params = llama_cpp.llama_context_default_params()
+    set_fields(params, **fields)
+    if n_threads:
+        set_fields(params, n_threads=n_threads, n_threads_batch=n_threads)
+    ctx = llama_cpp.llama_init_from_model(model, params)
+    if not ctx:
+        raise errors.Unavailable(
+            f"local model file {path.name}: no context of {size} could be made", code="model_load_failed"
+        )
+    return ctx
 
 
 def set_fields(params: ctypes.Structure, **fields: object) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from appliance.errors import BadRequest, GatewayError, UpstreamError
 from routes.client import UpstreamClient, UpstreamHTTPResponse
-from routes.result import RouteResult, Usage
+from routes.result import NO_HINTS, Hints, RouteResult, Usage
 from routes.translate import (
     MessagesStreamToChat,
     anthropic_error_to_openai,
@@ -159,13 +159,7 @@ class AnthropicRoute:
         self._upstream = Upstream(name, spec, client, ((b"anthropic-version", ANTHROPIC_VERSION),))
 
     async def messages(
-        self,
-        body: dict[str, Any],
-        *,
-        upstream_model: str,
-        key: str | None,
-        priority: int = 0,
-        scope: str = "",
+        self, body: dict[str, Any], *, upstream_model: str, key: str | None, hints: Hints = NO_HINTS
     ) -> RouteResult:
         """Anthropic caller, Anthropic upstream: the body goes through with only the model replaced."""
         request = dict(body)
@@ -187,13 +181,7 @@ class AnthropicRoute:
         )
 
     async def completions(
-        self,
-        body: dict[str, Any],
-        *,
-        upstream_model: str,
-        key: str | None,
-        priority: int = 0,
-        scope: str = "",
+        self, body: dict[str, Any], *, upstream_model: str, key: str | None, hints: Hints = NO_HINTS
     ) -> RouteResult:
         raise BadRequest(
             "/v1/completions is not served by anthropic routes; use /v1/chat/completions",
@@ -201,24 +189,12 @@ class AnthropicRoute:
         )
 
     async def embeddings(
-        self,
-        body: dict[str, Any],
-        *,
-        upstream_model: str,
-        key: str | None,
-        priority: int = 0,
-        scope: str = "",
+        self, body: dict[str, Any], *, upstream_model: str, key: str | None, hints: Hints = NO_HINTS
     ) -> RouteResult:
         raise BadRequest("anthropic routes serve no embeddings", code="unsupported_endpoint")
 
     async def chat_completions(
-        self,
-        body: dict[str, Any],
-        *,
-        upstream_model: str,
-        key: str | None,
-        priority: int = 0,
-        scope: str = "",
+        self, body: dict[str, Any], *, upstream_model: str, key: str | None, hints: Hints = NO_HINTS
     ) -> RouteResult:
         """OpenAI caller, Anthropic upstream: request, answer, stream and errors are translated."""
         options = body.get("stream_options")

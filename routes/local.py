@@ -38,7 +38,7 @@ from local_models.tools import (
     plan_tools,
     wire_calls,
 )
-from routes.result import EVENT_STREAM, JSON, RouteResult, Usage, UsageView
+from routes.result import EVENT_STREAM, JSON, NO_HINTS, Hints, RouteResult, Usage, UsageView
 
 _FINISH = {"stop": "stop", "length": "length", "timeout": "length", "cancelled": "stop"}
 """The engine's finish reasons as OpenAI's; a chat that ended on its own after tool calls is "tool_calls"."""
@@ -285,19 +285,13 @@ class LocalRoute:
         self._runtime = runtime
 
     async def chat_completions(
-        self,
-        body: dict[str, Any],
-        *,
-        upstream_model: str,
-        key: str | None,
-        priority: int = 0,
-        scope: str = "",
+        self, body: dict[str, Any], *, upstream_model: str, key: str | None, hints: Hints = NO_HINTS
     ) -> RouteResult:
         _check_fields(body, _CHAT_FIELDS)
         turns = chat_turns(body.get("messages"))
         for i, message in enumerate(body["messages"]):
             _check_message(message, f"messages[{i}]")
-        request = self._request(body, priority, scope, kind="chat")
+        request = self._request(body, hints, kind="chat")
         request.messages = [_wire_message(turn.message(turn.text)) for turn in turns]
         plan = NO_TOOLS
         if any(body.get(name) is not None for name in _TOOL_FIELDS):
@@ -315,13 +309,7 @@ class LocalRoute:
         return await self._generate(body, upstream_model, request, frame)
 
     async def completions(
-        self,
-        body: dict[str, Any],
-        *,
-        upstream_model: str,
-        key: str | None,
-        priority: int = 0,
-        scope: str = "",
+        self, body: dict[str, Any], *, upstream_model: str, key: str | None, hints: Hints = NO_HINTS
     ) -> RouteResult:
         _check_fields(body, _COMPLETION_FIELDS)
         prompt = body.get("prompt")
@@ -329,19 +317,13 @@ class LocalRoute:
             if len(prompt) != 1:
                 raise BadRequest("local models take one prompt per request", param="prompt")
             prompt = prompt[0]
-        request = self._request(body, priority, scope, kind="completion")
+        request = self._request(body, hints, kind="completion")
         request.prompt = "" if prompt is None else plain_text(prompt, "prompt")
         frame = _CompletionFrame(self._shown(upstream_model))
         return await self._generate(body, upstream_model, request, frame)
 
     async def embeddings(
-        self,
-        body: dict[str, Any],
-        *,
-        upstream_model: str,
-        key: str | None,
-        priority: int = 0,
-        scope: str = "",
+        self, body: dict[str, Any], *, upstream_model: str, key: str | None, hints: Hints = NO_HINTS
     ) -> RouteResult:
         _check_fields(body, _EMBEDDING_FIELDS)
         raw = body.get("input")
@@ -356,7 +338,7 @@ class LocalRoute:
         model = await self._runtime.ensure_loaded(f"{self.name}/{upstream_model}")
         deadline = time.monotonic() + self._runtime.settings.request_timeout_s
         vectors, tokens = await self._runtime.engine.embed(
-            model, inputs, priority=priority, deadline=deadline
+            model, inputs, priority=hints.priority, deadline=deadline
         )
         data = [
             {"object": "embedding", "index": i, "embedding": _encode(vector, encoding)}
@@ -372,18 +354,12 @@ class LocalRoute:
         return RouteResult(200, JSON, _dumps(answer), None, usage, upstream_model)
 
     async def messages(
-        self,
-        body: dict[str, Any],
-        *,
-        upstream_model: str,
-        key: str | None,
-        priority: int = 0,
-        scope: str = "",
+        self, body: dict[str, Any], *, upstream_model: str, key: str | None, hints: Hints = NO_HINTS
     ) -> RouteResult:
         raise BadRequest("/v1/messages serves anthropic routes only", code="unsupported_endpoint")
 
     def _request(
-        self, body: dict[str, Any], priority: int, scope: str, *, kind: Literal["chat", "completion"]
+        self, body: dict[str, Any], hints: Hints, *, kind: Literal["chat", "completion"]
     ) -> GenerationRequest:
         if body.get("n", 1) not in (1, None):
             raise BadRequest("local models return one choice ('n' must be 1)", param="n")
@@ -407,8 +383,8 @@ class LocalRoute:
             logit_bias=_logit_bias(body.get("logit_bias")),
             presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
             frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
-            priority=priority,
-            cache_scope=scope,
+            priority=hints.priority,
+            cache_scope=hints.scope,
             deadline=time.monotonic() + self._runtime.settings.request_timeout_s,
         )
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from appliance.errors import BadRequest, UpstreamError
 from routes.client import UpstreamClient, UpstreamHTTPResponse
-from routes.result import RouteResult, Usage
+from routes.result import NO_HINTS, Hints, RouteResult, Usage
 from routes.upstream import RouteSpecLike, Upstream, json_object
 from routes.usage import (
     SSEScanner,
@@ -85,35 +85,17 @@ class OpenAIRoute:
         self._upstream = Upstream(name, spec, client)
 
     async def chat_completions(
-        self,
-        body: dict[str, Any],
-        *,
-        upstream_model: str,
-        key: str | None,
-        priority: int = 0,
-        scope: str = "",
+        self, body: dict[str, Any], *, upstream_model: str, key: str | None, hints: Hints = NO_HINTS
     ) -> RouteResult:
         return await self._generate("/chat/completions", body, upstream_model, key)
 
     async def completions(
-        self,
-        body: dict[str, Any],
-        *,
-        upstream_model: str,
-        key: str | None,
-        priority: int = 0,
-        scope: str = "",
+        self, body: dict[str, Any], *, upstream_model: str, key: str | None, hints: Hints = NO_HINTS
     ) -> RouteResult:
         return await self._generate("/completions", body, upstream_model, key)
 
     async def embeddings(
-        self,
-        body: dict[str, Any],
-        *,
-        upstream_model: str,
-        key: str | None,
-        priority: int = 0,
-        scope: str = "",
+        self, body: dict[str, Any], *, upstream_model: str, key: str | None, hints: Hints = NO_HINTS
     ) -> RouteResult:
         request = dict(body)
         request["model"] = upstream_model
@@ -157,12 +139,6 @@ class OpenAIRoute:
         )
 
     async def messages(
-        self,
-        body: dict[str, Any],
-        *,
-        upstream_model: str,
-        key: str | None,
-        priority: int = 0,
-        scope: str = "",
+        self, body: dict[str, Any], *, upstream_model: str, key: str | None, hints: Hints = NO_HINTS
     ) -> RouteResult:
         raise BadRequest("/v1/messages serves anthropic routes only", code="unsupported_endpoint")

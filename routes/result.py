@@ -67,3 +67,16 @@ class RouteResult:
         """Stop the upstream work (the caller went away or the stream ended) and release the connection."""
         if self.stream is not None:
             await self.stream.aclose()
+
+
+@dataclass(frozen=True)
+class Hints:
+    """What the caller's role and organization ask of a route: ``priority`` orders a local model's queue
+    (lower first); ``scope`` (the organization) bounds which cached prompts a local model may reuse.
+    Upstream routes ignore both."""
+
+    priority: int = 0
+    scope: str = ""
+
+
+NO_HINTS = Hints()

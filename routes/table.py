@@ -14,7 +14,7 @@ from appliance.errors import NotFound
 from routes.anthropic import AnthropicRoute
 from routes.client import UpstreamClient
 from routes.openai import OpenAIRoute
-from routes.result import RouteResult
+from routes.result import NO_HINTS, Hints, RouteResult
 from routes.upstream import RouteSpecLike
 
 __all__ = ["Route", "RouteSpecLike", "RouteTable"]
@@ -30,53 +30,28 @@ class Route(Protocol):
     kind: str
 
     async def chat_completions(
-        self,
-        body: dict[str, Any],
-        *,
-        upstream_model: str,
-        key: str | None,
-        priority: int = 0,
-        scope: str = "",
+        self, body: dict[str, Any], *, upstream_model: str, key: str | None, hints: Hints = NO_HINTS
     ) -> RouteResult:
         """``/v1/chat/completions``: ``body`` is the caller's parsed JSON; the answer is OpenAI-shaped.
 
-        ``priority`` orders a local model's queue (lower first; from the caller's role); ``scope`` (the
-        caller's organization) bounds which cached prompts a local model may reuse. Upstreams ignore both.
+        ``hints`` (``routes.result.Hints``): the caller's priority and organization, for local models.
         """
         ...
 
     async def completions(
-        self,
-        body: dict[str, Any],
-        *,
-        upstream_model: str,
-        key: str | None,
-        priority: int = 0,
-        scope: str = "",
+        self, body: dict[str, Any], *, upstream_model: str, key: str | None, hints: Hints = NO_HINTS
     ) -> RouteResult:
         """``/v1/completions`` (legacy text completions); routes that cannot serve it raise BadRequest."""
         ...
 
     async def embeddings(
-        self,
-        body: dict[str, Any],
-        *,
-        upstream_model: str,
-        key: str | None,
-        priority: int = 0,
-        scope: str = "",
+        self, body: dict[str, Any], *, upstream_model: str, key: str | None, hints: Hints = NO_HINTS
     ) -> RouteResult:
         """``/v1/embeddings``; routes that cannot serve it raise BadRequest."""
         ...
 
     async def messages(
-        self,
-        body: dict[str, Any],
-        *,
-        upstream_model: str,
-        key: str | None,
-        priority: int = 0,
-        scope: str = "",
+        self, body: dict[str, Any], *, upstream_model: str, key: str | None, hints: Hints = NO_HINTS
     ) -> RouteResult:
         """``/v1/messages`` (Anthropic Messages API); routes that cannot serve it raise BadRequest."""
         ...

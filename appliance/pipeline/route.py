@@ -14,7 +14,7 @@ from collections.abc import Callable
 from appliance.errors import GatewayError, OperatorError, RateLimited, Unavailable, UpstreamError
 from appliance.pipeline.exchange import Exchange
 from appliance.vault.provider_keys import ProviderKeys
-from routes.result import RouteResult
+from routes.result import Hints, RouteResult
 
 log = logging.getLogger("phi.pipeline")
 
@@ -61,8 +61,8 @@ class Route:
             ex.payload,
             upstream_model=upstream_model,
             key=key,
-            priority=role.priority if role else 0,
-            scope=ex.caller.org if ex.caller else "",  # local models share cached prompts within it only
+            # A local model's queue order, and the organization it shares cached prompts within.
+            hints=Hints(role.priority if role else 0, ex.caller.org if ex.caller else ""),
         )
         return result
 

@@ -9,10 +9,7 @@ the gateway. Without the binary the test fails: the route it proves must never p
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +17,7 @@ from typing import Any
 import openai
 import pytest
 
-from bench.local import staged_llama_server
+from bench.local import Shape, llama_server, staged_llama_server
 from local_models.tiny import write_tiny_model
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.gateway import GatewayHarness, policy_doc
@@ -43,20 +40,6 @@ def _binary() -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as answer:
-            return bool(answer.status == 200)
-    except OSError:  # refused while it starts, 503 while the model loads
-        return False
-
-
 @pytest.fixture(scope="module")
 def site_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """llama-server on 127.0.0.1 with the tiny model, two slots of 512 tokens; yields its root URL."""
@@ -64,26 +47,8 @@ def site_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     binary = staged_llama_server(_binary(), folder / "bin")  # the CPU variant the gateway chose, no other
     model = folder / "tiny.gguf"
     write_tiny_model(model)
-    port = _free_port()
-    log_path = folder / "llama-server.log"
-    args = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port)]
-    args += ["-c", "1024", "-np", "2", "-t", "2", "--no-webui"]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not _ready(port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"llama-server did not become ready:\n{' '.join(args)}\n{log_path.read_text()}")
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with llama_server(binary, model, Shape(threads=2, slots=2, ctx=512), folder) as (url, _, _):
+        yield url.removesuffix("/v1")
 
 
 def _site_policy(upstream: FakeUpstream, server: str) -> dict[str, Any]:
