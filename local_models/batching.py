@@ -167,17 +167,18 @@ class BatchRunner:
         reuse = self.model.reuse_prefix
         most = len(prompt) - 1
 
-        def keep_of(slot: _Slot) -> int:
-            if not reuse or slot.scope != scope:
-                return 0
-            return min(_common_prefix(slot.cached, prompt), most)
-
-        chosen = max(free, key=lambda slot: (keep_of(slot), -slot.last_used))
-        keep = keep_of(chosen)
+        keeps = {
+            slot.seq_id: min(_common_prefix(slot.cached, prompt), most)
+            if reuse and slot.scope == scope
+            else 0
+            for slot in self._slots
+        }
+        chosen = max(free, key=lambda slot: (keeps[slot.seq_id], -slot.last_used))
+        keep = keeps[chosen.seq_id]
         donor = None
         for other in self._slots:
-            if other is not chosen and (k := keep_of(other)) > keep:
-                donor, keep = other, k
+            if other is not chosen and keeps[other.seq_id] > keep:
+                donor, keep = other, keeps[other.seq_id]
         if donor is not None:  # another slot holds more of it: copy its stream (no compute), keep the prefix
             llama_cpp.llama_memory_seq_rm(memory, chosen.seq_id, -1, -1)
             # Each sequence has its own stream: llama.cpp copies whole streams only (a partial range

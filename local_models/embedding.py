@@ -20,7 +20,7 @@ import numpy as np
 
 from appliance import errors
 from local_models.cpu_backend import ensure_cpu_backend
-from local_models.inference import load_weights, new_context
+from local_models.inference import free_model, load_weights, new_context
 
 
 class EmbeddingModel:
@@ -52,12 +52,8 @@ class EmbeddingModel:
         if getattr(self, "_batch", None) is not None:
             llama_cpp.llama_batch_free(self._batch)
             self._batch = None
-        if self.ctx:
-            llama_cpp.llama_free(self.ctx)
-            self.ctx = None
-        if self.model:
-            llama_cpp.llama_model_free(self.model)
-            self.model = None
+        free_model(self.model, self.ctx)
+        self.model, self.ctx = None, None
 
     def embed(self, inputs: list[str]) -> tuple[list[list[float]], int]:
         """One unit-length vector per input (the model's pooling, else the mean) and the tokens read."""

@@ -85,12 +85,8 @@ class LoadedModel:
             raise
 
     def close(self) -> None:
-        if self.ctx:
-            llama_cpp.llama_free(self.ctx)
-            self.ctx = None
-        if self.model:
-            llama_cpp.llama_model_free(self.model)
-            self.model = None
+        free_model(self.model, self.ctx)
+        self.model, self.ctx = None, None
 
     # ---- tokens ----
 
@@ -170,8 +166,6 @@ class LoadedModel:
             return [bos] if bos >= 0 else []
         check_fits(1, len(prompt), self.n_ctx, self._tokenizer.longest_piece, "prompt")
         return self._tokenizer.plain(prompt, add_special=True)
-
-    _prompt_tokens = prompt_tokens  # the name the hardening tests use
 
     def _render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> str:
         assert self._chat is not None
@@ -276,6 +270,14 @@ def load_weights(path: Path) -> llama_cpp.llama_model_p:
             f"local model file {path.name} could not be loaded", code="model_load_failed"
         )
     return model
+
+
+def free_model(model: llama_cpp.llama_model_p | None, ctx: llama_cpp.llama_context_p | None) -> None:
+    """Free a context, then the weights it was made on (either may be missing after a failed load)."""
+    if ctx:
+        llama_cpp.llama_free(ctx)
+    if model:
+        llama_cpp.llama_model_free(model)
 
 
 def new_context(

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from llama_cpp import Llama
 
-from local_models.cpu_backend import ensure_cpu_backend
+from local_models.cpu_backend import CpuBackend, ensure_cpu_backend
 from local_models.tiny import write_tiny_model
 from tests.local_models._engine import NO_EOG
 
@@ -17,6 +17,17 @@ from tests.local_models._engine import NO_EOG
 def cpu_backend() -> None:
     """Plain ``llama_cpp.Llama`` yardsticks need llama.cpp's CPU code loaded first, as the gateway does."""
     ensure_cpu_backend()
+
+
+@pytest.fixture(scope="module")
+def backend() -> CpuBackend:
+    """The variant loaded here; the tests that check it are for the portable build only."""
+    loaded = ensure_cpu_backend()
+    assert loaded.variant != "builtin", (
+        f"the installed llama_cpp has its CPU backend linked in ({loaded.path}): it is not the portable "
+        "build. Rebuild the environment with ./dev (image/build-llama)"
+    )
+    return loaded
 
 
 @pytest.fixture(scope="module")

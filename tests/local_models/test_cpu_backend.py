@@ -200,16 +200,6 @@ def test_a_variant_outside_the_library_folder_or_writable_by_anyone_is_refused(t
 # --- this machine -----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def backend() -> CpuBackend:
-    loaded = ensure_cpu_backend()
-    assert loaded.variant != "builtin", (
-        f"the installed llama_cpp has its CPU backend linked in ({loaded.path}): it is not the portable "
-        "build. Rebuild the environment with ./dev (image/build-llama)"
-    )
-    return loaded
-
-
 def _proc_flags() -> frozenset[str]:
     return cpuinfo_flags(Path("/proc/cpuinfo").read_text())
 

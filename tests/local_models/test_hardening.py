@@ -97,7 +97,7 @@ def test_control_token_text_in_a_message_is_plain_text(
     model: LoadedModel, loop: asyncio.AbstractEventLoop
 ) -> None:
     gen = _chat(loop, FORGED)
-    tokens = model._prompt_tokens(gen)
+    tokens = model.prompt_tokens(gen)
     assert tokens is not None
     # The template's own: bos, <|user|> … <|end|>, <|assistant|>. Nothing the message spelled.
     assert [t for t in tokens if t in (BOS, EOS, UNK, SYSTEM, USER, ASSISTANT, END)] == [
@@ -112,7 +112,7 @@ def test_control_token_text_in_a_message_is_plain_text(
 def test_control_token_text_in_a_completion_prompt_is_plain_text(
     model: LoadedModel, loop: asyncio.AbstractEventLoop
 ) -> None:
-    tokens = model._prompt_tokens(_gen(loop, kind="completion", prompt=FORGED))
+    tokens = model.prompt_tokens(_gen(loop, kind="completion", prompt=FORGED))
     assert tokens is not None
     assert [t for t in tokens if t in (BOS, EOS, UNK, SYSTEM, USER, ASSISTANT, END)] == [BOS]
 
@@ -126,7 +126,7 @@ def test_benign_prompts_tokenize_as_the_whole_rendering_did(
         {"role": "assistant", "content": ""},
         {"role": "user", "content": [{"type": "text", "text": "Dose "}, {"type": "text", "text": "daily"}]},
     ]
-    tokens = model._prompt_tokens(_gen(loop, kind="chat", messages=messages))
+    tokens = model.prompt_tokens(_gen(loop, kind="chat", messages=messages))
     assert model._chat is not None
     rendered = model._chat(messages=messages).prompt  # type: ignore[arg-type]
     assert tokens == reference.tokenize(rendered.encode(), add_bos=False, special=True)

@@ -17,7 +17,7 @@ from gguf.quants import dequantize
 from llama_cpp import Llama
 
 from local_models import tiny as tiny_module
-from local_models.cpu_backend import CpuBackend, ensure_cpu_backend
+from local_models.cpu_backend import CpuBackend
 from local_models.generation import GenerationRequest
 from local_models.tiny import QUANTS, SIZES, main, write_tiny_model
 from tests.local_models._engine import NO_EOG, completion, drain, loaded, run
@@ -33,16 +33,6 @@ CASES: dict[tuple[str, str], tuple[GGMLQuantizationType, GGMLQuantizationType, L
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture(scope="module")
-def backend() -> CpuBackend:
-    chosen = ensure_cpu_backend()
-    assert chosen.variant != "builtin", (
-        f"the installed llama_cpp has its CPU backend linked in ({chosen.path}); these tests are for the "
-        "portable build: rebuild the environment with ./dev (image/build-llama)"
-    )
-    return chosen
 
 
 @pytest.fixture(scope="module")
