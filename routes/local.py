@@ -26,15 +26,17 @@ from local_models.engine import Generation, GenerationRequest
 from local_models.json_schema import grammar_for
 from local_models.prompt import chat_turns, plain_text
 from local_models.runtime import LocalRuntime
-from local_models.tools import (
-    NO_TOOLS,
+from local_models.tool_calls import (
     CallArguments,
     CallStarted,
     ContentText,
     Event,
     ToolCallParser,
-    ToolPlan,
     assemble,
+)
+from local_models.tools import (
+    NO_TOOLS,
+    ToolPlan,
     plan_tools,
     wire_calls,
 )

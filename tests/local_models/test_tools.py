@@ -26,15 +26,17 @@ from local_models.generation import Generation, GenerationRequest
 from local_models.json_schema import grammar_compiles, validate_against
 from local_models.prompt import PromptTokenizer, chat_prompt, chat_turns
 from local_models.tiny import BYTE_OFFSET, CHAT_TEMPLATE, CONTROL_TOKENS
-from local_models.tools import (
-    CALL_OPEN,
-    MAX_TOOLS,
+from local_models.tool_calls import (
     CallArguments,
     CallStarted,
     ContentText,
     Event,
     ToolCallParser,
     assemble,
+)
+from local_models.tools import (
+    CALL_OPEN,
+    MAX_TOOLS,
     history_calls,
     plan_tools,
     read_tools,
