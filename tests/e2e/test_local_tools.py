@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -250,7 +251,18 @@ def test_what_local_models_cannot_take_is_a_400_naming_the_field(
     body = {"model": "local/tiny", "messages": ASK, "tools": TOOLS, "max_tokens": 8, **change}
     with _client(gateway) as client, pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(**body)
-    assert err.value.body["param"] == param, err.value.body  # type: ignore[index]
+    error = err.value.body
+    assert isinstance(error, dict) and error["param"] == param, error
+    assert error["type"] == "invalid_request_error" and error["message"] and error["code"]
+    # The refusal names its request, and the ledger holds its outcome under that id.
+    request_id = err.value.response.headers["x-request-id"]
+    deadline = time.monotonic() + 5
+    outcomes: list[int] = []
+    while not outcomes and time.monotonic() < deadline:
+        records = gateway.audit.for_request(request_id)
+        outcomes = [r["status_code"] for r in records if r["type"] in ("response", "error")]
+        time.sleep(0.02)
+    assert outcomes == [400], gateway.audit.for_request(request_id)
 
 
 def test_the_roles_tool_allow_list_holds_on_local_routes(gateway: GatewayHarness) -> None:
