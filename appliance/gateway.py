@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from appliance.admin import AdminApi
+from appliance.admin.api import AdminApi
 from appliance.api import Api
 from appliance.config import Settings
 from appliance.errors import LedgerUnavailable, StorageUnavailable, Unavailable

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from appliance.admin import AdminClient
+from appliance.admin.client import AdminClient
 from appliance.cli.options import home_option, open_home
 from appliance.errors import OperatorError
 from appliance.policy import dsse

@@ -20,7 +20,7 @@ from typing import Any
 import click
 
 from appliance import files, signing_keys
-from appliance.admin import AdminClient
+from appliance.admin.client import AdminClient
 from appliance.cli.options import home_option, open_home, record_admin
 from appliance.errors import BundleRejected, OperatorError
 from appliance.home import Home, Vault

@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from appliance import demo
-from appliance.admin import AdminClient
+from appliance.admin.client import AdminClient
 from appliance.cli.options import home_option, open_home
 from appliance.home import Home
 from appliance.process_hardening import forbid_core_dumps

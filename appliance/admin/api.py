@@ -16,19 +16,16 @@ secret; names an OS user the transport did not vouch for (a peer without credent
 
 from __future__ import annotations
 
-import http.client
 import json
-import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from appliance.errors import BadRequest, MethodNotAllowed, NotFound, OperatorError
+from appliance.errors import BadRequest, MethodNotAllowed, NotFound
 from appliance.http import Request, Responder
 from appliance.os_user import peer_os_user
 
 _JSON = [(b"Content-Type", b"application/json")]
-_CLIENT_TIMEOUT_S = 600.0  # loading a large model verifies its hash first: minutes for tens of GB
 
 
 class AdminTarget(Protocol):
@@ -105,66 +102,3 @@ def _model_of(body: bytes) -> str:
 
 async def _send(responder: Responder, doc: dict[str, Any]) -> None:
     await responder.send(200, _JSON, json.dumps(doc, separators=(",", ":"), default=str).encode())
-
-
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: Path, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = str(path)
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self._path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
-
-
-class AdminClient:
-    """Talks to a running gateway through ``<home>/admin.sock``."""
-
-    def __init__(self, socket_path: Path, timeout: float = _CLIENT_TIMEOUT_S) -> None:
-        self._path = socket_path
-        self._timeout = timeout
-
-    def text(self, path: str) -> str:
-        """A GET of a plain-text document (``/metrics``)."""
-        status, raw = self._exchange("GET", path, None)
-        if status != 200:
-            raise OperatorError(f"the gateway answered {status} to GET {path}")
-        return raw.decode("utf-8", "replace")
-
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        status, raw = self._exchange(method, path, body)
-        try:
-            doc = json.loads(raw)
-        except ValueError as exc:
-            raise OperatorError(f"the gateway answered {status} with a non-JSON body") from exc
-        if status != 200:
-            error = doc.get("error", {}) if isinstance(doc, dict) else {}
-            raise OperatorError(f"the gateway refused: {error.get('message', status)}")
-        if not isinstance(doc, dict):
-            raise OperatorError("the gateway's answer is not a JSON object")
-        return doc
-
-    def _exchange(self, method: str, path: str, body: dict[str, Any] | None) -> tuple[int, bytes]:
-        conn = _UnixConnection(self._path, self._timeout)
-        try:
-            payload = None if body is None else json.dumps(body).encode()
-            headers = {"Content-Type": "application/json"} if payload is not None else {}
-            conn.request(method, path, body=payload, headers=headers)
-            response = conn.getresponse()
-            raw = response.read()
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            raise OperatorError(
-                f"no gateway is running for this home (nothing answers on {self._path}); start it with "
-                "phi-gateway serve"
-            ) from exc
-        except OSError as exc:
-            raise OperatorError(f"the gateway's admin socket {self._path} failed: {exc}") from exc
-        finally:
-            conn.close()
-        return response.status, raw
