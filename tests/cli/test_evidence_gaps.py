@@ -20,7 +20,7 @@ import pytest
 from click.testing import CliRunner
 
 from appliance import signing_keys
-from appliance.admin import AdminClient
+from appliance.admin.client import AdminClient
 from appliance.cli import main
 from appliance.home import Home
 from appliance.ledger import signed_note

@@ -278,7 +278,7 @@ def test_anthropic_sdk_sees_a_midstream_failure(harness: GatewayHarness) -> None
 def test_admin_socket_status_and_reload(harness: GatewayHarness) -> None:
     from click.testing import CliRunner
 
-    from appliance.admin import AdminClient
+    from appliance.admin.client import AdminClient
     from appliance.cli import main
 
     socket_path = harness.home.admin_socket

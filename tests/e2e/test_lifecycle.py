@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from appliance.admin import AdminClient
+from appliance.admin.client import AdminClient
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.gateway import GatewayHarness, policy_doc
 

@@ -151,7 +151,7 @@ def test_client_closing_a_stream_stops_generation(local: GatewayHarness) -> None
 
 
 def _until_idle(h: GatewayHarness, model: str = "local/tiny") -> None:
-    from appliance.admin import AdminClient
+    from appliance.admin.client import AdminClient
 
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -199,7 +199,7 @@ def _quietly(h: GatewayHarness, token: str, body: dict[str, Any]) -> None:
 
 
 def _until_queued(h: GatewayHarness) -> None:
-    from appliance.admin import AdminClient
+    from appliance.admin.client import AdminClient
 
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -213,7 +213,7 @@ def _until_queued(h: GatewayHarness) -> None:
 def test_a_new_pin_loads_beside_the_old_instance_which_retires_when_idle(
     tmp_path: Path, upstream: FakeUpstream, tiny_models: dict[str, tuple[Path, str]]
 ) -> None:
-    from appliance.admin import AdminClient
+    from appliance.admin.client import AdminClient
 
     h = _start(tmp_path, upstream, tiny_models)
     token = h.issue("radiology-bot")

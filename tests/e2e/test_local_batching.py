@@ -10,7 +10,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from appliance.admin import AdminClient
+from appliance.admin.client import AdminClient
 from tests.e2e.test_local import _client, _start, _until_idle
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.gateway import GatewayHarness
