@@ -76,6 +76,8 @@ class BatchRunner:
         self._batch: llama_cpp.llama_batch | None = llama_cpp.llama_batch_init(BATCH, 0, 1)
         self._order = 0
         self.cached_tokens = 0
+        self.generated_tokens = 0  # sampled tokens and prompt tokens decoded, since load (the metrics)
+        self.prompt_tokens = 0
         """Prompt tokens taken from the cache instead of evaluated, since the runner started."""
         self.decode_calls = 0
 
@@ -225,6 +227,8 @@ class BatchRunner:
             self._failed(rc, advance)
             return True
         for slot, tokens in advance:
+            if slot.prefilling():
+                self.prompt_tokens += len(tokens)
             slot.cached.extend(tokens)
         for slot, index in outputs:
             self._sample(slot, index)
@@ -293,6 +297,7 @@ class BatchRunner:
             self._end(slot, "stop")
             return
         slot.produced += 1
+        self.generated_tokens += 1
         gen.completion_tokens = slot.produced
         piece = slot.text.feed(model.piece(token))
         if piece:

@@ -129,6 +129,8 @@ class ModelWorker:
         self._order = itertools.count()
         self._running: list[Job] = []
         self._cached_tokens = 0  # prompt tokens taken from the cache (the runner's count)
+        self._generated_tokens = 0  # and tokens sampled, and prompt tokens decoded (the metrics)
+        self._prompt_tokens = 0
         self._poked = False
         self._closing = False
         self._seconds_per_job: float | None = None  # moving average, for Retry-After
@@ -213,6 +215,8 @@ class ModelWorker:
                 "active": len(self._running),
                 "slots": self.slots,
                 "cached_prompt_tokens": self._cached_tokens,
+                "generated_tokens": self._generated_tokens,
+                "prompt_tokens": self._prompt_tokens,
                 "last_used": round(time.time() - idle, 3),
                 "idle_s": round(idle, 3),
             }
@@ -326,6 +330,8 @@ class ModelWorker:
                 self._job_took(now - started.pop(ended))
             self._running = list[Job](running)
             self._cached_tokens = runner.cached_tokens
+            self._generated_tokens = runner.generated_tokens
+            self._prompt_tokens = runner.prompt_tokens
             self.last_used = now
             idle = not stepped and runner.busy() and (not self._heap or runner.free_slots() == 0)
             if idle and not self._closing and not self._poked:

@@ -222,6 +222,12 @@ class Ledger:
         self._ok = True  # only the writer thread changes it, so it follows commit order
         self._owed = _Owed()
         self._owed_seqs: list[int] = []
+        self._watchers: list[Callable[[list[tuple[dict[str, Any], int]]], None]] = []
+
+    def watch(self, watcher: Callable[[list[tuple[dict[str, Any], int]]], None]) -> None:
+        """Call ``watcher`` with each committed batch's (record, seq) pairs, in commit order, from the
+        writer thread: the live counters and the audit stream. It must not block or raise."""
+        self._watchers.append(watcher)
 
     @property
     def healthy(self) -> bool:
@@ -432,6 +438,13 @@ class Ledger:
         if owed:
             log.info("%d owed outcome record(s) written to the audit ledger", len(owed))
         durable += [(item, seq) for item, seq in zip(items, seqs, strict=True) if seq is not None]
+        if self._watchers and durable:
+            records = [(record, seq) for (record, _), seq in durable]
+            for watcher in self._watchers:
+                try:
+                    watcher(records)
+                except Exception:  # a watcher's bug must not fail a commit that is already durable
+                    log.exception("a ledger watcher failed")
         if self._printer is not None:
             self._printer.put("".join(f'{canonical[:-1]},"seq":{seq}}}\n' for (_, canonical), seq in durable))
 
@@ -581,3 +594,19 @@ class Ledger:
             origin = checkpoints.stored_origin(self._db.reader())
             verifiers.append(self._signer.verifier(origin or self._signer.default_origin))
         return verify_database(self._db.reader(), verifiers, kept or [], progress, bundles)
+
+
+def first_seq_at(conn: sqlite3.Connection, ts: str) -> int:
+    """The first seq whose ts is at or after ``ts`` (seqs run 1..N and ts grows with seq, up to the clock
+    slack a caller allows for): a binary search, so a month's or a day's records are found without an index
+    on ts."""
+    row = conn.execute("SELECT max(seq) FROM ledger").fetchone()
+    lo, hi = 1, (row[0] or 0) + 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        found = conn.execute("SELECT ts FROM ledger WHERE seq = ?", (mid,)).fetchone()
+        if found is not None and found[0] < ts:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+from collections.abc import Callable
 from typing import Any
 
 from appliance.errors import ClientDisconnected, GatewayError, LedgerUnavailable, RateLimited, Unavailable
@@ -56,12 +57,14 @@ class Pipeline:
         max_in_flight_per_caller: int = 64,
         flood_window_s: float = 1.0,
         client_ca: bool = False,
+        on_first_chunk: Callable[[str | None, float], None] | None = None,
     ) -> None:
-        """``client_ca``: the listener verifies client certificates (mutual TLS; see ``Police``)."""
+        """``client_ca``: the listener verifies client certificates (mutual TLS; see ``Police``);
+        ``on_first_chunk``: told each streamed answer's time to first chunk, by route (the metrics)."""
         self.identify = Identify(tokens)
         self.police = Police(keeper, limits or LimitKeeper(), client_ca=client_ca)
         self.route = Route(keys)
-        self.record = Record(ledger, flood_window_s)
+        self.record = Record(ledger, flood_window_s, on_first_chunk)
         self._max_in_flight = max_in_flight_per_caller
         self._in_flight: dict[str, int] = {}  # caller id -> requests past Identify and not yet answered
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import time
 
 from appliance.errors import ClientDisconnected, GatewayError
 from appliance.http import Responder
@@ -36,6 +37,8 @@ async def relay_stream(ex: Exchange, responder: Responder, result: RouteResult, 
         async for chunk in result.stream:
             digest.update(chunk)
             await responder.write(chunk)
+            if out.first_chunk_s is None:
+                out.first_chunk_s = time.perf_counter() - ex.request.received_at
         await responder.end()
     except GatewayError as exc:  # the upstream failed mid-stream: tell the caller in-band, then end
         out.error = exc

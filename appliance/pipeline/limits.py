@@ -45,6 +45,7 @@ from typing import Any, Final
 
 from appliance import timestamps
 from appliance.errors import LimitReached, StorageUnavailable
+from appliance.ledger.store import first_seq_at
 from appliance.pipeline.counters import WINDOW_S, Entry, SpendCounter, Window, drop_idle, drop_old
 from appliance.policy.limits_schema import Rate, RoleBudgets, RoleLimits, Spend
 from appliance.vault.db import Database
@@ -349,14 +350,14 @@ class LimitKeeper:
         day_start = day * 86400.0
         conn = db.reader()
         try:
-            first = _first_seq_from(conn, timestamps.rfc3339(month_start - _REBUILD_SLACK_S))
+            first = first_seq_at(conn, timestamps.rfc3339(month_start - _REBUILD_SLACK_S))
             params = {
                 "first": first,
                 "month": timestamps.rfc3339(month_start),
                 "day": timestamps.rfc3339(day_start),
             }
             totals = conn.execute(_MONTH_SQL, params).fetchall()
-            recent_first = _first_seq_from(
+            recent_first = first_seq_at(
                 conn, timestamps.rfc3339(max(month_start, now - WINDOW_S) - _REBUILD_SLACK_S)
             )
             recent = conn.execute(
@@ -532,20 +533,6 @@ def _accounts(total: float, reserved: float, cost: float, rule: str) -> str:
         f"spent ${max(total - reserved, 0.0):.4f}, reserved ${reserved:.4f} by requests in flight, "
         f"this request estimated at ${cost:.4f}"
     )
-
-
-def _first_seq_from(conn: sqlite3.Connection, ts: str) -> int:
-    """The first seq whose ts is at or after ``ts`` (seqs run 1..N; ts grows with seq up to the slack)."""
-    row = conn.execute("SELECT max(seq) FROM ledger").fetchone()
-    lo, hi = 1, (row[0] or 0) + 1
-    while lo < hi:
-        mid = (lo + hi) // 2
-        found = conn.execute("SELECT ts FROM ledger WHERE seq = ?", (mid,)).fetchone()
-        if found is not None and found[0] < ts:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
 
 
 # Outcome records of admitted requests: a 429 or a policy denial never counted (error records only).

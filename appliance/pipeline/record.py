@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,11 +47,20 @@ class Outcome:
     error: GatewayError | None = None
     detail: str | None = None
     watching: bool = True  # while forwarding: a disconnect then cancels the work
+    first_chunk_s: float | None = None  # a stream: seconds from the request's arrival to its first chunk
 
 
 class Record:
-    def __init__(self, ledger: Ledger, flood_window_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        flood_window_s: float = 1.0,
+        on_first_chunk: Callable[[str | None, float], None] | None = None,
+    ) -> None:
+        """``on_first_chunk(route, seconds)``: told of each streamed answer's time to its first chunk (the
+        metrics; the ledger keeps the whole latency only)."""
         self._ledger = ledger
+        self._on_first_chunk = on_first_chunk
         self.flood = FloodSampler(self._queue, flood_window_s)
 
     async def admitted(self, ex: Exchange) -> None:
@@ -142,6 +152,8 @@ class Record:
                 detail = "unpriced_model"
         record["detail"] = error.code if error is not None else detail
         self._queue(record)
+        if out.first_chunk_s is not None and self._on_first_chunk is not None:
+            self._on_first_chunk(record["route"], out.first_chunk_s)
 
     async def _durable(self, records: list[dict[str, Any]]) -> None:
         try:
