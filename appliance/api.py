@@ -7,6 +7,8 @@
     GET  /v1/models             the models the caller's role may use             -> Pipeline
     anything else               404 / 405, recorded as a refusal                 -> Pipeline
     GET  /health                readiness: policy in force, ledger writable (no identity, not recorded)
+    GET  /metrics               only with ``server.public_metrics``: the admin socket's Prometheus text
+                                (no identity, not recorded)
 
 Owns: dispatch and the health document. Never: identifies, polices or records a request itself: every
 endpoint but ``/health`` is one call of ``Pipeline.run``.
@@ -30,6 +32,7 @@ from local_models.runtime import LocalRuntime
 
 _JSON = [(b"Content-Type", b"application/json")]
 _HEALTH = "/health"
+_METRICS = "/metrics"
 
 # path -> (method, endpoint)
 _ENDPOINTS: dict[str, tuple[str, Endpoint | None]] = {
@@ -51,10 +54,13 @@ class Api:
         local: LocalRuntime | None = None,
         *,
         transport: Callable[[], dict[str, Any]] | None = None,
+        metrics: Callable[[], tuple[bytes, str]] | None = None,
     ) -> None:
         """``transport`` says how the public port is protected (TLS in force, its certificate, or plain
-        HTTP the operator chose) for the health document."""
+        HTTP the operator chose) for the health document; ``metrics``: serve ``/metrics`` here too (the
+        operator enabled it), rendering (body, content type)."""
         self._transport = transport
+        self._metrics = metrics
         self._pipeline = pipeline
         self._local = local
         self._keeper = keeper
@@ -62,7 +68,12 @@ class Api:
         self._started = time.monotonic()
 
     async def handle(self, request: Request, responder: Responder) -> None:
-        entry = _ENDPOINTS.get(request.path.rstrip("/") or "/")
+        path = request.path.rstrip("/") or "/"
+        if path == _METRICS and self._metrics is not None and request.method in ("GET", "HEAD"):
+            body, content_type = self._metrics()
+            await responder.send(200, [(b"Content-Type", content_type.encode())], body)
+            return
+        entry = _ENDPOINTS.get(path)
         if entry is None:
             error = NotFound(f"no such endpoint: {request.method} {request.path}", code="unknown_endpoint")
             await self._pipeline.run(request, responder, "chat", refusal=error)

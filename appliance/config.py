@@ -62,6 +62,10 @@ class ServerSettings(_Strict):
     known, before its body is read; more are answered 429 at once, so one caller cannot take every slot."""
     tls: TlsSettings = Field(default_factory=TlsSettings)
     """TLS on the public port: protocol versions, ciphers, the client CA of mutual TLS."""
+    public_metrics: bool = False
+    """Also answer ``GET /metrics`` on this port, without identity and unrecorded (like ``/health``), for a
+    Prometheus that cannot reach the admin socket. The metrics hold no secret and no caller's text, but
+    anyone who reaches the port can read them; leave off unless the site's monitoring needs it."""
     insecure_http: bool = False
     """Serve plain HTTP on a non-loopback address when the home holds no certificate (tokens then cross
     the network in clear); without it ``serve`` refuses to start. ``serve --insecure-http`` sets it."""

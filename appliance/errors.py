@@ -14,6 +14,8 @@ Messages must never contain a token secret, a provider key or prompt text.
     │       └── ClientCertificateDenied (403, mutual TLS: no client certificate, or one not accepted)
     ├── NotFound (404 invalid_request_error)
     ├── MethodNotAllowed (405 invalid_request_error)
+    ├── Conflict (409 invalid_request_error: the state changed since the client looked, e.g. a bundle
+    │             other than the one verified, or a ledger verify already running)
     ├── RequestTimeout (408 timeout_error)
     ├── PayloadTooLarge (413 invalid_request_error)
     ├── RateLimited (429 rate_limit_error, carries Retry-After)
@@ -120,6 +122,12 @@ class NotFound(GatewayError):
     status = 404
     type = "invalid_request_error"
     code = "not_found"
+
+
+class Conflict(GatewayError):
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
 
 
 class MethodNotAllowed(GatewayError):

@@ -22,7 +22,13 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from appliance.admin.api import AdminApi
+from prometheus_client import CollectorRegistry
+
+from appliance.activity import Activity
+from appliance.admin import live
+from appliance.admin.api import AdminApi, AdminContext
+from appliance.admin.endpoints import all_routes
+from appliance.admin.verify_job import VerifyJob
 from appliance.api import Api
 from appliance.config import Settings
 from appliance.errors import LedgerUnavailable, StorageUnavailable, Unavailable
@@ -34,6 +40,7 @@ from appliance.ledger.follow import ExportFollower
 from appliance.metrics import CONTENT_TYPE, GatewayMetrics
 from appliance.pipeline import Pipeline
 from appliance.pipeline.limits import LimitKeeper
+from appliance.policy.importer import MAX_BUNDLE_BYTES
 from appliance.policy_state import PolicyKeeper
 from appliance.tls import ServerTls, is_loopback, listener_tls, plain_transport
 from local_models.runtime import LocalRuntime
@@ -65,6 +72,9 @@ class Gateway:
         self.tls: ServerTls | None = None
         self._transport: Callable[[], dict[str, Any]] | None = None  # what /health says of the listener
         self._metrics: GatewayMetrics | None = None
+        self.registry = CollectorRegistry(auto_describe=False)  # activity's counters and the scrape's gauges
+        self.activity = Activity(self.registry)
+        self._admin_context: AdminContext | None = None
 
     async def start(
         self, host: str | None = None, port: int | None = None, *, sock: socket.socket | None = None
@@ -75,6 +85,10 @@ class Gateway:
         # that the operator did not ask for, stops the start with a message saying what to run.
         self.tls = tls = listener_tls(self.home.root, settings.server, listen_host)
         self.vault = vault = self.home.open_vault(audit_out=self._audit_out)
+        activity = self.activity
+        activity.bind(asyncio.get_running_loop())
+        vault.ledger.watch(activity.take)
+        await asyncio.to_thread(lambda: activity.rebuild(vault.db.reader()))
         if settings.audit.export_file is not None:  # relative: under the home
             export_file = self.home.root / settings.audit.export_file
             export_file.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
@@ -102,11 +116,19 @@ class Gateway:
             max_in_flight_per_caller=settings.server.max_in_flight_per_caller,
             flood_window_s=settings.audit.flood_window_s,
             client_ca=tls is not None and tls.client_ca is not None,
+            on_first_chunk=activity.first_byte,
         )
         self._transport = transport = (
             tls.transport if tls is not None else functools.partial(plain_transport, listen_host)
         )
-        api = Api(pipeline, keeper, vault.ledger, self.local, transport=transport)
+        api = Api(
+            pipeline,
+            keeper,
+            vault.ledger,
+            self.local,
+            transport=transport,
+            metrics=self.metrics if settings.server.public_metrics else None,
+        )
         self.server = server = HttpServer(
             api.handle,
             settings.server.limits,
@@ -123,7 +145,16 @@ class Gateway:
         )
         if tls is not None:
             tls.start_watching()
-        self._metrics = GatewayMetrics(keeper, vault.ledger, lambda: server.in_flight, transport)
+        self._metrics = GatewayMetrics(
+            keeper,
+            vault.ledger,
+            lambda: server.in_flight,
+            transport,
+            registry=self.registry,
+            activity=activity,
+            local=self.local.status,
+            last_checkpoint=lambda: live.last_checkpoint_of(vault),
+        )
         await self._start_admin()
         self._ticker = asyncio.get_running_loop().create_task(self._sign_ledger_head(), name="ledger-head")
         if settings.local.preload:
@@ -158,14 +189,29 @@ class Gateway:
         if sys.platform == "win32":  # pragma: no cover - no unix sockets under the Windows event loop
             log.warning("no admin socket on Windows: the operator verbs that need one will say so")
             return
-        self.admin = HttpServer(AdminApi(self).handle, HttpLimits(max_concurrency=16, max_body_bytes=65536))
+        assert self.vault is not None and self.keeper is not None and self.local is not None
+        server = self.server
+        self._admin_context = context = AdminContext(
+            home=self.home,
+            vault=self.vault,
+            keeper=self.keeper,
+            local=self.local,
+            activity=self.activity,
+            status=self.status,
+            metrics=self.metrics,
+            in_flight=lambda: server.in_flight if server is not None else 0,
+            verify_job=VerifyJob(),
+        )
+        # A body is at most a policy bundle (verify, import); a stream holds one of the 16 slots.
+        limits = HttpLimits(max_concurrency=16, max_body_bytes=MAX_BUNDLE_BYTES + 4096)
+        self.admin = HttpServer(AdminApi(context, all_routes()).handle, limits)
         try:
             await self.admin.start_unix(str(path))
         except OSError as exc:  # a read-only home, say: say so rather than print a traceback
             raise StorageUnavailable(f"cannot create the admin socket {path}: {exc}") from exc
         log.info("admin API on %s (0600)", path)
 
-    # -- what the admin socket may ask (AdminTarget) -----------------------------------------------------
+    # -- what the admin socket reads ------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
         keeper, vault, server = self.keeper, self.vault, self.server
@@ -197,45 +243,23 @@ class Gateway:
             raise Unavailable("the gateway is not serving")
         return self._metrics.render(), CONTENT_TYPE
 
-    def reload_policy(self) -> dict[str, Any]:
-        if self.keeper is None:
-            raise Unavailable("the gateway is not serving")
-        swapped = self.keeper.refresh(force=True)
-        state = self.keeper.current
-        return {"swapped": swapped, "version": state.version if state else None, "reason": self.keeper.reason}
-
-    async def load_model(self, model: str) -> dict[str, Any]:
-        local = self._require_local()
-        instance = await local.ensure_loaded(model)
-        name = instance.split("@", 1)[0]
-        return {"model": name, "instance": instance, **local.status().get(name, {})}
-
-    async def unload_model(self, model: str) -> dict[str, Any]:
-        local = self._require_local()
-        await local.unload(model)
-        return {"model": model, "state": "not loaded"}
-
-    def _require_local(self) -> LocalRuntime:
-        if self.local is None:
-            raise Unavailable("the gateway is not serving")
-        return self.local
-
     async def _sign_ledger_head(self) -> None:
         """Once a second, sign the ledger head if records came since: a quiet moment's records are signed
         within a second, not at the next busy one (and a stored checkpoint is written when one is due)."""
         while self.vault is not None:
             await asyncio.sleep(HEAD_INTERVAL_S)
+            self.activity.drain()  # the counters stay current with nobody reading them
+            if self.local is not None:
+                self.activity.local_rates(self.local.status())
             try:
                 await self.vault.ledger.tick()
             except (StorageUnavailable, LedgerUnavailable, sqlite3.Error) as exc:
                 log.warning("the ledger head could not be signed: %s", exc)
 
-    def record_admin(self, detail: str, os_user: str | None = None) -> None:
-        if self.vault is not None:
-            record = {"type": "admin", "detail": detail, "os_user": os_user}
-            self.vault.ledger.append(record).add_done_callback(_ignore_result)
-
     async def stop(self) -> None:
+        if self._admin_context is not None:  # the audit streams end rather than wait out the drain
+            self._admin_context.stopping.set()
+            self.activity.wake_all()
         if self.admin is not None:
             await self.admin.shutdown()
             with contextlib.suppress(FileNotFoundError):
@@ -300,8 +324,3 @@ def _listen_host(host: str, sock: socket.socket | None) -> str:
         if isinstance(address, tuple):
             return str(address[0])
     return host
-
-
-def _ignore_result(fut: asyncio.Future[int]) -> None:
-    if not fut.cancelled() and fut.exception() is not None:
-        print(f"phi-gateway: a rejection record could not be written: {fut.exception()}", file=sys.stderr)

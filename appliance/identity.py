@@ -27,7 +27,7 @@ import secrets
 import sqlite3
 import time
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +162,20 @@ class TokenStore:
     def revoke_id(self, token_id: int) -> bool:
         """Revoke one token by id; False when there is no such active token."""
         return self._revoke("id = ?", token_id) > 0
+
+    def set_expiry(self, token_id: int, expires_at: datetime | None) -> bool:
+        """Give an active token a new expiry (``None``: none); False when there is no such active token."""
+        expires = format_ts(expires_at) if expires_at is not None else None
+        count: int = self._db.write(
+            lambda conn: (
+                conn.execute(
+                    "UPDATE tokens SET expires_at = ? WHERE id = ? AND revoked_at IS NULL",
+                    (expires, token_id),
+                ).rowcount
+            )
+        )
+        self._mark.bump()
+        return count > 0
 
     def _revoke(self, where: str, key: str | int) -> int:
         sql = _REVOKE + where  # where is one of two literals above, never caller input
@@ -305,3 +319,33 @@ def _read_cllama_agent(entry: Path, org: str, role: str) -> CllamaAgent:
         chosen[key] = value
         named.append(key)
     return CllamaAgent(name, "", chosen["org"], chosen["role"], tuple(named), _token_hash(token.strip()))
+
+
+_DURATION = re.compile(r"^(\d+)([dhm])$")
+_UNITS = {"d": "days", "h": "hours", "m": "minutes"}
+_LATEST_EXPIRY = datetime(9000, 1, 1, tzinfo=UTC)
+"""Far enough for any token, and far from datetime's year 9999, so no later arithmetic overflows."""
+_USAGE = "use 30d, 12h, 45m or an ISO 8601 time"
+_OUT_OF_RANGE = f"out of range (a token expires before {_LATEST_EXPIRY.year})"
+
+
+def parse_expiry(value: str | None, what: str = "expires") -> datetime | None:
+    """A token's expiry as an operator writes it (``30d``, ``12h``, ``45m`` or an ISO 8601 moment): a
+    duration from now or a moment; ``None`` is no expiry. Out-of-range values are a message, not a crash."""
+    if value is None:
+        return None
+    match = _DURATION.match(value)
+    try:
+        if match:
+            amount, unit = int(match.group(1)), _UNITS[match.group(2)]
+            moment = datetime.now(UTC) + timedelta(**{unit: amount})
+        else:
+            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            moment = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC)
+    except OverflowError:
+        raise OperatorError(f"{what} {value!r}: {_OUT_OF_RANGE}") from None
+    except ValueError as exc:
+        raise OperatorError(f"{what} {value!r}: {_USAGE}") from exc
+    if moment >= _LATEST_EXPIRY:
+        raise OperatorError(f"{what} {value!r}: {_OUT_OF_RANGE}")
+    return moment

@@ -1,104 +1,138 @@
-"""The operator plane of a running gateway: a small JSON API on a unix socket, and its client.
+"""The admin socket's dispatcher: which endpoint answers which path, and what every endpoint shares.
 
-    GET  /metrics                 Prometheus text format (``appliance.metrics``)
-    GET  /admin/status            policy, ledger, local models, counters (what /health shows, and more)
-    POST /admin/policy/reload     look for a new policy or trust file now, not at the next tick
-    POST /admin/models/load       {"model": "local/<name>"}: verify the pinned file and load it
-    POST /admin/models/unload     {"model": "local/<name>"}
+    GET  /metrics                                  Prometheus text format (``appliance.metrics``)
+    GET  /admin/status | /admin/activity | /admin/models                        ``admin.live``
+    GET  /admin/audit | /admin/audit/record | /admin/audit/stream               ``admin.audit``
+    POST /admin/audit/prove
+    GET  /admin/callers; POST /admin/callers/issue | revoke | expiry            ``admin.callers``
+    POST /admin/models/load | unload                                             ``admin.live``
+    GET  /admin/policy; POST /admin/policy/verify | import | reload              ``admin.policy``
+    GET  /admin/keys; POST /admin/keys/set | remove                              ``admin.keys``
+    GET  /admin/ledger | /admin/ledger/verify; POST /admin/ledger/verify | checkpoint   ``admin.ledger``
 
-Owns: the socket (``<home>/admin.sock``, mode 0600 inside the 0700 home: only the appliance's own user
-can connect, so the file mode is the authentication), the routes above, and ``AdminClient`` used by the
-CLI (and later the console). Every change made through it is an ``admin`` record in the ledger, naming
-the OS user of the socket's peer (``SO_PEERCRED``, worded by ``appliance.os_user``).
-Never: listens on the network (the admin plane must not be reachable from the wards); returns a
-secret; names an OS user the transport did not vouch for (a peer without credentials is ``unknown``).
+Owns: the socket's routing table, ``AdminCall`` (query, JSON or raw body, the peer's OS user) and
+``AdminContext`` (the running gateway's parts the endpoints may use), answers as JSON, an operator's
+mistake (``OperatorError``) answered 400 with its message, and the ``admin`` record of every action
+(``AdminContext.record``: durable before the answer, naming the verb and the socket peer's OS user).
+The socket is ``<home>/admin.sock``, mode 0600 inside the 0700 home: only the appliance's own user can
+connect, so the file mode is the authentication.
+Never: listens on the network (the admin plane must not be reachable from the wards); returns a secret
+(the one exception: a token at its issue, once); names an OS user the transport did not vouch for.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
-from pathlib import Path
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
 
-from appliance.errors import BadRequest, MethodNotAllowed, NotFound
+from appliance.errors import BadRequest, MethodNotAllowed, NotFound, OperatorError
 from appliance.http import Request, Responder
 from appliance.os_user import peer_os_user
+
+if TYPE_CHECKING:
+    from appliance.activity import Activity
+    from appliance.admin.verify_job import VerifyJob
+    from appliance.home import Home, Vault
+    from appliance.policy_state import PolicyKeeper
+    from local_models.runtime import LocalRuntime
 
 _JSON = [(b"Content-Type", b"application/json")]
 
 
-class AdminTarget(Protocol):
-    """What the admin plane may ask of a running gateway."""
+@dataclass
+class AdminContext:
+    """The running gateway's parts the admin endpoints use."""
 
-    def status(self) -> dict[str, Any]: ...
+    home: Home
+    vault: Vault
+    keeper: PolicyKeeper
+    local: LocalRuntime
+    activity: Activity
+    status: Callable[[], dict[str, Any]]
+    metrics: Callable[[], tuple[bytes, str]]
+    in_flight: Callable[[], int]
+    verify_job: VerifyJob
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def reload_policy(self) -> dict[str, Any]: ...
+    async def record(self, call: AdminCall, detail: str, claw_id: str | None = None) -> None:
+        """The ``admin`` record of an action, durable before the action is answered."""
+        record = {"type": "admin", "detail": f"{detail} via admin socket", "os_user": call.os_user}
+        if claw_id is not None:
+            record["claw_id"] = claw_id
+        await self.vault.ledger.append(record)
 
-    async def load_model(self, model: str) -> dict[str, Any]: ...
 
-    async def unload_model(self, model: str) -> dict[str, Any]: ...
+class AdminCall:
+    """One request to the admin socket, as the endpoints read it."""
 
-    def record_admin(self, detail: str, os_user: str | None = None) -> None: ...
+    def __init__(self, request: Request, responder: Responder) -> None:
+        self.request = request
+        self.responder = responder
+        self.query = dict(parse_qsl(request.query or "", keep_blank_values=True))
+        self.os_user = peer_os_user(request.peer)
 
-    def metrics(self) -> tuple[bytes, str]: ...
+    async def json(self) -> dict[str, Any]:
+        raw = await self.request.body()
+        try:
+            doc = json.loads(raw or b"{}")
+        except ValueError as exc:
+            raise BadRequest("the body must be a JSON object") from exc
+        if not isinstance(doc, dict):
+            raise BadRequest("the body must be a JSON object")
+        return doc
+
+    async def data(self) -> bytes:
+        return await self.request.body()
+
+    def int_param(self, name: str, default: int | None = None) -> int | None:
+        value = self.query.get(name)
+        if value is None or value == "":
+            return default
+        try:
+            return int(value)
+        except ValueError:
+            raise BadRequest(f"{name} must be an integer", param=name) from None
+
+
+Handler = Callable[[AdminContext, AdminCall], Awaitable[dict[str, Any] | None]]
+"""An endpoint: the JSON document to answer, or None when it answered itself (a stream)."""
+
+
+def text_field(doc: dict[str, Any], name: str, *, required: bool = True) -> str | None:
+    value = doc.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value:
+        raise BadRequest(f"{name!r} is required (a non-empty string)", param=name)
+    return value
 
 
 class AdminApi:
-    def __init__(self, target: AdminTarget) -> None:
-        self._target = target
-        self._routes: dict[str, tuple[str, Callable[[Request, Responder], Awaitable[None]]]] = {
-            "/metrics": ("GET", self._metrics),
-            "/admin/status": ("GET", self._status),
-            "/admin/policy/reload": ("POST", self._reload),
-            "/admin/models/load": ("POST", self._load),
-            "/admin/models/unload": ("POST", self._unload),
-        }
+    def __init__(self, context: AdminContext, routes: dict[tuple[str, str], Handler]) -> None:
+        self._context = context
+        self._routes = routes
+        self._paths = {path for _, path in routes}
 
     async def handle(self, request: Request, responder: Responder) -> None:
-        entry = self._routes.get(request.path.rstrip("/"))
-        if entry is None:
+        path = request.path.rstrip("/")
+        handler = self._routes.get((request.method, path))
+        if handler is None:
+            if path in self._paths:
+                allowed = sorted(method for method, known in self._routes if known == path)
+                raise MethodNotAllowed(f"{request.path} accepts {' or '.join(allowed)} only")
             raise NotFound(f"no such admin endpoint: {request.path}")
-        method, handler = entry
-        if request.method != method:
-            raise MethodNotAllowed(f"{request.path} accepts {method} only")
-        await handler(request, responder)
-
-    async def _status(self, request: Request, responder: Responder) -> None:
-        await _send(responder, self._target.status())
-
-    async def _metrics(self, request: Request, responder: Responder) -> None:
-        body, content_type = self._target.metrics()
-        await responder.send(200, [(b"Content-Type", content_type.encode())], body)
-
-    async def _reload(self, request: Request, responder: Responder) -> None:
-        result = self._target.reload_policy()
-        self._target.record_admin("policy_reload via admin socket", peer_os_user(request.peer))
-        await _send(responder, result)
-
-    async def _load(self, request: Request, responder: Responder) -> None:
-        model = _model_of(await request.body())
-        result = await self._target.load_model(model)
-        self._target.record_admin(f"model_load {model} via admin socket", peer_os_user(request.peer))
-        await _send(responder, result)
-
-    async def _unload(self, request: Request, responder: Responder) -> None:
-        model = _model_of(await request.body())
-        result = await self._target.unload_model(model)
-        self._target.record_admin(f"model_unload {model} via admin socket", peer_os_user(request.peer))
-        await _send(responder, result)
+        call = AdminCall(request, responder)
+        try:
+            doc = await handler(self._context, call)
+        except OperatorError as exc:  # an operator's mistake (an unknown caller, a bad expiry): say it
+            raise BadRequest(str(exc)) from exc
+        if doc is not None:
+            await send_json(responder, doc)
 
 
-def _model_of(body: bytes) -> str:
-    try:
-        doc = json.loads(body or b"{}")
-    except ValueError as exc:
-        raise BadRequest('the body must be JSON: {"model": "local/<name>"}') from exc
-    model = doc.get("model") if isinstance(doc, dict) else None
-    if not isinstance(model, str) or not model:
-        raise BadRequest("'model' is required: \"local/<name>\"", param="model")
-    return model
-
-
-async def _send(responder: Responder, doc: dict[str, Any]) -> None:
+async def send_json(responder: Responder, doc: dict[str, Any]) -> None:
     await responder.send(200, _JSON, json.dumps(doc, separators=(",", ":"), default=str).encode())

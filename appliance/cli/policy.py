@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import click
 
-from appliance import files, signing_keys
+from appliance import bundle_import, files, signing_keys
 from appliance.admin.client import AdminClient
 from appliance.cli.options import home_option, open_home, record_admin
 from appliance.errors import BundleRejected, OperatorError
-from appliance.home import Home, Vault
 from appliance.os_user import this_os_user
 from appliance.policy import dsse, importer, reference
 from appliance.policy.client_certificates import Certificate
@@ -107,10 +104,10 @@ def policy_verify(home: Path | None, as_json: bool, bundle: Path) -> None:
     target = open_home(home)
     data = files.read_bytes(bundle, BUNDLE)
     with target.open_vault() as vault, _rejections_as_json(as_json):
-        old = _policy_in_force(vault)
-        vb = _verify(target, data, vault.policies.current_version())
+        old = bundle_import.policy_in_force(vault)
+        vb = bundle_import.verify(target, vault, data)
     if as_json:
-        click.echo(json.dumps(_bundle_document(vb, old, imported=False), indent=2))
+        click.echo(json.dumps(bundle_import.document(vb, old, imported=False), indent=2))
         return
     click.echo(
         f"ok: policy v{vb.policy.version}, sha256 {vb.sha256}, signed by {len(vb.keyids)} trusted key(s)"
@@ -128,7 +125,7 @@ def policy_import(home: Path | None, as_json: bool, bundle: Path) -> None:
     data = files.read_bytes(bundle, BUNDLE)
     with target.open_vault() as vault, _rejections_as_json(as_json):
         active = vault.policies.current()
-        old = _policy_in_force(vault)
+        old = bundle_import.policy_in_force(vault)
         if active is not None and old is not None and hashlib.sha256(data).hexdigest() == active.sha256:
             # The bundle in force, given again: finish a trust rotation an interruption left half done (it
             # was verified against both key sets when it was activated); anything else is a no-op.
@@ -146,29 +143,12 @@ def policy_import(home: Path | None, as_json: bool, bundle: Path) -> None:
                 else f"trust rotation of policy v{old.version} completed"
             )
             return
-        vb = _verify(target, data, active.version if active else None)
-        detail = (
-            f"policy_import v{vb.policy.version} sha256:{vb.sha256[:16]} "
-            f"keys={','.join(k[:16] for k in vb.keyids)}"
-        )
-        if vb.new_trust is not None:
-            detail += " " + target.trust().rotation_detail(vb.new_trust)
-        ledger = vault.ledger
-
-        def record_and_checkpoint(conn: sqlite3.Connection) -> None:
-            # The import, its record and a signed checkpoint covering it commit together.
-            ledger.record_in(conn, {"type": "admin", "detail": detail, "os_user": this_os_user()})
-            ledger.checkpoint_in(conn, "policy-import")
-
-        vault.policies.activate(vb, also=record_and_checkpoint)
-    if vb.new_trust is not None:
-        # After the activation: a crash in between leaves the stored bundle verifying against the old set.
-        trust = target.trust()
-        trust.replace(vb.new_trust)
-        if not as_json:
-            click.echo(f"trust rotated: {len(vb.new_trust.keys)} key(s), threshold {vb.new_trust.threshold}")
+        vb = bundle_import.verify(target, vault, data)
+        bundle_import.activate(target, vault, vb, this_os_user())
+    if vb.new_trust is not None and not as_json:
+        click.echo(f"trust rotated: {len(vb.new_trust.keys)} key(s), threshold {vb.new_trust.threshold}")
     if as_json:
-        click.echo(json.dumps(_bundle_document(vb, old, imported=True), indent=2))
+        click.echo(json.dumps(bundle_import.document(vb, old, imported=True), indent=2))
         return
     _print_changes(
         f"policy v{vb.policy.version} imported and in force (running gateways switch within seconds)",
@@ -210,7 +190,7 @@ def policy_explain(
     target = open_home(home)
     client_ca = target.settings().server.tls.client_ca_file is not None
     with target.open_vault() as vault:
-        policy = _policy_in_force(vault)
+        policy = bundle_import.policy_in_force(vault)
         if caller is not None:
             rows = [row for row in vault.tokens.list() if row["caller"] == caller]
             if not rows:
@@ -240,13 +220,6 @@ def policy_explain(
         click.echo(line)
 
 
-def _verify(target: Home, data: bytes, current_version: int | None) -> importer.VerifiedBundle:
-    """Every import check of the bundle ``data`` against this home's trust, site and policy in force."""
-    return importer.verify_bundle(
-        data, target.trust(), site=target.settings().site, current_version=current_version
-    )
-
-
 def _print_changes(heading: str, old: Policy | None, new: Policy) -> None:
     click.echo(heading)
     for change in changes(old, new):
@@ -261,30 +234,6 @@ def _subject(written: str | None) -> str | None:
         return canonical(written)
     except ValueError as exc:
         raise OperatorError(f"--client-cert: {exc}") from None
-
-
-def _policy_in_force(vault: Vault) -> Policy | None:
-    active = vault.policies.current()
-    return (
-        None if active is None else Policy.model_validate_json(dsse.parse_envelope(active.envelope).payload)
-    )
-
-
-def _bundle_document(vb: importer.VerifiedBundle, old: Policy | None, *, imported: bool) -> dict[str, Any]:
-    """``policy verify --json`` and ``policy import --json``: the bundle, and what it changes."""
-    trust = vb.new_trust
-    return {
-        "ok": True,
-        "imported": imported,
-        "version": vb.policy.version,
-        "previous_version": None if old is None else old.version,
-        "sha256": vb.sha256,
-        "keyids": list(vb.keyids),
-        "trust_rotation": None
-        if trust is None
-        else {"threshold": trust.threshold, "keyids": sorted(trust.keys)},
-        "changes": [change.document() for change in changes(old, vb.policy)],
-    }
 
 
 @contextmanager

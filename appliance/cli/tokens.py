@@ -7,53 +7,20 @@ on the last line of standard output, at ``token issue``; lists or records a toke
 from __future__ import annotations
 
 import json
-import re
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import click
 
-from appliance import files
+from appliance import bundle_import, files
 from appliance.cli.options import home_option, open_home, record_admin
 from appliance.errors import OperatorError
-from appliance.home import Vault
-from appliance.identity import CllamaAgent
-from appliance.policy import dsse
+from appliance.identity import CllamaAgent, parse_expiry
 from appliance.policy.schema import Policy
 
 
 @click.group("token")
 def token_group() -> None:
     """Caller tokens (<caller-id>:<48 hex>), stored only as SHA-256."""
-
-
-_DURATION = re.compile(r"^(\d+)([dhm])$")
-_UNITS = {"d": "days", "h": "hours", "m": "minutes"}
-_LATEST_EXPIRY = datetime(9000, 1, 1, tzinfo=UTC)
-"""Far enough for any token, and far from datetime's year 9999, so no later arithmetic overflows."""
-_USAGE = "use 30d, 12h, 45m or an ISO 8601 time"
-_OUT_OF_RANGE = f"out of range (a token expires before {_LATEST_EXPIRY.year})"
-
-
-def _parse_expiry(value: str | None) -> datetime | None:
-    """``--expires``: a duration from now or a moment; out-of-range values are a message, not a crash."""
-    if value is None:
-        return None
-    match = _DURATION.match(value)
-    try:
-        if match:
-            amount, unit = int(match.group(1)), _UNITS[match.group(2)]
-            moment = datetime.now(UTC) + timedelta(**{unit: amount})
-        else:
-            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-            moment = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC)
-    except OverflowError:
-        raise OperatorError(f"--expires {value!r}: {_OUT_OF_RANGE}") from None
-    except ValueError as exc:
-        raise OperatorError(f"--expires {value!r}: {_USAGE}") from exc
-    if moment >= _LATEST_EXPIRY:
-        raise OperatorError(f"--expires {value!r}: {_OUT_OF_RANGE}")
-    return moment
 
 
 @token_group.command("issue")
@@ -78,21 +45,16 @@ def token_issue(
     """Issue a token for CALLER; it is printed once, alone on the last line."""
     with open_home(home).open_vault() as vault:
         if not allow_unknown_role:
-            _require_role(_policy_in_force(vault), org, role)
-        token = vault.tokens.issue(caller, org, role, expires_at=_parse_expiry(expires), note=note)
+            _require_role(bundle_import.policy_in_force(vault), org, role)
+        token = vault.tokens.issue(
+            caller, org, role, expires_at=parse_expiry(expires, "--expires"), note=note
+        )
         record_admin(vault, f"token_issue org={org} role={role}", claw_id=caller)
     click.echo(
         f"token for {caller} ({org}/{role}); shown once, store it in the application's secret store:",
         err=True,
     )
     click.echo(token)
-
-
-def _policy_in_force(vault: Vault) -> Policy | None:
-    active = vault.policies.current()
-    return (
-        None if active is None else Policy.model_validate_json(dsse.parse_envelope(active.envelope).payload)
-    )
 
 
 def _has_role(policy: Policy, org: str, role: str) -> bool:
@@ -155,7 +117,7 @@ def token_import_cllama(
     """
     _require_regular_metadata(directory)
     with open_home(home).open_vault() as vault:
-        policy = None if allow_unknown_role else _policy_in_force(vault)
+        policy = None if allow_unknown_role else bundle_import.policy_in_force(vault)
         _require_role(policy, org, role)
         agents = [
             _check_metadata_role(agent, policy)

@@ -1,0 +1,227 @@
+"""The admin socket's audit endpoints: pages of records, one record, a live stream, and a record's proof.
+
+    GET  /admin/audit?after=&before=&limit=&<filters>    a page of records (newest ``limit`` by default)
+    GET  /admin/audit/record?seq=N                       one record
+    GET  /admin/audit/stream?after=&<filters>            NDJSON: each new durable record, as it commits
+    POST /admin/audit/prove {"seq": N}                   its inclusion proof against a signed checkpoint
+
+Filters are exact matches on ``caller`` (the record's ``claw_id``), ``route``, ``model``, ``decision``,
+``status``, ``intervention``, ``type``, ``org``, ``role`` and ``request_id``, applied here (server side), so
+a console tailing one caller receives only that caller's records.
+
+Owns: reading the ledger table by seq for those endpoints (on the reading thread's own connection, off
+the event loop), the stream's pacing (woken by ``Activity`` when records commit, at most
+``_STREAM_PACE_S`` apart, a heartbeat line when idle, which also picks up records another process wrote)
+and the proof (``proofs.inclusion_proof`` checked with ``proofs.verify_proof`` before it is returned).
+Never: returns anything but the audit line's fields (records never hold prompt text or secrets); holds a
+stream's records in memory (it reads pages by seq, as fast as the client takes them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, Final
+
+from appliance import timestamps
+from appliance.admin.api import AdminCall, AdminContext, Handler
+from appliance.errors import BadRequest, ClientDisconnected, NotFound
+from appliance.ledger import proofs
+
+FILTERS: Final = {
+    "caller": "claw_id",
+    "route": "route",
+    "model": "model",
+    "decision": "decision",
+    "status": "status_code",
+    "intervention": "intervention",
+    "type": "type",
+    "org": "org",
+    "role": "role",
+    "request_id": "request_id",
+}
+MAX_PAGE: Final = 1000
+_DEFAULT_PAGE: Final = 100
+_READ_ROWS: Final = 500
+_MAX_SCANNED: Final = 50_000
+"""A page with filters stops after this many records read (a rare caller's records in a large ledger)."""
+_STREAM_PACE_S: Final = 0.1
+_HEARTBEAT_S: Final = 2.0
+_NDJSON = [(b"Content-Type", b"application/x-ndjson"), (b"Cache-Control", b"no-cache")]
+
+Filters = dict[str, Any]
+
+
+def filters_of(call: AdminCall) -> Filters:
+    """The record fields to match, from the query (``status`` is a number)."""
+    found: Filters = {}
+    for name, field in FILTERS.items():
+        value = call.query.get(name)
+        if value is None or value == "":
+            continue
+        found[field] = call.int_param(name) if name == "status" else value
+    return found
+
+
+def _matches(record: dict[str, Any], filters: Filters) -> bool:
+    return all(record.get(field) == value for field, value in filters.items())
+
+
+def _rows(ctx: AdminContext, sql: str, args: tuple[Any, ...]) -> list[dict[str, Any]]:
+    out = []
+    for seq, text in ctx.vault.db.reader().execute(sql, args).fetchall():
+        record = json.loads(text)
+        record["seq"] = seq
+        out.append(record)
+    return out
+
+
+def read_after(
+    ctx: AdminContext, after: int, filters: Filters, limit: int
+) -> tuple[list[dict[str, Any]], int]:
+    """Matching records with seq > ``after``, oldest first, at most ``limit``; and the last seq read."""
+    found: list[dict[str, Any]] = []
+    scanned = 0
+    while len(found) < limit and scanned < _MAX_SCANNED:
+        rows = _rows(
+            ctx, "SELECT seq, record FROM ledger WHERE seq > ? ORDER BY seq LIMIT ?", (after, _READ_ROWS)
+        )
+        for record in rows:
+            after = record["seq"]
+            if _matches(record, filters):
+                found.append(record)
+                if len(found) == limit:
+                    break
+        scanned += len(rows)
+        if len(rows) < _READ_ROWS:
+            break
+    return found, after
+
+
+def read_before(ctx: AdminContext, before: int | None, filters: Filters, limit: int) -> list[dict[str, Any]]:
+    """The newest ``limit`` matching records with seq < ``before`` (all when None), oldest first."""
+    found: list[dict[str, Any]] = []
+    scanned = 0
+    cursor = before if before is not None else ctx.vault.ledger.count() + 1
+    while len(found) < limit and scanned < _MAX_SCANNED and cursor > 1:
+        rows = _rows(
+            ctx,
+            "SELECT seq, record FROM ledger WHERE seq < ? ORDER BY seq DESC LIMIT ?",
+            (cursor, _READ_ROWS),
+        )
+        if not rows:
+            break
+        for record in rows:
+            cursor = record["seq"]
+            if _matches(record, filters):
+                found.append(record)
+                if len(found) == limit:
+                    break
+        scanned += len(rows)
+    found.reverse()
+    return found
+
+
+async def page(ctx: AdminContext, call: AdminCall) -> dict[str, Any]:
+    filters = filters_of(call)
+    limit = call.int_param("limit", _DEFAULT_PAGE)
+    if limit is None or not 1 <= limit <= MAX_PAGE:
+        raise BadRequest(f"limit must be 1 to {MAX_PAGE}", param="limit")
+    after = call.int_param("after")
+    if after is not None:
+        records, _ = await asyncio.to_thread(read_after, ctx, after, filters, limit)
+    else:
+        records = await asyncio.to_thread(read_before, ctx, call.int_param("before"), filters, limit)
+    return {"records": records, "head": ctx.vault.ledger.count()}
+
+
+async def record(ctx: AdminContext, call: AdminCall) -> dict[str, Any]:
+    seq = call.int_param("seq")
+    if seq is None:
+        raise BadRequest("seq is required", param="seq")
+    rows = await asyncio.to_thread(_rows, ctx, "SELECT seq, record FROM ledger WHERE seq = ?", (seq,))
+    if not rows:
+        raise NotFound(f"there is no record {seq} in the ledger")
+    return {"record": rows[0]}
+
+
+async def stream(ctx: AdminContext, call: AdminCall) -> None:
+    """New records as they become durable, one JSON line each; a heartbeat line when idle."""
+    filters = filters_of(call)
+    start = call.int_param("after")
+    after: int = start if start is not None else ctx.vault.ledger.count()
+    responder = call.responder
+    woken = ctx.activity.listen()
+    loop = asyncio.get_running_loop()
+    quiet_since = loop.time()
+    try:
+        await responder.start(200, _NDJSON)
+        while not ctx.stopping.is_set():
+            woken.clear()  # before reading: a commit during the read wakes the next wait
+            found, after = await asyncio.to_thread(read_after, ctx, after, filters, _READ_ROWS)
+            if found:
+                await responder.write(b"".join(_line(record) for record in found))
+                quiet_since = loop.time()
+            elif loop.time() - quiet_since >= _HEARTBEAT_S:
+                await responder.write(_line({"heartbeat": timestamps.now(), "head": after}))
+                quiet_since = loop.time()
+            if len(found) == _READ_ROWS:
+                continue  # behind: read on at once
+            await asyncio.sleep(_STREAM_PACE_S)  # many commits a second are read together
+            if not woken.is_set():
+                try:
+                    await asyncio.wait_for(woken.wait(), _HEARTBEAT_S)
+                except TimeoutError:
+                    pass  # idle: read anyway (another process may have appended), then a heartbeat
+        await responder.end()
+    except ClientDisconnected:
+        return
+    finally:
+        ctx.activity.unlisten(woken)
+
+
+def _line(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
+
+async def prove(ctx: AdminContext, call: AdminCall) -> dict[str, Any]:
+    """The record's inclusion proof against the latest stored checkpoint (one is signed first when the
+    record is newer), checked with the ledger's verifier key before it is returned."""
+    seq = (await call.json()).get("seq")
+    if not isinstance(seq, int) or isinstance(seq, bool):
+        raise BadRequest("'seq' is required (an integer)", param="seq")
+    return await asyncio.to_thread(_prove, ctx, seq)
+
+
+def _prove(ctx: AdminContext, seq: int) -> dict[str, Any]:
+    ledger = ctx.vault.ledger
+    if not 1 <= seq <= ledger.count():
+        raise NotFound(f"there is no record {seq} in the ledger")
+    conn = ctx.vault.db.reader()
+    last = conn.execute("SELECT max(size) FROM ledger_checkpoint").fetchone()[0]
+    if last is None or last < seq:
+        ledger.checkpoint("manual")
+    conn.execute("BEGIN")
+    try:
+        size = conn.execute("SELECT max(size) FROM ledger_checkpoint").fetchone()[0]
+        note = proofs.stored_checkpoint_at(conn, size)
+        doc = proofs.inclusion_proof(conn, seq, size, note)
+    finally:
+        conn.execute("COMMIT")
+    result = proofs.verify_proof(doc, [ledger.verifier()])
+    return {
+        "seq": seq,
+        "tree_size": size,
+        "checkpoint": note,
+        "proof": doc,
+        "verified": True,
+        "message": result.message,
+    }
+
+
+ROUTES: dict[tuple[str, str], Handler] = {
+    ("GET", "/admin/audit"): page,
+    ("GET", "/admin/audit/record"): record,
+    ("GET", "/admin/audit/stream"): stream,
+    ("POST", "/admin/audit/prove"): prove,
+}
