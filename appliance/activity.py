@@ -254,6 +254,9 @@ class Activity:
 
     def spend_today(self) -> dict[str, Any]:
         self.drain()
+        day = _day(self._clock())
+        if day != self._spend.day:  # a quiet midnight: nothing was counted since
+            self._spend = _Spend(day)
         return self._spend.document()
 
     def local_rates(self, status: dict[str, Any]) -> dict[str, float]:
@@ -299,6 +302,9 @@ class Activity:
     # -- internals --------------------------------------------------------------------------------------
 
     def _count(self, committed: float, batch: Batch) -> None:
+        day = _day(committed)
+        if day != self._spend.day:  # midnight (UTC): today's spend starts again
+            self._spend = _Spend(day)
         second = self._second(int(committed))
         oldest: float | None = None
         for record, _ in batch:
@@ -308,9 +314,6 @@ class Activity:
                 self._answer(record, second)
         if oldest is not None and committed >= oldest:
             self.commit_lag.observe(committed - oldest)
-        day = _day(committed)
-        if day != self._spend.day:
-            self._spend = _Spend(day)
 
     def _answer(self, record: dict[str, Any], second: _Second) -> None:
         status = record.get("status_code")

@@ -98,8 +98,11 @@ def passed_checks(
     ]
 
 
-def document(vb: importer.VerifiedBundle, old: Policy | None, *, imported: bool) -> dict[str, Any]:
-    """The bundle and what it changes (``policy verify|import --json``, the admin socket's answer)."""
+def document(
+    vb: importer.VerifiedBundle, old: Policy | None, *, imported: bool, lines: bool = False
+) -> dict[str, Any]:
+    """The bundle and what it changes (``policy verify|import --json``, the admin socket's answer; with
+    ``lines`` each change also carries the operator's ``line``, as the CLI prints it)."""
     trust = vb.new_trust
     return {
         "ok": True,
@@ -111,5 +114,8 @@ def document(vb: importer.VerifiedBundle, old: Policy | None, *, imported: bool)
         "trust_rotation": None
         if trust is None
         else {"threshold": trust.threshold, "keyids": sorted(trust.keys)},
-        "changes": [change.document() for change in changes(old, vb.policy)],
+        "changes": [
+            {**change.document(), "line": change.line()} if lines else change.document()
+            for change in changes(old, vb.policy)
+        ],
     }

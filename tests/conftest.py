@@ -1,4 +1,5 @@
-"""Shared fixtures: a fake cloud provider on loopback and a running gateway in front of it."""
+"""Shared fixtures: a fake cloud provider on loopback, a running gateway in front of it, and the generated
+tiny models (for the tests that serve ``local/`` models)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from local_models.tiny import write_tiny_model
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.gateway import GatewayHarness, policy_doc
 
@@ -27,3 +29,12 @@ def harness(tmp_path: Path, upstream: FakeUpstream) -> Iterator[GatewayHarness]:
     h.start()
     yield h
     h.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, str]]:
+    folder = tmp_path_factory.mktemp("models")
+    return {
+        name: (folder / f"{name}.gguf", write_tiny_model(folder / f"{name}.gguf", seed=seed))
+        for name, seed in (("tiny", 0), ("tiny2", 1))
+    }

@@ -115,7 +115,7 @@ def _report(ctx: AdminContext, data: bytes, activate: tuple[str, str] | None) ->
                 "verify it again"
             )
         bundle_import.activate(ctx.home, vault, vb, os_user)
-    return {**bundle_import.document(vb, old, imported=activate is not None), "checks": checks}
+    return {**bundle_import.document(vb, old, imported=activate is not None, lines=True), "checks": checks}
 
 
 async def _bundle(call: AdminCall) -> bytes:
