@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 from pydantic import BaseModel
 
+from appliance.admin.endpoints import all_routes
 from appliance.cli import main
 from appliance.config import Settings
 from appliance.ledger.store import Ledger
@@ -41,6 +42,73 @@ def _settings(model: type[BaseModel], prefix: str = "") -> list[str]:
 def test_every_cli_command_is_documented() -> None:
     missing = [c for c in _commands(main) if f"`{c}" not in README and f"phi-gateway {c}" not in README]
     assert not missing, f"README lacks: {missing}"
+
+
+def test_every_admin_endpoint_is_documented() -> None:
+    section = README.partition("### The admin API")[2].partition("\n### Metrics")[0]
+    missing = [f"{method} {path}" for method, path in all_routes() if f"`{method} {path}" not in section]
+    assert not missing, f"README's admin API lacks: {missing}"
+
+
+def test_every_metric_is_documented() -> None:
+    section = README.partition("\n### Metrics")[2].partition("\n### ")[0]
+    samples = [re.split(r"[ {]", line, maxsplit=1)[0] for line in _metrics_text().splitlines()]
+    names = {
+        re.sub(r"_(bucket|count|sum)$", "", name)
+        for name in samples
+        if name.startswith("phi_") and not name.endswith("_created")
+    }
+    missing = sorted(name for name in names if f"`{name}`" not in section)
+    assert not missing, f"README's metrics lack: {missing}"
+
+
+def _metrics_text() -> str:
+    """Every metric the gateway can expose: its activity's families and its gauges, a local model included."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from appliance.activity import Activity
+    from appliance.metrics import GatewayMetrics
+
+    class _Keeper:
+        current = None
+        reason = "none"
+
+        def remaining_s(self) -> None:
+            return None
+
+    class _Ledger:
+        healthy, owed_outcomes, dropped_lines = True, 0, 0
+
+        def count(self) -> int:
+            return 1
+
+    registry = CollectorRegistry(auto_describe=False)
+    activity = Activity(registry)
+    activity.take([({"type": "response", "decision": "allowed", "status_code": 200, "latency_ms": 1.0}, 1)])
+    activity.take([({"type": "error", "decision": "denied", "status_code": 401}, 2)])
+    activity.first_byte("openai", 0.1)
+    row = {
+        "state": "ready",
+        "queue_depth": 0,
+        "active": 0,
+        "slots": 1,
+        "generated_tokens": 1,
+        "prompt_tokens": 1,
+    }
+    metrics = GatewayMetrics(
+        _Keeper(),  # type: ignore[arg-type]
+        _Ledger(),  # type: ignore[arg-type]
+        lambda: 0,
+        lambda: {"tls": True, "not_after": "2030-01-01T00:00:00Z"},
+        registry=registry,
+        activity=activity,
+        local=lambda: {"local/tiny": row},
+        last_checkpoint=lambda: {"size": 1, "at": "2026-01-01T00:00:00.000Z", "reason": "manual"},
+    )
+    activity.tokens_in.labels("openai", "m").inc()
+    activity.tokens_out.labels("openai", "m").inc()
+    activity.cost.labels("openai", "m").inc()
+    return bytes(generate_latest(metrics.registry)).decode()
 
 
 def test_every_setting_is_documented() -> None:
