@@ -16,10 +16,11 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import VerticalScroll
 from textual.screen import Screen
-from textual.widgets import Footer, Static
+from textual.widgets import Static
 
 from tui.screens.base import ConsoleScreen
 from tui.screens.catalog import KEY_NAMES, build_catalog
+from tui.widgets.key_bar import KeyBar
 
 CHANGES = "  (changes the gateway)"
 CHANGES_REFUSED = "  (changes the gateway; refused here)"
@@ -54,7 +55,7 @@ class HelpScreen(Screen[None]):
                 panel = Static(table, classes="help-group")
                 panel.border_title = group
                 yield panel
-        yield Footer()
+        yield KeyBar()
 
     def action_close(self) -> None:
         self.dismiss()

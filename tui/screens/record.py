@@ -13,8 +13,9 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Footer, Static
+from textual.widgets import Static
 
+from tui.widgets.key_bar import KeyBar
 from tui.widgets.panels import KeyValue
 
 
@@ -38,7 +39,7 @@ class RecordScreen(ModalScreen[None]):
             panel = KeyValue(id="record-fields")
             panel.show(sorted(self.record.items()))
             yield panel
-        yield Footer()
+        yield KeyBar()
 
     def action_close(self) -> None:
         self.dismiss()
