@@ -111,7 +111,7 @@ async def _press(
 async def _console_run(
     socket: Path, phases: list[tuple[str, Callable[[], Any], float]]
 ) -> list[tuple[str, dict[str, list[float]]]]:
-    app = PhiConsole(AdminSource(socket, timeout=30), cursor_blink=False)
+    app = PhiConsole(AdminSource(socket, timeout=30), cursor_blink=False, tune_gc=True)
     results: list[tuple[str, dict[str, list[float]]]] = []
     async with app.run_test(size=(120, 40)) as pilot:
         clock = RepaintClock(app)

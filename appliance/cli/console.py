@@ -34,7 +34,7 @@ def console_cmd(home: Path | None, read_only: bool) -> None:
     from tui.app import PhiConsole  # Textual loads for this verb only: the other verbs stay quick to start
     from tui.client import AdminSource
 
-    PhiConsole(AdminSource(open_home(home).admin_socket), read_only=read_only).run()
+    PhiConsole(AdminSource(open_home(home).admin_socket), read_only=read_only, tune_gc=True).run()
 
 
 @click.command("top")
