@@ -26,6 +26,7 @@ import re
 import secrets
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -42,6 +43,9 @@ CALLER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _TOKEN = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]{0,63}):[0-9a-f]{48}")
 _BEARER = re.compile(r"[Bb][Ee][Aa][Rr][Ee][Rr][ \t]+(\S+)")
 _SECRET_BYTES = 24
+
+Also = Callable[[sqlite3.Connection, int], object]
+"""Runs inside an operator change's transaction with the rows it changed (its ``admin`` record)."""
 
 _REVOKE = "UPDATE tokens SET revoked_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE revoked_at IS NULL AND "
 
@@ -128,21 +132,27 @@ class TokenStore:
         *,
         expires_at: datetime | None = None,
         note: str | None = None,
+        also: Also | None = None,
     ) -> str:
-        """Create a token for ``caller``; return it. It is never stored or shown again: hand it over now."""
+        """Create a token for ``caller``; return it. It is never stored or shown again: hand it over now.
+        ``also(conn, 1)`` runs in the same transaction (the admin socket's record of the issue)."""
         _check_name("caller id", caller)
         _check_name("organization", org)
         _check_name("role", role)
         expires = format_ts(expires_at) if expires_at is not None else None
         token = f"{caller}:{secrets.token_hex(_SECRET_BYTES)}"
         digest = _token_hash(token)
-        self._db.write(
-            lambda conn: conn.execute(
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute(
                 "INSERT INTO tokens (caller, org, role, token_sha256, created_at, expires_at, note)"
                 " VALUES (?, ?, ?, ?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), ?, ?)",
                 (caller, org, role, digest, expires, note),
             )
-        )
+            if also is not None:
+                also(conn, 1)
+
+        self._db.write(write)
         self._mark.bump()
         return token
 
@@ -155,31 +165,29 @@ class TokenStore:
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
-    def revoke(self, caller: str) -> int:
-        """Revoke every not-yet-revoked token of ``caller``; return how many."""
-        return self._revoke("caller = ?", caller)
+    def revoke(self, caller: str, also: Also | None = None) -> int:
+        """Revoke every not-yet-revoked token of ``caller``; return how many. ``also(conn, count)`` runs in
+        the same transaction (here and in the other changes below: the admin socket's record of it)."""
+        return self._change(_REVOKE + "caller = ?", (caller,), also)
 
-    def revoke_id(self, token_id: int) -> bool:
+    def revoke_id(self, token_id: int, also: Also | None = None) -> bool:
         """Revoke one token by id; False when there is no such active token."""
-        return self._revoke("id = ?", token_id) > 0
+        return self._change(_REVOKE + "id = ?", (token_id,), also) > 0
 
-    def set_expiry(self, token_id: int, expires_at: datetime | None) -> bool:
+    def set_expiry(self, token_id: int, expires_at: datetime | None, also: Also | None = None) -> bool:
         """Give an active token a new expiry (``None``: none); False when there is no such active token."""
         expires = format_ts(expires_at) if expires_at is not None else None
-        count: int = self._db.write(
-            lambda conn: (
-                conn.execute(
-                    "UPDATE tokens SET expires_at = ? WHERE id = ? AND revoked_at IS NULL",
-                    (expires, token_id),
-                ).rowcount
-            )
-        )
-        self._mark.bump()
-        return count > 0
+        sql = "UPDATE tokens SET expires_at = ? WHERE id = ? AND revoked_at IS NULL"
+        return self._change(sql, (expires, token_id), also) > 0
 
-    def _revoke(self, where: str, key: str | int) -> int:
-        sql = _REVOKE + where  # where is one of two literals above, never caller input
-        count: int = self._db.write(lambda conn: conn.execute(sql, (key,)).rowcount)
+    def _change(self, sql: str, args: tuple[Any, ...], also: Also | None) -> int:
+        def write(conn: sqlite3.Connection) -> int:
+            count: int = conn.execute(sql, args).rowcount  # sql is one of the literals above
+            if also is not None:
+                also(conn, count)
+            return count
+
+        count: int = self._db.write(write)
         self._mark.bump()
         return count
 

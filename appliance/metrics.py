@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
@@ -29,6 +29,8 @@ from appliance.policy_state import PolicyKeeper
 __all__ = ["CONTENT_TYPE", "GatewayMetrics"]
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+
+disable_created_metrics()  # no `_created` series beside each counter: a scrape carries what it measures only
 
 
 class GatewayMetrics:
@@ -94,10 +96,10 @@ class GatewayMetrics:
             "Outcome records waiting to be written after a storage fault",
             ledger.owed_outcomes,
         )
-        yield _gauge(
+        yield CounterMetricFamily(
             "phi_ledger_stdout_lines_dropped",
-            "Audit lines stdout could not take (the ledger has them)",
-            ledger.dropped_lines,
+            "Audit lines stdout could not take since start (the ledger has them)",
+            value=float(ledger.dropped_lines),
         )
         yield _gauge(
             "phi_ledger_records", "Records in the ledger (the tree size of its head)", ledger.count()

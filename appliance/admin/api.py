@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -59,11 +60,30 @@ class AdminContext:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def record(self, call: AdminCall, detail: str, claw_id: str | None = None) -> None:
-        """The ``admin`` record of an action, durable before the action is answered."""
-        record = {"type": "admin", "detail": f"{detail} via admin socket", "os_user": call.os_user}
-        if claw_id is not None:
-            record["claw_id"] = claw_id
-        await self.vault.ledger.append(record)
+        """The ``admin`` record of an action, durable before the action is answered (for actions that are
+        not a vault write of their own: those commit their record with them, ``record_with``)."""
+        await self.vault.ledger.append(_admin_record(call, detail, claw_id))
+
+    def record_with(
+        self, call: AdminCall, detail: Callable[[int], str | None], claw_id: str | None = None
+    ) -> Callable[[sqlite3.Connection, int], None]:
+        """For a vault change's ``also``: its ``admin`` record, written in the change's own transaction, so
+        that a change whose record cannot be written does not happen. ``detail(rows)`` words it (None: the
+        change changed nothing, so nothing is recorded)."""
+
+        def also(conn: sqlite3.Connection, rows: int) -> None:
+            text = detail(rows)
+            if text is not None:
+                self.vault.ledger.record_in(conn, _admin_record(call, text, claw_id))
+
+        return also
+
+
+def _admin_record(call: AdminCall, detail: str, claw_id: str | None) -> dict[str, Any]:
+    record = {"type": "admin", "detail": f"{detail} via admin socket", "os_user": call.os_user}
+    if claw_id is not None:
+        record["claw_id"] = claw_id
+    return record
 
 
 class AdminCall:
@@ -93,13 +113,32 @@ class AdminCall:
         if value is None or value == "":
             return default
         try:
-            return int(value)
+            number = int(value)
         except ValueError:
             raise BadRequest(f"{name} must be an integer", param=name) from None
+        return _in_range(number, name)
 
 
 Handler = Callable[[AdminContext, AdminCall], Awaitable[dict[str, Any] | None]]
 """An endpoint: the JSON document to answer, or None when it answered itself (a stream)."""
+
+
+MAX_INT = (1 << 63) - 1
+"""Seqs, ids and statuses are SQLite integers: larger ones are refused, not left to overflow in a query."""
+
+
+def _in_range(number: int, name: str) -> int:
+    if not 0 <= number <= MAX_INT:
+        raise BadRequest(f"{name} must be an integer from 0 to {MAX_INT}", param=name)
+    return number
+
+
+def int_field(doc: dict[str, Any], name: str) -> int:
+    """A required integer of a JSON body (not a bool, within SQLite's range)."""
+    value = doc.get(name)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise BadRequest(f"{name!r} is required (an integer)", param=name)
+    return _in_range(value, name)
 
 
 def text_field(doc: dict[str, Any], name: str, *, required: bool = True) -> str | None:

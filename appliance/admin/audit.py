@@ -3,16 +3,17 @@
     GET  /admin/audit?after=&before=&limit=&<filters>    a page of records (newest ``limit`` by default)
     GET  /admin/audit/record?seq=N                       one record
     GET  /admin/audit/stream?after=&<filters>            NDJSON: each new durable record, as it commits
-    POST /admin/audit/prove {"seq": N}                   its inclusion proof against a signed checkpoint
+    POST /admin/audit/prove {"seq": N}                   its inclusion proof against the signed head
 
-Filters are exact matches on ``caller`` (the record's ``claw_id``), ``route``, ``model``, ``decision``,
-``status``, ``intervention``, ``type``, ``org``, ``role`` and ``request_id``, applied here (server side), so
-a console tailing one caller receives only that caller's records.
+Filters are exact matches (text ignoring case) on ``caller`` (the record's ``claw_id``), ``route``,
+``model``, ``decision``, ``status``, ``intervention``, ``type``, ``org``, ``role`` and ``request_id``,
+applied here (server side), so a console tailing one caller receives only that caller's records.
 
 Owns: reading the ledger table by seq for those endpoints (on the reading thread's own connection, off
 the event loop), the stream's pacing (woken by ``Activity`` when records commit, at most
 ``_STREAM_PACE_S`` apart, a heartbeat line when idle, which also picks up records another process wrote)
-and the proof (``proofs.inclusion_proof`` checked with ``proofs.verify_proof`` before it is returned).
+and the proof (``proofs.inclusion_proof`` against the signed head, checked with ``proofs.verify_proof``
+before it is returned; it writes nothing).
 Never: returns anything but the audit line's fields (records never hold prompt text or secrets); holds a
 stream's records in memory (it reads pages by seq, as fast as the client takes them).
 """
@@ -24,9 +25,9 @@ import json
 from typing import Any, Final
 
 from appliance import timestamps
-from appliance.admin.api import AdminCall, AdminContext, Handler
-from appliance.errors import BadRequest, ClientDisconnected, NotFound
-from appliance.ledger import proofs
+from appliance.admin.api import AdminCall, AdminContext, Handler, int_field
+from appliance.errors import BadRequest, ClientDisconnected, Conflict, NotFound
+from appliance.ledger import proofs, signed_note
 
 FILTERS: Final = {
     "caller": "claw_id",
@@ -47,6 +48,8 @@ _MAX_SCANNED: Final = 50_000
 """A page with filters stops after this many records read (a rare caller's records in a large ledger)."""
 _STREAM_PACE_S: Final = 0.1
 _HEARTBEAT_S: Final = 2.0
+_PROVE_WAIT_S: Final = 3.0
+"""How long a proof waits for the signed head to cover its record (signed every second)."""
 _NDJSON = [(b"Content-Type", b"application/x-ndjson"), (b"Cache-Control", b"no-cache")]
 
 Filters = dict[str, Any]
@@ -59,12 +62,20 @@ def filters_of(call: AdminCall) -> Filters:
         value = call.query.get(name)
         if value is None or value == "":
             continue
-        found[field] = call.int_param(name) if name == "status" else value
+        found[field] = call.int_param(name) if name == "status" else value.casefold()
     return found
 
 
 def _matches(record: dict[str, Any], filters: Filters) -> bool:
-    return all(record.get(field) == value for field, value in filters.items())
+    """Exact matches; text ignores case (``caller=Radiology-Bot`` finds ``radiology-bot``)."""
+    for field, value in filters.items():
+        found = record.get(field)
+        if isinstance(value, str):
+            if not isinstance(found, str) or found.casefold() != value:
+                return False
+        elif found != value:
+            return False
+    return True
 
 
 def _rows(ctx: AdminContext, sql: str, args: tuple[Any, ...]) -> list[dict[str, Any]]:
@@ -185,26 +196,36 @@ def _line(doc: dict[str, Any]) -> bytes:
 
 
 async def prove(ctx: AdminContext, call: AdminCall) -> dict[str, Any]:
-    """The record's inclusion proof against the latest stored checkpoint (one is signed first when the
-    record is newer), checked with the ledger's verifier key before it is returned."""
-    seq = (await call.json()).get("seq")
-    if not isinstance(seq, int) or isinstance(seq, bool):
-        raise BadRequest("'seq' is required (an integer)", param="seq")
-    return await asyncio.to_thread(_prove, ctx, seq)
+    """The record's inclusion proof against the newest signed checkpoint (the head, which the gateway signs
+    within a second of a commit), checked with the ledger's verifier key before it is returned. Writes
+    nothing: a read-only console may ask for it."""
+    seq = int_field(await call.json(), "seq")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _PROVE_WAIT_S
+    while True:
+        proof = await asyncio.to_thread(_prove, ctx, seq)
+        if proof is not None:
+            return proof
+        if loop.time() >= deadline:
+            raise Conflict(
+                f"record {seq} is not covered by a signed checkpoint yet (the gateway signs its head every "
+                "second): try again"
+            )
+        await asyncio.sleep(0.2)
 
 
-def _prove(ctx: AdminContext, seq: int) -> dict[str, Any]:
+def _prove(ctx: AdminContext, seq: int) -> dict[str, Any] | None:
+    """The proof, or None while the signed head does not cover ``seq`` yet."""
     ledger = ctx.vault.ledger
     if not 1 <= seq <= ledger.count():
         raise NotFound(f"there is no record {seq} in the ledger")
     conn = ctx.vault.db.reader()
-    last = conn.execute("SELECT max(size) FROM ledger_checkpoint").fetchone()[0]
-    if last is None or last < seq:
-        ledger.checkpoint("manual")
     conn.execute("BEGIN")
     try:
-        size = conn.execute("SELECT max(size) FROM ledger_checkpoint").fetchone()[0]
-        note = proofs.stored_checkpoint_at(conn, size)
+        head = conn.execute("SELECT size, note FROM ledger_head WHERE id = 1").fetchone()
+        if head is None or head[0] < seq:
+            return None
+        size, note = int(head[0]), str(head[1])
         doc = proofs.inclusion_proof(conn, seq, size, note)
     finally:
         conn.execute("COMMIT")
@@ -212,6 +233,7 @@ def _prove(ctx: AdminContext, seq: int) -> dict[str, Any]:
     return {
         "seq": seq,
         "tree_size": size,
+        "root_sha256": signed_note.parse_unverified(note).root.hex(),
         "checkpoint": note,
         "proof": doc,
         "verified": True,

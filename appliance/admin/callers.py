@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from appliance import bundle_import, timestamps
-from appliance.admin.api import AdminCall, AdminContext, Handler, text_field
+from appliance.admin.api import AdminCall, AdminContext, Handler, int_field, text_field
 from appliance.errors import BadRequest, NotFound
 from appliance.identity import parse_expiry
 
@@ -40,15 +40,17 @@ async def issue(ctx: AdminContext, call: AdminCall) -> dict[str, Any]:
     caller, org, role = (text_field(doc, name) or "" for name in ("caller", "org", "role"))
     expires = _expiry(doc)
     note = text_field(doc, "note", required=False)
-    policy = bundle_import.policy_in_force(ctx.vault)
+    policy = await asyncio.to_thread(bundle_import.policy_in_force, ctx.vault)
     if policy is not None:
         organization = policy.organizations.get(org)
         if organization is None or role not in organization.roles:
             raise BadRequest(
                 f"policy v{policy.version} has no role {org}/{role}; check the spelling", param="role"
             )
-    token = await asyncio.to_thread(ctx.vault.tokens.issue, caller, org, role, expires_at=expires, note=note)
-    await ctx.record(call, f"token_issue org={org} role={role}", claw_id=caller)
+    recorded = ctx.record_with(call, lambda _: f"token_issue org={org} role={role}", claw_id=caller)
+    token = await asyncio.to_thread(
+        ctx.vault.tokens.issue, caller, org, role, expires_at=expires, note=note, also=recorded
+    )
     return {
         "token": token,
         "caller": caller,
@@ -60,37 +62,37 @@ async def issue(ctx: AdminContext, call: AdminCall) -> dict[str, Any]:
 
 async def revoke(ctx: AdminContext, call: AdminCall) -> dict[str, Any]:
     doc = await call.json()
-    token_id = doc.get("id")
-    if token_id is not None:
-        if not isinstance(token_id, int) or isinstance(token_id, bool):
-            raise BadRequest("'id' must be an integer", param="id")
+    if doc.get("id") is not None:
+        token_id = int_field(doc, "id")
         rows = [row for row in ctx.vault.tokens.list() if row["id"] == token_id]
-        if not rows or not await asyncio.to_thread(ctx.vault.tokens.revoke_id, token_id):
+        owner = rows[0]["caller"] if rows else None
+        recorded = ctx.record_with(
+            call, lambda n: f"token_revoke id={token_id}" if n else None, claw_id=owner
+        )
+        if not rows or not await asyncio.to_thread(lambda: ctx.vault.tokens.revoke_id(token_id, recorded)):
             raise NotFound(f"there is no active token #{token_id}")
-        await ctx.record(call, f"token_revoke id={token_id}", claw_id=rows[0]["caller"])
-        return {"revoked": 1, "caller": rows[0]["caller"]}
+        return {"revoked": 1, "caller": owner}
     caller = text_field(doc, "caller")
     assert caller is not None
-    count = await asyncio.to_thread(ctx.vault.tokens.revoke, caller)
+    recorded = ctx.record_with(call, lambda n: f"token_revoke count={n}" if n else None, claw_id=caller)
+    count = await asyncio.to_thread(lambda: ctx.vault.tokens.revoke(caller, recorded))
     if count == 0:
         raise NotFound(f"{caller} has no active token")
-    await ctx.record(call, f"token_revoke count={count}", claw_id=caller)
     return {"revoked": count, "caller": caller}
 
 
 async def expiry(ctx: AdminContext, call: AdminCall) -> dict[str, Any]:
     doc = await call.json()
-    token_id = doc.get("id")
-    if not isinstance(token_id, int) or isinstance(token_id, bool):
-        raise BadRequest("'id' is required (an integer)", param="id")
+    token_id = int_field(doc, "id")
     expires = _expiry(doc)
     rows = [row for row in ctx.vault.tokens.list() if row["id"] == token_id]
-    if not rows or not await asyncio.to_thread(ctx.vault.tokens.set_expiry, token_id, expires):
+    if not rows:
         raise NotFound(f"there is no active token #{token_id}")
     shown = timestamps.rfc3339(expires) if expires is not None else None
-    await ctx.record(
-        call, f"token_expiry id={token_id} expires={shown or 'never'}", claw_id=rows[0]["caller"]
-    )
+    detail = f"token_expiry id={token_id} expires={shown or 'never'}"
+    recorded = ctx.record_with(call, lambda n: detail if n else None, claw_id=rows[0]["caller"])
+    if not await asyncio.to_thread(lambda: ctx.vault.tokens.set_expiry(token_id, expires, recorded)):
+        raise NotFound(f"there is no active token #{token_id}")
     return {"id": token_id, "caller": rows[0]["caller"], "expires_at": shown}
 
 

@@ -18,6 +18,8 @@ from typing import Any
 from appliance.errors import OperatorError
 
 _CLIENT_TIMEOUT_S = 600.0  # loading a large model verifies its hash first: minutes for tens of GB
+_STREAM_SILENCE_S = 30.0
+"""A stream sends a heartbeat every 2 s: this long without a line, the gateway is hung or gone."""
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -63,7 +65,7 @@ class AdminClient:
     def stream(self, path: str) -> Iterator[dict[str, Any]]:
         """The JSON lines of a streaming GET (``/admin/audit/stream``), as they come; ends when the gateway
         closes the connection. Blocking: call it from a thread."""
-        conn = _UnixConnection(self.socket_path, None)
+        conn = _UnixConnection(self.socket_path, _STREAM_SILENCE_S)
         try:
             try:
                 conn.request("GET", path)

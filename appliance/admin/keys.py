@@ -16,6 +16,7 @@ from typing import Any
 
 from appliance.admin.api import AdminCall, AdminContext, Handler, text_field
 from appliance.errors import BadRequest, NotFound
+from appliance.vault.provider_keys import fingerprint as fingerprint_of
 
 
 async def listing(ctx: AdminContext, call: AdminCall) -> dict[str, Any]:
@@ -29,7 +30,7 @@ async def listing(ctx: AdminContext, call: AdminCall) -> dict[str, Any]:
         sorted(
             name
             for name, route in state.policy.routes.items()
-            if getattr(route, "auth", "none") != "none" and name not in have
+            if route.auth != "none" and name not in have
         )
         if state is not None
         else []
@@ -44,20 +45,45 @@ async def set_key(ctx: AdminContext, call: AdminCall) -> dict[str, Any]:
     secret = doc.pop("key", None)
     if not isinstance(secret, str) or not secret.strip():
         raise BadRequest("'key' is required (the provider key, a non-empty string)", param="key")
-    rotated = any(row["name"] == route for row in ctx.vault.keys.list())
-    fingerprint = await asyncio.to_thread(ctx.vault.keys.set, route, secret)
-    del secret
-    await ctx.record(call, f"{'key_rotate' if rotated else 'key_set'} route={route} {fingerprint}")
-    return {"route": route, "fingerprint": fingerprint, "rotated": rotated}
+    _require_keyed_route(ctx, route)
+    replaced: list[int] = []
+    sealed_fingerprint = fingerprint_of(secret.strip())  # what ProviderKeys.set will answer
+
+    def detail(rows: int) -> str:
+        replaced.append(rows)
+        return f"{'key_rotate' if rows else 'key_set'} route={route} {sealed_fingerprint}"
+
+    recorded = ctx.record_with(call, detail)
+    fingerprint = await asyncio.to_thread(lambda: ctx.vault.keys.set(route, secret, recorded))
+    return {"route": route, "fingerprint": fingerprint, "rotated": bool(replaced and replaced[0])}
 
 
 async def remove(ctx: AdminContext, call: AdminCall) -> dict[str, Any]:
     route = text_field(await call.json(), "route")
     assert route is not None
-    if not await asyncio.to_thread(ctx.vault.keys.remove, route):
-        raise NotFound(f"no key is set for route {route}")
-    await ctx.record(call, f"key_remove route={route}")
+    recorded = ctx.record_with(call, lambda n: f"key_remove route={route}" if n else None)
+    if not await asyncio.to_thread(lambda: ctx.vault.keys.remove(route, recorded)):
+        raise NotFound("no key is set for that route (keys are listed by GET /admin/keys)")
     return {"route": route, "removed": True}
+
+
+def _require_keyed_route(ctx: AdminContext, route: str) -> None:
+    """A key may be set for a route of the policy in force that authenticates; the refusal does not repeat
+    the name (a key pasted into the route field must not come back in a message)."""
+    state = ctx.keeper.current
+    if state is None:
+        raise BadRequest(
+            "no policy is in force: import one, then set the keys of its routes (phi-gateway keys set works "
+            "without one)",
+            param="route",
+        )
+    keyed = sorted(name for name, spec in state.policy.routes.items() if spec.auth != "none")
+    if route not in keyed:
+        raise BadRequest(
+            f"policy v{state.version} has no route of that name that takes a key; its routes that do: "
+            f"{', '.join(keyed) or 'none'}",
+            param="route",
+        )
 
 
 ROUTES: dict[tuple[str, str], Handler] = {

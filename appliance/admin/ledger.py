@@ -41,7 +41,11 @@ async def verify_job(ctx: AdminContext, call: AdminCall) -> dict[str, Any]:
 async def start_verify(ctx: AdminContext, call: AdminCall) -> dict[str, Any]:
     job = ctx.verify_job
     job.begin(ctx.vault.ledger.count())
-    await ctx.record(call, "ledger_verify started")
+    try:
+        await ctx.record(call, "ledger_verify started")
+    except BaseException:  # not recorded, so not started: a later request may start it
+        job.abandon()
+        raise
     os_user = call.os_user
     loop = asyncio.get_running_loop()
 

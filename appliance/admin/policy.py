@@ -1,6 +1,6 @@
 """The admin socket's policy: the one in force, a bundle's verification before activation, its import.
 
-    GET  /admin/policy                     version, digest, signers, scope, validity, trust, a summary
+    GET  /admin/policy[?document=1]        version, digest, signers, scope, validity, trust, a summary
     POST /admin/policy/verify   <bundle>   every import check and the diff, nothing activated
     POST /admin/policy/import?sha256=HEX   the same, then activation (the digest of what was verified)
     POST /admin/policy/reload              look for a new policy or trust file now
@@ -75,7 +75,8 @@ async def in_force(ctx: AdminContext, call: AdminCall) -> dict[str, Any]:
                 for org, organization in sorted(policy.organizations.items())
             ],
         },
-        document=json.loads(envelope.payload),
+        # the whole document (up to 1 MiB) on request only: the console polls this once a second
+        document=json.loads(envelope.payload) if call.query.get("document") in ("1", "true") else None,
     )
     return doc
 

@@ -46,6 +46,11 @@ class VerifyJob:
             self.state, self.checked, self.total = "running", 0, total
             self.started_at, self.finished_at, self.summary, self.problems = timestamps.now(), None, None, []
 
+    def abandon(self) -> None:
+        """``begin`` without a run (its record could not be written): idle again."""
+        with self._lock:
+            self.state, self.started_at = "idle", None
+
     def run(self, ledger: Ledger) -> tuple[bool, str]:
         """Verify (blocking, in the job's thread); returns (passed, summary)."""
         try:

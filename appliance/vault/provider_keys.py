@@ -14,6 +14,7 @@ import hashlib
 import re
 import sqlite3
 import time
+from collections.abc import Callable
 from typing import Any
 
 import sqlite_utils
@@ -52,6 +53,10 @@ def _aad(name: str) -> bytes:
     return b"provider_key:" + name.encode()
 
 
+Also = Callable[[sqlite3.Connection, int], object]
+"""Runs inside a key change's transaction with the rows it replaced or removed (its ``admin`` record)."""
+
+
 class ProviderKeys:
     """Sealed provider keys: ``set`` and ``remove`` go through the writer, ``get`` is one indexed read."""
 
@@ -64,8 +69,11 @@ class ProviderKeys:
         self._seen: Mark = None
         self._cache: dict[str, tuple[str | None, float]] = {}
 
-    def set(self, name: str, secret: str) -> str:
-        """Seal ``secret`` as route ``name``'s key (replacing any previous one); return its fingerprint."""
+    def set(
+        self, name: str, secret: str, also: Callable[[sqlite3.Connection, int], object] | None = None
+    ) -> str:
+        """Seal ``secret`` as route ``name``'s key (replacing any previous one); return its fingerprint.
+        ``also(conn, replaced)`` runs in the same transaction (1 when a key was replaced: a rotation)."""
         if not _NAME.fullmatch(name):
             raise OperatorError(f"invalid route name {name!r}: use letters, digits, '.', '_' or '-'")
         secret = secret.strip()
@@ -77,6 +85,9 @@ class ProviderKeys:
         sealed = self._master.seal(secret.encode(), _aad(name))
 
         def write(conn: sqlite3.Connection) -> None:
+            replaced = conn.execute("SELECT count(*) FROM provider_keys WHERE name = ?", (name,)).fetchone()[
+                0
+            ]
             conn.execute(
                 "INSERT INTO provider_keys (name, sealed, fingerprint, created_at, updated_at)"
                 " VALUES (?, ?, ?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'),"
@@ -85,6 +96,8 @@ class ProviderKeys:
                 " fingerprint = excluded.fingerprint, updated_at = excluded.updated_at",
                 (name, sealed, fp),
             )
+            if also is not None:
+                also(conn, int(replaced))
 
         self._db.write(write)
         self._mark.bump()
@@ -114,11 +127,17 @@ class ProviderKeys:
             {"name": n, "fingerprint": fp, "created_at": c, "updated_at": u} for n, fp, c, u in cur.fetchall()
         ]
 
-    def remove(self, name: str) -> bool:
-        """Delete the key of route ``name``; False when there was none."""
-        removed: bool = self._db.write(
-            lambda conn: conn.execute("DELETE FROM provider_keys WHERE name = ?", (name,)).rowcount > 0
-        )
+    def remove(self, name: str, also: Also | None = None) -> bool:
+        """Delete the key of route ``name``; False when there was none. ``also(conn, removed)`` runs in the
+        same transaction."""
+
+        def write(conn: sqlite3.Connection) -> bool:
+            removed = conn.execute("DELETE FROM provider_keys WHERE name = ?", (name,)).rowcount
+            if also is not None:
+                also(conn, removed)
+            return removed > 0
+
+        removed: bool = self._db.write(write)
         self._mark.bump()
         return removed
 

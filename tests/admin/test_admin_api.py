@@ -6,13 +6,15 @@ from __future__ import annotations
 import getpass
 import hashlib
 import json
+import sqlite3
 
 import openai
 import pytest
 
 from appliance.admin.client import AdminClient
 from appliance.admin.verify_job import VerifyJob
-from appliance.errors import Conflict, OperatorError
+from appliance.errors import Conflict, LedgerUnavailable, OperatorError
+from appliance.vault.provider_keys import fingerprint
 from tests.admin.conftest import Sdk, admin_records, chat, signed_bundle, wait_for
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.gateway import PROVIDER_KEYS, GatewayHarness, policy_doc
@@ -59,6 +61,8 @@ def test_every_read_endpoint_answers_its_documented_shape(
     assert policy["keyids"] and policy["trust"]["threshold"] == 1
     assert {r["name"] for r in policy["summary"]["routes"]} == {"openai", "anthropic", "local"}
     assert policy["summary"]["organizations"] == [{"org": "stmarys", "roles": ["billing", "radiology"]}]
+    assert policy["document"] is None  # polled once a second: the document only on request
+    assert admin.call("GET", "/admin/policy?document=1")["document"]["version"] == 1
 
     keys = admin.call("GET", "/admin/keys")
     assert [k["route"] for k in keys["keys"]] == ["anthropic", "openai"]
@@ -156,25 +160,89 @@ def test_an_issue_the_gateway_refuses_says_why(
 def test_provider_keys_set_rotate_remove_never_return_a_value(
     harness: GatewayHarness, admin: AdminClient
 ) -> None:
-    first = admin.call("POST", "/admin/keys/set", {"route": "mistral", "key": "sk-mistral-0123456789abcdef"})
-    assert first["rotated"] is False and first["fingerprint"].startswith("sha256:")
-    second = admin.call("POST", "/admin/keys/set", {"route": "mistral", "key": "sk-mistral-fedcba9876543210"})
-    assert second["rotated"] is True and second["fingerprint"] != first["fingerprint"]
-    assert admin.call("POST", "/admin/keys/remove", {"route": "mistral"}) == {
-        "route": "mistral",
+    assert admin.call("POST", "/admin/keys/remove", {"route": "openai"}) == {
+        "route": "openai",
         "removed": True,
     }
-    with pytest.raises(OperatorError, match="no key is set for route mistral"):
+    assert admin.call("GET", "/admin/keys")["routes_needing_keys"] == ["openai"]
+    first = admin.call("POST", "/admin/keys/set", {"route": "openai", "key": "sk-openai-0123456789abcdef"})
+    assert first["rotated"] is False and first["fingerprint"].startswith("sha256:")
+    second = admin.call("POST", "/admin/keys/set", {"route": "openai", "key": "sk-openai-fedcba9876543210"})
+    assert second["rotated"] is True and second["fingerprint"] != first["fingerprint"]
+    with pytest.raises(OperatorError, match="no key is set for that route"):
         admin.call("POST", "/admin/keys/remove", {"route": "mistral"})
     with pytest.raises(OperatorError, match="'key' is required"):
         admin.call("POST", "/admin/keys/set", {"route": "openai", "key": "  "})
     details = [r["detail"] for r in admin_records(harness)]
-    assert f"key_set route=mistral {first['fingerprint']} via admin socket" in details
-    assert f"key_rotate route=mistral {second['fingerprint']} via admin socket" in details
-    assert "key_remove route=mistral via admin socket" in details
+    assert "key_remove route=openai via admin socket" in details
+    assert f"key_set route=openai {first['fingerprint']} via admin socket" in details
+    assert f"key_rotate route=openai {second['fingerprint']} via admin socket" in details
     everything = json.dumps(list(harness.ledger_rows())) + json.dumps(admin.call("GET", "/admin/keys"))
-    for secret in ("sk-mistral-0123456789abcdef", "sk-mistral-fedcba9876543210", *PROVIDER_KEYS.values()):
+    for secret in ("sk-openai-0123456789abcdef", "sk-openai-fedcba9876543210", *PROVIDER_KEYS.values()):
         assert secret not in everything
+
+
+def test_a_key_pasted_into_the_route_field_is_refused_without_an_echo(
+    harness: GatewayHarness, admin: AdminClient
+) -> None:
+    pasted = "sk-proj-PASTEDKEY0123456789"
+    with pytest.raises(OperatorError, match="policy v1 has no route of that name") as refused:
+        admin.call("POST", "/admin/keys/set", {"route": pasted, "key": "sk-openai-0123456789abcdef"})
+    assert pasted not in str(refused.value)
+    with pytest.raises(OperatorError) as not_set:
+        admin.call("POST", "/admin/keys/remove", {"route": pasted})
+    assert pasted not in str(not_set.value)
+    assert pasted not in json.dumps(list(harness.ledger_rows())) + json.dumps(
+        admin.call("GET", "/admin/keys")
+    )
+
+
+def test_an_action_whose_record_cannot_be_written_does_not_happen(
+    harness: GatewayHarness, admin: AdminClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token issued, a key set or a verify started without its admin record would be an unrecorded change:
+    the record commits in the change's own transaction (or the job is given back)."""
+    assert harness.gateway is not None and harness.gateway.vault is not None
+    ledger = harness.gateway.vault.ledger
+
+    def broken(conn: object, record: object) -> int:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    async def refused(record: object, *, lazy: bool = False) -> int:
+        raise LedgerUnavailable("the audit ledger cannot be written")
+
+    monkeypatch.setattr(ledger, "record_in", broken)
+    monkeypatch.setattr(ledger, "append", refused)
+    issue = {"caller": "ghost", "org": "stmarys", "role": "billing"}
+    with pytest.raises(OperatorError):
+        admin.call("POST", "/admin/callers/issue", issue)
+    with pytest.raises(OperatorError):
+        admin.call("POST", "/admin/keys/set", {"route": "openai", "key": "sk-openai-new0123456789"})
+    with pytest.raises(OperatorError):
+        admin.call("POST", "/admin/ledger/verify")
+    monkeypatch.undo()
+    assert [t["caller"] for t in admin.call("GET", "/admin/callers?all=1")["tokens"]] == []
+    fingerprints = {k["route"]: k["fingerprint"] for k in admin.call("GET", "/admin/keys")["keys"]}
+    assert fingerprints["openai"] != fingerprint("sk-openai-new0123456789")
+    assert admin.call("GET", "/admin/ledger/verify")["state"] == "idle"
+    assert admin.call("POST", "/admin/ledger/verify")["state"] in ("running", "passed")  # not stuck
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/admin/audit/record?seq=99999999999999999999999",
+        "/admin/audit?before=99999999999999999999999",
+        "/admin/audit?after=-1",
+        "/admin/audit/stream?after=99999999999999999999999",
+    ],
+)
+def test_out_of_range_numbers_are_refused_before_any_query(admin: AdminClient, path: str) -> None:
+    with pytest.raises(OperatorError, match="must be an integer from 0 to"):
+        if "stream" in path:
+            next(admin.stream(path))
+        else:
+            admin.call("GET", path)
 
 
 def test_a_bundle_is_verified_with_its_report_and_diff_before_it_is_imported(
@@ -223,8 +291,12 @@ def test_a_record_is_proved_against_a_signed_checkpoint(
 ) -> None:
     chat(caller)
     head = admin.call("GET", "/admin/audit?limit=1")["head"]
+    before = admin.call("GET", "/admin/ledger")
     proof = admin.call("POST", "/admin/audit/prove", {"seq": head})
     assert proof["verified"] and proof["tree_size"] >= head and proof["seq"] == head
+    assert len(proof["root_sha256"]) == 64
+    after = admin.call("GET", "/admin/ledger")  # a proof writes nothing: a read-only console may ask for one
+    assert (after["checkpoints"], after["records"]) == (before["checkpoints"], before["records"])
     assert proof["proof"]["kind"] == "inclusion" and proof["proof"]["checkpoint"] == proof["checkpoint"]
     with pytest.raises(OperatorError, match="no record 9999"):
         admin.call("POST", "/admin/audit/prove", {"seq": 9999})

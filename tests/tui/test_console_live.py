@@ -169,10 +169,15 @@ def test_read_only_refuses_and_hides_actions(busy_gateway: BusyGateway) -> None:
             await pilot.press("7")
             await wait_for(pilot, lambda: "records" in _ledger(pilot))
             checkpoints = busy_gateway.source().ledger()["checkpoints"]
+            records = busy_gateway.source().ledger()["records"]
             await pilot.press("c")
+            await pilot.press("r")  # a verify run is recorded in the ledger: refused too
             await pilot.pause(0.5)
-            assert any("read-only console" in n.message for n in app._notifications)
+            assert sum("read-only console" in n.message for n in app._notifications) == 2
             assert busy_gateway.source().ledger()["checkpoints"] == checkpoints
+            assert busy_gateway.source().ledger()["records"] == records
+            assert busy_gateway.source().verify_job()["state"] == "idle"
+            assert "Verify" not in _text(pilot, "#key-bar") and "Checkpoint" not in _text(pilot, "#key-bar")
             assert "READ-ONLY" in _text(pilot, "#status-line")
 
     asyncio.run(drive())

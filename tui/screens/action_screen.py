@@ -1,7 +1,7 @@
 """``ActionScreen``: what the screens that change the gateway (callers, models, policy, keys) share.
 
-Owns: hiding the changing actions from the footer in read-only mode (``check_action``), the confirm-then-act
-step, the outcome notification and refresh after an action, and the filtered table of rows.
+Owns: the confirm-then-act step, the outcome notification and refresh after an action, and the filtered
+table of rows (hiding and refusing the changing actions in read-only mode is ``ConsoleScreen``'s).
 Never: calls the source on the UI thread (``ConsoleScreen.fetch``/``act`` do, in workers); runs an action
 that changes something without ``guard_action``; keeps an action's secret argument after the call.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
-from textual import events, on
+from textual import on
 from textual.widgets import DataTable
 
 from appliance.errors import OperatorError
@@ -34,26 +34,6 @@ class ActionScreen(ConsoleScreen):
         super().__init__(name=name, id=id)
         self._rows: list[Row] = []
         self._filter = RowFilter()
-
-    @classmethod
-    def changing_actions(cls) -> frozenset[str]:
-        return frozenset(action for _key, action, _desc, changes in cls.ACTIONS if changes)
-
-    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        """In read-only mode an action that changes something is hidden from the footer and disabled (its key
-        still reaches ``guard_action`` through ``on_key``, so the operator hears why)."""
-        if self.read_only and action in self.changing_actions():
-            return False
-        return True
-
-    def on_key(self, event: events.Key) -> None:
-        if not self.read_only:
-            return
-        for key, action, _desc, changes in self.ACTIONS:
-            if changes and event.key == key:
-                event.stop()
-                self.guard_action(action)
-                return
 
     # -- acting --
 

@@ -133,6 +133,11 @@ class AuditScreen(ConsoleScreen):
         """Filter by ``text`` now: locally at once, and on the server when its terms changed."""
         self._filter = RowFilter.parse(text, ALIASES)
         server = {SERVER_FILTERS[k]: v for k, v in self._filter.terms.items() if k in SERVER_FILTERS}
+        status = server.get("status")
+        if status is not None and not status.isdigit():
+            # a typo, not the gateway's refusal: the gateway takes a number only, so it is matched here alone
+            del server["status"]
+            self.notify(f"status={status}: a status is a number (429); matched in the rows shown only")
         if server != self._server_terms:
             self._server_terms = server
             self._records.clear()

@@ -10,7 +10,9 @@ The contract, for whoever writes a screen:
 
 * ``TITLE`` (shown in the status line and the help), ``KEY`` ("1".."7": the number key that shows it).
 * ``ACTIONS``: ``(key, action, description, changes_something)`` for every key of the screen. The command
-  palette and the help list them; in read-only mode the palette leaves out those that change something.
+  palette and the help list them; in read-only mode the palette leaves out those that change something,
+  and the screen hides them from its key bar and refuses their keys with a notice (``check_action``,
+  ``on_key``).
   A key in ``ACTIONS`` that ``BINDINGS`` does not bind is bound for you, shown in the footer with the
   description up to its first ": " ("Prove: show that the ledger holds this record" -> "Prove").
 * ``refresh_data()``: called once a second while the screen is visible (and once when it is first shown);
@@ -92,6 +94,26 @@ class ConsoleScreen(Screen[None]):
                     shown.add(action)
             cls.BINDINGS = own
         super().__init_subclass__(**kwargs)
+
+    @classmethod
+    def changing_actions(cls) -> frozenset[str]:
+        return frozenset(action for _key, action, _desc, changes in cls.ACTIONS if changes)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """In read-only mode an action that changes something is hidden from the footer and disabled (its key
+        still reaches ``guard_action`` through ``on_key``, so the operator hears why)."""
+        if self.read_only and action in self.changing_actions():
+            return False
+        return True
+
+    def on_key(self, event: events.Key) -> None:
+        if not self.read_only:
+            return
+        for key, action, _desc, changes in self.ACTIONS:
+            if changes and event.key == key:
+                event.stop()
+                self.guard_action(action)
+                return
 
     def __init__(self, name: str | None = None, id: str | None = None) -> None:
         super().__init__(name=name, id=id)

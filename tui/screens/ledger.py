@@ -24,7 +24,8 @@ class LedgerScreen(ConsoleScreen):
     TITLE = "Ledger"
     KEY = "7"
     ACTIONS: ClassVar[list[Action]] = [
-        ("r", "verify", "Verify: check the whole ledger on the gateway, in the background", False),
+        # a run is itself recorded (two admin records): an action, refused in a read-only console
+        ("r", "verify", "Verify: check the whole ledger on the gateway, in the background", True),
         ("c", "checkpoint", "Checkpoint: sign a checkpoint of the ledger now", True),
     ]
 
@@ -85,6 +86,8 @@ class LedgerScreen(ConsoleScreen):
         self.query_one("#verify-problems", Static).update("\n".join(f"✖ {p}" for p in problems))
 
     def action_verify(self) -> None:
+        if not self.guard_action("a ledger verify"):
+            return
         self.act("ledger verify", lambda source: source.start_verify(), self._verify_started)
 
     def _verify_started(self, job: dict[str, Any]) -> None:
