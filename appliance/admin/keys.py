@@ -28,9 +28,7 @@ async def listing(ctx: AdminContext, call: AdminCall) -> dict[str, Any]:
     have = {row["route"] for row in keys}
     needing = (
         sorted(
-            name
-            for name, route in state.policy.routes.items()
-            if route.auth != "none" and name not in have
+            name for name, route in state.policy.routes.items() if route.auth != "none" and name not in have
         )
         if state is not None
         else []
