@@ -309,7 +309,7 @@ class Activity:
         oldest: float | None = None
         for record, _ in batch:
             if oldest is None:
-                oldest = _epoch(record.get("ts"))
+                oldest = timestamps.epoch(record.get("ts"))
             if is_answer(record):
                 self._answer(record, second)
         if oldest is not None and committed >= oldest:
@@ -390,15 +390,6 @@ def _int(value: Any) -> int:
 
 def _day(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d")
-
-
-def _epoch(ts: Any) -> float | None:
-    if not isinstance(ts, str):
-        return None
-    try:
-        return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
 
 
 # Today's answers by caller and route: outcomes, and refusals (an intervention record denying the request).

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime
 from typing import Any
 
 from prometheus_client import CollectorRegistry, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
+from appliance import timestamps
 from appliance.activity import Activity
 from appliance.ledger.store import Ledger
 from appliance.policy_state import PolicyKeeper
@@ -105,7 +105,7 @@ class GatewayMetrics:
             "phi_ledger_records", "Records in the ledger (the tree size of its head)", ledger.count()
         )
         last = self._last_checkpoint() if self._last_checkpoint is not None else None
-        at = _timestamp(last["at"]) if last is not None else None
+        at = timestamps.epoch(last["at"]) if last is not None else None
         if at is not None:
             yield _gauge(
                 "phi_ledger_last_checkpoint_timestamp_seconds",
@@ -117,7 +117,7 @@ class GatewayMetrics:
             yield from self._local_models(self._local())
         transport = self._transport() if self._transport is not None else {}
         yield _gauge("phi_tls_enabled", "1 if the public port speaks TLS", 1 if transport.get("tls") else 0)
-        not_after = _timestamp(transport.get("not_after"))
+        not_after = timestamps.epoch(transport.get("not_after"))
         if not_after is not None:
             yield _gauge(
                 "phi_tls_certificate_expiry_timestamp_seconds",
@@ -174,12 +174,3 @@ class GatewayMetrics:
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, documentation, value=float(value))
-
-
-def _timestamp(value: Any) -> float | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None

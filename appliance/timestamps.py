@@ -1,7 +1,8 @@
 """The one timestamp shape of the appliance: RFC 3339 in UTC with a ``Z``, to the millisecond.
 
-Owns: writing the current time and a given moment in that shape (``2026-11-25T10:00:00.123Z``), and the
-to-the-second variant policy documents use (``2026-11-25T10:00:00Z``). Strings in this shape sort as
+Owns: writing the current time and a given moment in that shape (``2026-11-25T10:00:00.123Z``), the
+to-the-second variant policy documents use (``2026-11-25T10:00:00Z``), and reading one back as seconds
+since the epoch (``epoch``). Strings in this shape sort as
 time does, which the vault's queries rely on. Never: reads a clock other than the system's UTC time.
 """
 
@@ -38,6 +39,16 @@ def rfc3339(moment: datetime | float, *, seconds: bool = False) -> str:
         raise ValueError("a timestamp needs a time zone")
     text = moment.astimezone(UTC).isoformat(timespec="seconds" if seconds else "milliseconds")
     return text.replace("+00:00", "Z")
+
+
+def epoch(value: object) -> float | None:
+    """An RFC 3339 (ISO 8601) moment as seconds since the epoch; None for anything else."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
 def _to_second(secs: int) -> str:

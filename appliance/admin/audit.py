@@ -53,6 +53,9 @@ _PROVE_WAIT_S: Final = 3.0
 _NDJSON = [(b"Content-Type", b"application/x-ndjson"), (b"Cache-Control", b"no-cache")]
 
 Filters = dict[str, Any]
+Page = list[dict[str, Any]]
+_AFTER: Final = "SELECT seq, record FROM ledger WHERE seq > ? ORDER BY seq LIMIT ?"
+_BEFORE: Final = "SELECT seq, record FROM ledger WHERE seq < ? ORDER BY seq DESC LIMIT ?"
 
 
 def filters_of(call: AdminCall) -> Filters:
@@ -87,18 +90,32 @@ def _rows(ctx: AdminContext, sql: str, args: tuple[Any, ...]) -> list[dict[str, 
     return out
 
 
-def read_after(
-    ctx: AdminContext, after: int, filters: Filters, limit: int
-) -> tuple[list[dict[str, Any]], int]:
+def read_after(ctx: AdminContext, after: int, filters: Filters, limit: int) -> tuple[Page, int]:
     """Matching records with seq > ``after``, oldest first, at most ``limit``; and the last seq read."""
-    found: list[dict[str, Any]] = []
+    found, last = _scan(ctx, _AFTER, after, filters, limit)
+    return found, after if last is None else last
+
+
+def read_before(ctx: AdminContext, before: int | None, filters: Filters, limit: int) -> Page:
+    """The newest ``limit`` matching records with seq < ``before`` (all when None), oldest first."""
+    cursor = before if before is not None else ctx.vault.ledger.count() + 1
+    found, _ = _scan(ctx, _BEFORE, cursor, filters, limit)
+    found.reverse()
+    return found
+
+
+def _scan(
+    ctx: AdminContext, sql: str, cursor: int, filters: Filters, limit: int
+) -> tuple[Page, int | None]:
+    """Read pages of ``_READ_ROWS`` from ``cursor`` in the order of ``sql`` (``_AFTER`` or ``_BEFORE``)
+    until ``limit`` match or ``_MAX_SCANNED`` were read; the matches, and the last seq read."""
+    found: Page = []
+    last: int | None = None
     scanned = 0
     while len(found) < limit and scanned < _MAX_SCANNED:
-        rows = _rows(
-            ctx, "SELECT seq, record FROM ledger WHERE seq > ? ORDER BY seq LIMIT ?", (after, _READ_ROWS)
-        )
+        rows = _rows(ctx, sql, (cursor, _READ_ROWS))
         for record in rows:
-            after = record["seq"]
+            cursor = last = record["seq"]
             if _matches(record, filters):
                 found.append(record)
                 if len(found) == limit:
@@ -106,31 +123,7 @@ def read_after(
         scanned += len(rows)
         if len(rows) < _READ_ROWS:
             break
-    return found, after
-
-
-def read_before(ctx: AdminContext, before: int | None, filters: Filters, limit: int) -> list[dict[str, Any]]:
-    """The newest ``limit`` matching records with seq < ``before`` (all when None), oldest first."""
-    found: list[dict[str, Any]] = []
-    scanned = 0
-    cursor = before if before is not None else ctx.vault.ledger.count() + 1
-    while len(found) < limit and scanned < _MAX_SCANNED and cursor > 1:
-        rows = _rows(
-            ctx,
-            "SELECT seq, record FROM ledger WHERE seq < ? ORDER BY seq DESC LIMIT ?",
-            (cursor, _READ_ROWS),
-        )
-        if not rows:
-            break
-        for record in rows:
-            cursor = record["seq"]
-            if _matches(record, filters):
-                found.append(record)
-                if len(found) == limit:
-                    break
-        scanned += len(rows)
-    found.reverse()
-    return found
+    return found, last
 
 
 async def page(ctx: AdminContext, call: AdminCall) -> dict[str, Any]:

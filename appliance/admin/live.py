@@ -8,7 +8,6 @@ Never: returns anything a caller sent (only counts, names the policy gave, and t
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 from appliance import timestamps
@@ -85,9 +84,8 @@ def model_rows(ctx: AdminContext) -> list[dict[str, Any]]:
 def ledger_summary(ctx: AdminContext) -> dict[str, Any]:
     ledger = ctx.vault.ledger
     last = last_checkpoint(ctx)
-    age = None
-    if last is not None:
-        age = round(time.time() - _epoch(last["at"]), 1)
+    at = timestamps.epoch(last["at"]) if last is not None else None
+    age = round(time.time() - at, 1) if at is not None else None
     return {
         "writable": ledger.healthy,
         "records": ledger.count(),
@@ -143,13 +141,6 @@ async def unload_model(ctx: AdminContext, call: AdminCall) -> dict[str, Any]:
     await ctx.local.unload(model)
     await ctx.record(call, f"model_unload {model}")
     return {"model": model, "state": "not loaded"}
-
-
-def _epoch(ts: str) -> float:
-    try:
-        return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return datetime.now(UTC).timestamp()
 
 
 ROUTES: dict[tuple[str, str], Handler] = {

@@ -106,15 +106,22 @@ class KeysScreen(ActionScreen):
             return
         self.app.push_screen(ProviderKeyModal(self.missing_routes()), self._save)
 
-    def action_rotate_key(self) -> None:
-        if not self.guard_action("rotate key"):
-            return
+    def _route_with_key(self, action: str, missing: str) -> str | None:
+        """The selected route, when it has a key and ``action`` is allowed; else None (and say why)."""
+        if not self.guard_action(action):
+            return None
         row = self.selected()
         if row is None:
-            return
+            return None
         route = str(row["route"])
         if row.get("state") != "set":
-            self.notify(f"{route} has no key to rotate: set one with s.", severity="warning", timeout=4)
+            self.notify(f"{route} has no key to {missing}.", severity="warning", timeout=4)
+            return None
+        return route
+
+    def action_rotate_key(self) -> None:
+        route = self._route_with_key("rotate key", "rotate: set one with s")
+        if route is None:
             return
         self.confirm_then(
             f"Replace the provider key of {route}?",
@@ -124,14 +131,8 @@ class KeysScreen(ActionScreen):
         )
 
     def action_remove_key(self) -> None:
-        if not self.guard_action("remove key"):
-            return
-        row = self.selected()
-        if row is None:
-            return
-        route = str(row["route"])
-        if row.get("state") != "set":
-            self.notify(f"{route} has no key to remove.", severity="warning", timeout=4)
+        route = self._route_with_key("remove key", "remove")
+        if route is None:
             return
         self.confirm_then(
             f"Remove the provider key of {route}?",
