@@ -104,9 +104,7 @@ def read_before(ctx: AdminContext, before: int | None, filters: Filters, limit: 
     return found
 
 
-def _scan(
-    ctx: AdminContext, sql: str, cursor: int, filters: Filters, limit: int
-) -> tuple[Page, int | None]:
+def _scan(ctx: AdminContext, sql: str, cursor: int, filters: Filters, limit: int) -> tuple[Page, int | None]:
     """Read pages of ``_READ_ROWS`` from ``cursor`` in the order of ``sql`` (``_AFTER`` or ``_BEFORE``)
     until ``limit`` match or ``_MAX_SCANNED`` were read; the matches, and the last seq read."""
     found: Page = []
