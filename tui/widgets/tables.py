@@ -35,9 +35,11 @@ class ColumnsTable(DataTable[object]):
 
     def watch_virtual_size(self, old: Size, new: Size) -> None:
         # Textual 8.2: rows drawn between ``add_row`` and the idle re-measure of the columns stay cached at
-        # the old widths (the cache key has no widths); forget them when the widths change.
+        # the old widths (the cache key has no widths); forget them when the widths change, and draw again
+        # (without the refresh, a line painted at the old widths stayed on screen: "opena" for "openai").
         if old.width != new.width:
             self._clear_caches()
+            self.refresh()
 
 
 def sync_rows(table: DataTable[object], rows: Sequence[tuple[str, Sequence[object]]]) -> None:
