@@ -290,6 +290,7 @@ def test_a_record_is_proved_against_a_signed_checkpoint(
     harness: GatewayHarness, admin: AdminClient, caller: openai.OpenAI
 ) -> None:
     chat(caller)
+    assert wait_for(lambda: [r for r in harness.audit.records() if r["type"] == "response"])  # the outcome
     head = admin.call("GET", "/admin/audit?limit=1")["head"]
     before = admin.call("GET", "/admin/ledger")
     proof = admin.call("POST", "/admin/audit/prove", {"seq": head})

@@ -29,15 +29,24 @@ async def settle(pilot: Pilot[None], ready: Callable[[], bool], what: str) -> No
     """Wait (in app time) until ``ready()``: the screens fetch in thread workers."""
     for _ in range(200):
         if ready():
-            await pilot.pause()
-            return
+            # and the repaint that follows (a table re-measures its columns when idle, then draws again)
+            await pilot.pause(0.3)
+            if ready():
+                return
         await pilot.pause(0.02)
     raise AssertionError(f"timed out waiting for {what}")
 
 
 def table_filled(pilot: Pilot[None]) -> bool:
+    """Rows are in, and the table has measured its columns for them (it does so when idle: a snapshot taken
+    before that shows cells cut at the header's width)."""
     tables = list(pilot.app.screen.query("#rows").results(DataTable))
-    return bool(tables) and tables[0].row_count > 0
+    return (
+        bool(tables)
+        and tables[0].row_count > 0
+        and not tables[0]._require_update_dimensions
+        and not tables[0]._updated_cells
+    )
 
 
 def show(key: str, then: Iterable[Step] = ()) -> Step:

@@ -26,7 +26,11 @@ def _console(source: Any = None) -> PhiConsole:
 
 
 def _rows(pilot: Pilot[None], table: str) -> int:
-    return pilot.app.screen.query_one(table, DataTable).row_count
+    """The table's rows once it has measured its columns for them (-1 before: a snapshot then would show
+    cells cut at the header's width)."""
+    found = pilot.app.screen.query_one(table, DataTable)
+    measured = not found._require_update_dimensions and not found._updated_cells
+    return found.row_count if measured else -1
 
 
 async def _dashboard(pilot: Pilot[None]) -> None:

@@ -1,14 +1,14 @@
 """In-place ``DataTable`` updates: a table that is refreshed every second changes only the cells that changed,
 so nothing flickers and the cursor stays on the operator's row.
 
-Owns: ``sync_rows``. Never: talks to the gateway; sorts (rows come in the order the caller wants).
+Owns: ``sync_rows`` and ``measure_now``. Never: talks to the gateway; sorts (rows come in the order the
+caller wants).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from textual.geometry import Size
 from textual.widgets import DataTable
 from textual.widgets.data_table import CursorType, RowKey
 
@@ -33,19 +33,12 @@ class ColumnsTable(DataTable[object]):
         for name in self._column_names:
             self.add_column(name, key=name)
 
-    def watch_virtual_size(self, old: Size, new: Size) -> None:
-        # Textual 8.2: rows drawn between ``add_row`` and the idle re-measure of the columns stay cached at
-        # the old widths (the cache key has no widths); forget them when the widths change, and draw again
-        # (without the refresh, a line painted at the old widths stayed on screen: "opena" for "openai").
-        if old.width != new.width:
-            self._clear_caches()
-            self.refresh()
-
 
 def sync_rows(table: DataTable[object], rows: Sequence[tuple[str, Sequence[object]]]) -> None:
-    """Make ``table`` show ``rows`` ((key, cells) pairs). Rows are matched by key: a kept row's changed cells
-    are updated in place, a new row is added, a vanished row removed. When the order of the kept keys
-    changed (a top-N table re-ranked), cells are rewritten by position instead, keeping the row count."""
+    """Make ``table`` show ``rows`` ((key, cells) pairs), its columns measured for them at once. Rows are
+    matched by key: a kept row's changed cells are updated in place, a new row is added, a vanished row
+    removed. When the order of the kept keys changed (a top-N table re-ranked), cells are rewritten by
+    position instead, keeping the row count."""
     wanted = [key for key, _ in rows]
     current = [str(row_key.value) for row_key in table.rows]
     columns = list(table.columns)
@@ -65,6 +58,7 @@ def sync_rows(table: DataTable[object], rows: Sequence[tuple[str, Sequence[objec
                     table.update_cell(key, column, new_value)
         else:
             table.add_row(*cells, key=key)
+    measure_now(table)
 
 
 def _sync_by_position(table: DataTable[object], rows: Sequence[tuple[str, Sequence[object]]]) -> None:
@@ -72,8 +66,27 @@ def _sync_by_position(table: DataTable[object], rows: Sequence[tuple[str, Sequen
     table.clear()
     for key, cells in rows:
         table.add_row(*cells, key=key)
+    measure_now(table)
     if table.row_count:
         table.move_cursor(row=min(cursor, table.row_count - 1), animate=False)
+
+
+def measure_now(table: DataTable[object]) -> None:
+    """Measure ``table``'s columns for the rows just added or changed, now rather than when idle. Textual
+    8.2 does it when idle, and a line painted before that stayed cached, and on screen, at the header's
+    widths ("opena" for "openai": the row cache's key has no widths; a flaky snapshot showed it). Measured
+    in the same step as the change, no paint comes between. (Textual's own idle steps, used as they are.)"""
+    if table._updated_cells:
+        cells = table._updated_cells.copy()
+        table._updated_cells.clear()
+        table._update_column_widths(cells)
+    if table._require_update_dimensions:
+        table._require_update_dimensions = False
+        rows = table._new_rows.copy()
+        table._new_rows.clear()
+        table._update_dimensions(rows)
+    table._clear_caches()
+    table.refresh()
 
 
 def row_key_at_cursor(table: DataTable[object]) -> str | None:
