@@ -201,6 +201,7 @@ class Gateway:
             metrics=self.metrics,
             in_flight=lambda: server.in_flight if server is not None else 0,
             verify_job=VerifyJob(),
+            started=self._started,
         )
         # A body is at most a policy bundle (verify, import); a stream holds one of the 16 slots.
         limits = HttpLimits(max_concurrency=16, max_body_bytes=MAX_BUNDLE_BYTES + 4096)

@@ -57,6 +57,7 @@ class AdminContext:
     metrics: Callable[[], tuple[bytes, str]]
     in_flight: Callable[[], int]
     verify_job: VerifyJob
+    started: float  # time.monotonic() when the gateway started (the uptime /admin/status also reports)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def record(self, call: AdminCall, detail: str, claw_id: str | None = None) -> None:

@@ -32,7 +32,7 @@ async def activity(ctx: AdminContext, call: AdminCall) -> dict[str, Any]:
     totals = {**live.totals, "cost_usd": round(live.cost_usd, 6)}
     return {
         "at": timestamps.now(),
-        "uptime_s": ctx.status()["uptime_s"],
+        "uptime_s": round(time.monotonic() - ctx.started, 1),
         "window_s": WINDOW_S,
         **series,
         "totals": totals,
@@ -57,9 +57,10 @@ def model_rows(ctx: AdminContext) -> list[dict[str, Any]]:
     """Each pinned local model (and instances retiring): state, memory, load and throughput."""
     status = ctx.local.status()
     rates = ctx.activity.local_rates(status)
+    pinned = set(ctx.local.registry.names())
     rows = []
     for name, row in status.items():
-        entry = ctx.local.registry.get(name) if name in ctx.local.registry.names() else None
+        entry = ctx.local.registry.get(name) if name in pinned else None
         rows.append(
             {
                 "model": name,
