@@ -144,7 +144,8 @@ class PhiConsole(App[None]):
         if self.gateway_error is not None and self._ticks % RETRY_EVERY:
             return
         screen = self.console_screen()
-        if screen is not None:
+        # a screen switched to in this tick may not have its widgets yet: screen_shown refreshes it then
+        if screen is not None and screen.is_mounted:
             screen.refresh_data()
 
     def note_gateway(self, error: OperatorError | None) -> None:
