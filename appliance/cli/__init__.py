@@ -1,7 +1,7 @@
 """``phi-gateway``: the operator's command line (the documented interface runbooks are written against).
 
 Owns: the ``main`` group (version, logging) and which verb groups it holds; each group lives in its own
-module (``setup``, ``policy``, ``trust``, ``models``, ``keys``, ``tokens``, ``audit``, ``tls``, ``console``),
+module (``setup``, ``policy``, ``trust``, ``models``, ``keys``, ``tokens``, ``audit``, ``tls``, ``console``, ``backup``),
 built on the shared ``options`` module. Across them: exit codes (0 ok, 1 operator error, 2 usage), and an
 ``admin`` ledger record of every change an operator makes (init, policy import, trust, keys, tokens, tls).
 Never: echoes a provider key; prints a token except once, on its own last line, at ``token issue``;
@@ -17,6 +17,7 @@ import click
 
 from appliance import __version__
 from appliance.cli.audit import audit_group
+from appliance.cli.backup import backup_cmd, restore_cmd
 from appliance.cli.console import console_cmd, top_cmd
 from appliance.cli.keys import keys_group
 from appliance.cli.models import models_group
@@ -51,3 +52,5 @@ main.add_command(audit_group)
 main.add_command(tls_group)
 main.add_command(console_cmd)
 main.add_command(top_cmd)
+main.add_command(backup_cmd)
+main.add_command(restore_cmd)
