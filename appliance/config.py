@@ -169,6 +169,8 @@ def write_settings(home: Path, settings: Settings) -> None:
     """Write the settings file that ``init`` creates (only values that differ from the defaults)."""
     lines = ["# Phi Gateway settings. Every key is optional; PHI_ variables override them.", ""]
     lines.append(f'site = "{settings.site}"')
+    if settings.audit.node is not None:
+        lines += ["", "[audit]", f'node = "{settings.audit.node}"']
     server = settings.server
     if server.host != ServerSettings().host or server.port != ServerSettings().port:
         lines += ["", "[server]", f'host = "{server.host}"', f"port = {server.port}"]

@@ -27,8 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from pydantic import ValidationError
+
 from appliance import files, identity, signing_keys
-from appliance.config import Settings, load_settings, write_settings
+from appliance.config import AuditSettings, Settings, load_settings, write_settings
 from appliance.errors import GatewayError, OperatorError
 from appliance.identity import TokenStore
 from appliance.ledger import store
@@ -111,7 +113,7 @@ class Home:
                 f"run: phi-gateway init --home {self.root} --site ID"
             )
 
-    def init(self, site: str) -> list[str]:
+    def init(self, site: str, node: str | None = None) -> list[str]:
         """Create a new home; refuses one that is already initialized. Returns what was created.
 
         An init that was interrupted (a master key but no vault yet) can be run again: what exists is
@@ -119,10 +121,21 @@ class Home:
         """
         if self.initialized:
             raise OperatorError(f"{self.root} is already initialized; nothing was changed")
-        settings = Settings(site=site)
+        try:
+            settings = Settings(site=site, audit=AuditSettings(node=node))
+        except ValidationError:
+            raise OperatorError(
+                f"invalid site {site!r} or node {node!r}: 1-64 letters, digits, '.', '_' or '-', starting "
+                "with a letter or digit"
+            ) from None
         if self.settings_path.exists() and (existing := load_settings(self.root).site) != site:
             raise OperatorError(
                 f"{self.settings_path} already names site {existing!r}; run init with --site {existing} "
+                "or remove that file"
+            )
+        if node is not None and self.settings_path.exists() and load_settings(self.root).audit.node != node:
+            raise OperatorError(
+                f"{self.settings_path} exists and does not name node {node!r}; set [audit] node there "
                 "or remove that file"
             )
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -1,10 +1,10 @@
 """Caller identity: API tokens ``<caller-id>:<48 hex>``, issued, revoked, imported, and checked per request.
 
-Owns: the ``tokens`` table (SHA-256 of each token, never the token), token issue/revoke/list, import from a
-cllama context directory (``<agent-id>/metadata.json`` with a ``token`` field, read into ``CllamaAgent``
-first so the caller can check and record the org and role each token gets), and ``authenticate``: the
-IDENTIFY phase, which turns the request's ``Authorization: Bearer`` (or ``x-api-key``) header into a
-``Caller(id, org, role)``.
+Owns: the ``tokens`` table (SHA-256 of each token, never the token), token issue/revoke/list, export and
+import between the nodes of a site (hashes only), import from a cllama context directory
+(``<agent-id>/metadata.json`` with a ``token`` field, read into ``CllamaAgent`` first so the caller can
+check and record the org and role each token gets), and ``authenticate``: the IDENTIFY phase, which turns the
+request's ``Authorization: Bearer`` (or ``x-api-key``) header into a ``Caller(id, org, role)``.
 
 Must never: store, log, list or echo a token in clear (``issue`` returns it once; that is the only time it
 exists outside the caller's hands); tell a client which part of a well-formed token was wrong (unknown,
@@ -43,6 +43,9 @@ CALLER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _TOKEN = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]{0,63}):[0-9a-f]{48}")
 _BEARER = re.compile(r"[Bb][Ee][Aa][Rr][Ee][Rr][ \t]+(\S+)")
 _SECRET_BYTES = 24
+_HASH = re.compile(r"[0-9a-f]{64}")
+_STAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z")
+_EXPORTED = ("caller", "org", "role", "token_sha256", "created_at", "expires_at", "revoked_at", "note")
 
 Also = Callable[[sqlite3.Connection, int], object]
 """Runs inside an operator change's transaction with the rows it changed (its ``admin`` record)."""
@@ -237,6 +240,63 @@ class TokenStore:
         outcomes = self._db.write(write) if importable else {}
         self._mark.bump()
         return [(agent.caller, agent.problem or outcomes[agent.caller]) for agent in agents]
+
+    def export_rows(self) -> builtins.list[dict[str, Any]]:
+        """Every token with its hash (not its secret: the hash cannot be turned back into a token), for
+        ``import_rows`` on another node of the same site; revoked ones too, so revocations travel."""
+        sql = (
+            "SELECT caller, org, role, token_sha256, created_at, expires_at, revoked_at, note FROM tokens"
+            " ORDER BY id"
+        )
+        cur = self._db.reader().execute(sql)
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+    def import_rows(self, rows: builtins.list[dict[str, Any]]) -> builtins.list[tuple[str, str]]:
+        """Make this node's tokens match another node's export: new hashes are added, a token revoked
+        there is revoked here, its expiry follows; nothing is ever un-revoked. ``(caller, outcome)``."""
+        for row in rows:
+            _check_name("caller id", row.get("caller", ""))
+            _check_name("organization", row.get("org", ""))
+            _check_name("role", row.get("role", ""))
+            if not isinstance(row.get("token_sha256"), str) or not _HASH.fullmatch(row["token_sha256"]):
+                raise OperatorError(f"token of {row['caller']}: token_sha256 must be 64 lowercase hex")
+            for key in ("created_at", "expires_at", "revoked_at"):
+                if row.get(key) is not None and not _STAMP.fullmatch(str(row[key])):
+                    raise OperatorError(f"token of {row['caller']}: {key} is not an RFC 3339 UTC time")
+
+        def write(conn: sqlite3.Connection) -> builtins.list[tuple[str, str]]:
+            done = []
+            for row in rows:
+                found = conn.execute(
+                    "SELECT caller, revoked_at, expires_at FROM tokens WHERE token_sha256 = ?",
+                    (row["token_sha256"],),
+                ).fetchone()
+                if found is None:
+                    conn.execute(
+                        "INSERT INTO tokens (caller, org, role, token_sha256, created_at, expires_at,"
+                        " revoked_at, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        tuple(row.get(k) for k in _EXPORTED),
+                    )
+                    done.append((row["caller"], "imported" + (" (revoked)" if row.get("revoked_at") else "")))
+                elif found[0] != row["caller"]:
+                    done.append((row["caller"], f"skipped: that token belongs to {found[0]} here"))
+                elif row.get("revoked_at") and found[1] is None:
+                    conn.execute(_REVOKE + "token_sha256 = ?", (row["token_sha256"],))
+                    done.append((row["caller"], "revoked"))
+                elif found[1] is None and found[2] != row.get("expires_at"):
+                    conn.execute(
+                        "UPDATE tokens SET expires_at = ? WHERE token_sha256 = ?",
+                        (row.get("expires_at"), row["token_sha256"]),
+                    )
+                    done.append((row["caller"], f"expiry set to {row.get('expires_at') or 'none'}"))
+                else:
+                    done.append((row["caller"], "unchanged"))
+            return done
+
+        outcomes: builtins.list[tuple[str, str]] = self._db.write(write)
+        self._mark.bump()
+        return outcomes
 
     # -- per request --------------------------------------------------------------------------------------
 

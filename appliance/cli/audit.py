@@ -26,6 +26,7 @@ from appliance.errors import CheckpointError, OperatorError
 from appliance.ledger import operations, proofs, signed_note
 from appliance.ledger.archive import archive_files
 from appliance.ledger.archive_bundles import ArchiveBundles
+from appliance.ledger.census import census
 from appliance.ledger.export import sidecar_paths
 from appliance.ledger.export_verify import verify_bundles
 from appliance.ledger.follow import ExportFollower, exported_through
@@ -172,6 +173,10 @@ def _verify_exports(
             f"{failed} of {len(reports)} export(s) and {failed_kept} of {len(kept_reports)} kept "
             "checkpoint(s) FAILED verification"
         )
+    found = census((report.origin or "", report.path) for report in reports)
+    click.echo(found.describe())
+    if not found.ok:
+        raise OperatorError("the exports FAILED verification as one set: a request is in two ledgers")
 
 
 def _verify_archives(paths: tuple[Path, ...], verifiers: list[signed_note.Verifier]) -> list[tuple[str, str]]:

@@ -37,9 +37,14 @@ _INSECURE_HTTP = click.option(
 @click.option(
     "--site", required=True, help="This appliance's site id (policy bundles must name it in scope)."
 )
-def init(home: Path | None, site: str) -> None:
+@click.option(
+    "--node",
+    default=None,
+    help="This node's name in its ledger's checkpoints (each node of a site its own; fixed at init).",
+)
+def init(home: Path | None, site: str, node: str | None) -> None:
     """Create a gateway home: vault, master key (0600), appliance signing key, settings."""
-    for line in open_home(home, initialized=False).init(site):
+    for line in open_home(home, initialized=False).init(site, node):
         click.echo(f"created {line}")
     click.echo(
         "next: a certificate for the public port (phi-gateway tls self-signed --host NAME, or tls import "

@@ -7,6 +7,7 @@ on the last line of standard output, at ``token issue``; lists or records a toke
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
@@ -163,3 +164,45 @@ def _require_regular_metadata(directory: Path) -> None:
         meta = entry / "metadata.json"
         if entry.is_dir() and meta.exists():
             files.require_regular(meta, CLLAMA_METADATA)
+
+
+TOKEN_EXPORT = files.Input("token export", 64 << 20)
+
+
+@token_group.command("export")
+@home_option
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
+def token_export(home: Path | None, out: Path) -> None:
+    """Write every token's hash, caller, org, role, expiry and revocation (never a secret) to OUT, for
+    `token import` on the other nodes of the site (all nodes then accept the same tokens)."""
+    with open_home(home).open_vault() as vault:
+        rows = vault.tokens.export_rows()
+    text = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    click.echo(f"{len(rows)} token(s) written to {out} (hashes only; import them with `token import`)")
+
+
+@token_group.command("import")
+@home_option
+@click.argument("export", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def token_import(home: Path | None, export: Path) -> None:
+    """Make this node's tokens match EXPORT (from `token export` on another node): new tokens are added,
+    revocations and expiries follow; run it again after every change on the node that issues tokens."""
+    rows = []
+    for number, line in enumerate(files.read_text(export, TOKEN_EXPORT).splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise OperatorError(
+                f"{export} line {number}: not JSON (expected `token export` output)"
+            ) from None
+        if not isinstance(row, dict):
+            raise OperatorError(f"{export} line {number}: not a token (expected `token export` output)")
+        rows.append(row)
+    with open_home(home).open_vault() as vault:
+        for caller, outcome in vault.tokens.import_rows(rows):
+            if outcome != "unchanged" and not outcome.startswith("skipped"):
+                record_admin(vault, f"token_import {outcome.split(' (')[0].split(' to ')[0]}", claw_id=caller)
+            click.echo(f"{caller}: {outcome}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import secrets
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -31,13 +32,13 @@ def _run(*args: str, ok: bool = True) -> Result:
     return result
 
 
-def _record(i: int) -> dict[str, Any]:
+def _record(i: int, tag: str = "") -> dict[str, Any]:
     return {
         "type": "response",
         "claw_id": "bot",
         "model": "local/demo",
         "status_code": 200,
-        "request_id": f"r{i}",
+        "request_id": f"{tag}r{i}",
     }
 
 
@@ -52,7 +53,8 @@ def _home(tmp_path: Path, n: int, name: str = "home") -> Home:
 
 
 async def _append(ledger: Ledger, count: int) -> None:
-    await asyncio.gather(*(ledger.append(_record(i)) for i in range(count)))
+    tag = secrets.token_hex(4)  # request ids are unique: a request is in one node's ledger only
+    await asyncio.gather(*(ledger.append(_record(i, tag)) for i in range(count)))
 
 
 def _verify(home: Home, **kwargs: Any) -> Any:
