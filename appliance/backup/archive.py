@@ -5,9 +5,9 @@ A backup is a tar stream inside the sealed stream (``seal``): every regular file
 there), the vault as one consistent SQLite snapshot taken through SQLite's backup API (safe while the
 gateway serves: it reads, it never writes the vault), the model files only when asked (they are pinned by
 SHA-256 in the policy and can be copied again), and last ``backup.json``: every member with its size and
-SHA-256. A restore opens and checks every chunk and every member before anything is put in place, then
-opens the restored vault (migrations of a newer version run there), verifies the whole ledger, records
-the restore in it, and only then renames the folder into place.
+SHA-256. A restore unpacks into a folder inside the (absent or empty) target, checks every chunk and every
+member, opens the restored vault (migrations of a newer version run there), verifies the whole ledger,
+records the restore in it, and only then moves the files into the target, the vault last.
 
 Owns: ``make_backup``, ``restore_backup``, ``BackupSummary``, ``RestoreSummary``. Never: writes the vault
 of the running gateway (the ``backup`` ledger record goes through the vault's writer like any CLI
@@ -223,9 +223,11 @@ def restore_backup(source: IO[bytes], passphrase: bytes, target: Path) -> Restor
             "(stop the gateway that uses it)"
         )
     reader = SealReader(source, passphrase)
-    parent = target.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".restore-{target.name}-", dir=parent))
+    created = not target.exists()
+    target.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # Staged inside the target: a mount point (a container's volume, the OVA's state directory) cannot be
+    # renamed, and its parent may not be writable by the user the gateway runs as.
+    staging = Path(tempfile.mkdtemp(prefix=".restore-", dir=target))
     try:
         written = _extract(reader, staging)
         manifest = _check_manifest(staging, written)
@@ -243,11 +245,14 @@ def restore_backup(source: IO[bytes], passphrase: bytes, target: Path) -> Restor
             vault.ledger.append_sync({"type": "admin", "detail": detail, "os_user": this_os_user()})
             policy_models = _policy_model_files(vault)
         missing = sorted(name for name in policy_models if not (restored.models_dir / name).is_file())
-        if target.exists():
-            target.rmdir()
-        staging.rename(target)
+        # Everything is checked: the moves below are renames within one file system, the vault last.
+        for child in sorted(staging.iterdir(), key=lambda p: p.name.startswith("vault.db")):
+            child.rename(target / child.name)
+        staging.rmdir()
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            shutil.rmtree(target, ignore_errors=True)
         raise
     return RestoreSummary(
         header=reader.header, files=len(written) - 1, ledger_message=report.message, models_missing=missing
