@@ -1,9 +1,10 @@
 """``phi-gateway``: the operator's command line (the documented interface runbooks are written against).
 
 Owns: the ``main`` group (version, logging) and which verb groups it holds; each group lives in its own
-module (``setup``, ``policy``, ``trust``, ``models``, ``keys``, ``tokens``, ``audit``, ``tls``, ``console``, ``backup``),
-built on the shared ``options`` module. Across them: exit codes (0 ok, 1 operator error, 2 usage), and an
-``admin`` ledger record of every change an operator makes (init, policy import, trust, keys, tokens, tls).
+module (``setup``, ``policy``, ``trust``, ``models``, ``keys``, ``tokens``, ``audit``, ``tls``, ``console``,
+``backup``), built on the shared ``options`` module. Across them: exit codes (0 ok, 1 operator error, 2
+usage), and an ``admin`` ledger record of every change an operator makes (init, policy import, trust, keys,
+tokens, tls, backup).
 Never: echoes a provider key; prints a token except once, on its own last line, at ``token issue``;
 writes the vault except through the vault's single writer. The verb modules never import this one.
 """
