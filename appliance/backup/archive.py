@@ -70,7 +70,7 @@ def _members(home: Home, with_models: bool) -> Iterator[tuple[str, Path]]:
         for name in sorted(names):
             path = base / name
             rel = path.relative_to(home.root).as_posix()
-            if rel in _SKIP:
+            if rel in _SKIP or name.endswith((".phibak", ".phibak.partial")):  # earlier backups kept there
                 continue
             if rel.startswith("models/") and not with_models:
                 continue

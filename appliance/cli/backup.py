@@ -52,8 +52,11 @@ def backup_cmd(home: Path | None, out: Path, passphrase_file: Path | None, with_
     target = open_home(home)
     if out.exists():
         raise OperatorError(f"{out} exists; choose a new name (a backup never overwrites a file)")
+    inside = out.resolve().is_relative_to(target.root.resolve())
+    if inside and not out.name.endswith(".phibak"):
+        raise OperatorError(f"{out} is inside the home: name it *.phibak (backups never copy those)")
     secret = _passphrase(passphrase_file, confirm=True)
-    partial = out.with_name(out.name + ".partial")
+    partial = out.with_name(out.name + ".partial")  # a backup written into the home ends in .phibak
     try:
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
     except OSError as exc:

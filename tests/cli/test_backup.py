@@ -147,6 +147,20 @@ def test_restore_never_overwrites_a_home(tmp_path: Path, passfile: Path) -> None
     assert again.exit_code == 1 and "exists" in again.output
 
 
+def test_a_backup_kept_in_the_home_is_not_copied_by_the_next(tmp_path: Path, passfile: Path) -> None:
+    home, _ = _backup(tmp_path, passfile)
+    inside = home / "backups"
+    inside.mkdir()
+    wrong = _run("backup", "--home", str(home), "--out", str(inside / "a.bak"), "--passphrase-file",
+                 str(passfile), ok=False)  # fmt: skip
+    assert wrong.exit_code == 1 and "*.phibak" in wrong.output
+    for name in ("a.phibak", "b.phibak"):
+        _run("backup", "--home", str(home), "--out", str(inside / name), "--passphrase-file", str(passfile))
+    new = tmp_path / "new"
+    _run("restore", str(inside / "b.phibak"), "--home", str(new), "--passphrase-file", str(passfile))
+    assert not (new / "backups" / "a.phibak").exists()
+
+
 def test_short_passphrase_is_refused(tmp_path: Path) -> None:
     home = tmp_path / "home"
     _run("init", "--home", str(home), "--site", "stmarys-main")
