@@ -151,7 +151,9 @@ class HttpServer:
         stop = asyncio.Event()
         installed: list[signal.Signals] = []
         previous: dict[signal.Signals, object] = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        # Windows: SIGBREAK is the CTRL_BREAK_EVENT the service host sends (image/windows/phi_service.py).
+        sigbreak = getattr(signal, "SIGBREAK", None)
+        for sig in (signal.SIGTERM, signal.SIGINT, *([sigbreak] if sigbreak else [])):
             try:
                 loop.add_signal_handler(sig, stop.set)
                 installed.append(sig)

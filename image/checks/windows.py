@@ -22,10 +22,17 @@ from pathlib import Path
 from checks.report import Report
 
 # What the installer must carry. The Windows build owns the layout: adjust these patterns with it.
-REQUIRED_MEMBERS = (
-    "*wheels/phi_gateway-*.whl",
-    "*wheels/llama_cpp_python-*win_amd64*.whl",
-    "*phi-gateway-service*",
+REQUIRED_MEMBERS = (  # what image/windows/build puts in $INSTDIR (wheels are installed at build time)
+    "python/python.exe",
+    "python/python311.dll",
+    "python/Lib/site-packages/appliance/__init__.py",
+    "python/Lib/site-packages/llama_cpp/lib/llama.dll",
+    "python/Lib/site-packages/llama_cpp/lib/ggml-base.dll",
+    "python/Lib/site-packages/llama_cpp/lib/ggml-cpu-haswell.dll",
+    "python/Lib/site-packages/win32/win32service.pyd",
+    "python/Lib/site-packages/winloop/__init__.py",
+    "phi_service.py",
+    "phi-gateway.cmd",
     "*uninstall*.exe",
 )
 _MACHINES = {0x14C: "x86 (i386)", 0x8664: "x86-64 (AMD64)"}

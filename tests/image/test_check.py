@@ -444,10 +444,17 @@ def test_an_oci_layout_with_a_corrupt_blob_fails(tmp_path: Path) -> None:
 
 # ---- Windows installer ----------------------------------------------------------------------------------
 
-PAYLOAD = {
-    "wheels/phi_gateway-1.0-py3-none-any.whl": b"PK gateway",
-    "wheels/llama_cpp_python-0.3.36-cp311-cp311-win_amd64.whl": b"PK llama",
-    "phi-gateway-service.ps1": b"# service script\n",
+PAYLOAD = {  # one small stand-in for each member the check requires
+    "python/python.exe": b"MZ python",
+    "python/python311.dll": b"MZ dll",
+    "python/Lib/site-packages/appliance/__init__.py": b"",
+    "python/Lib/site-packages/llama_cpp/lib/llama.dll": b"MZ llama",
+    "python/Lib/site-packages/llama_cpp/lib/ggml-base.dll": b"MZ ggml",
+    "python/Lib/site-packages/llama_cpp/lib/ggml-cpu-haswell.dll": b"MZ cpu",
+    "python/Lib/site-packages/win32/win32service.pyd": b"MZ pyd",
+    "python/Lib/site-packages/winloop/__init__.py": b"",
+    "phi_service.py": b"# service host\n",
+    "phi-gateway.cmd": b"@echo off\n",
 }
 
 
@@ -478,7 +485,7 @@ def test_an_nsis_installer_passes_and_lists_its_members(target: str, machine: st
 def test_an_installer_missing_a_member_fails(tmp_path: Path) -> None:
     payload = {k: v for k, v in PAYLOAD.items() if "llama" not in k}
     out = assert_fails("win.members", "--windows", make_installer(tmp_path, payload))
-    assert "*wheels/llama_cpp_python-*win_amd64*.whl: no member matches" in out
+    assert "python/Lib/site-packages/llama_cpp/lib/llama.dll: no member matches" in out
 
 
 def test_a_file_that_is_no_pe_fails(tmp_path: Path) -> None:
