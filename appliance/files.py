@@ -5,7 +5,8 @@ Owns: ``Input`` (what a kind of file is called and how large it may be), ``read_
 (the one way the command line and the keys it loads read a file), and ``require_regular`` (the same
 check, for a path handed on to code that opens it itself).
 
-Must never: open a path so that the open can block (a FIFO with no writer): the open is non-blocking and
+Must never: open a path so that the open can block (a FIFO with no writer): the open is non-blocking (on
+Windows, which has no ``O_NONBLOCK`` and no FIFO a path can name, a plain open cannot block) and
 the kind of file is judged on the opened descriptor (``fstat``), never on the name, so a path swapped
 between the check and the read cannot slip through; read a device, a FIFO or a directory; read more than
 ``cap + 1`` bytes of anything (``/dev/zero`` never ends, a file may grow while it is read); or raise
@@ -55,7 +56,8 @@ def read_bytes(path: Path, kind: Input, *, deadline_s: float = DEADLINE_S) -> by
         size = os.fstat(fd).st_size
         if size > kind.cap:
             raise _too_large(path, kind, size)
-        os.set_blocking(fd, True)  # no effect on a regular file; read() below must not see EAGAIN
+        if _nonblocking_flag():  # Windows has neither the flag nor (before 3.12) os.set_blocking
+            os.set_blocking(fd, True)  # no effect on a regular file; read() below must not see EAGAIN
         deadline = time.monotonic() + deadline_s
         chunks: list[bytes] = []
         total = 0
@@ -99,7 +101,7 @@ def require_regular(path: Path, kind: Input) -> None:
 
 def _open_regular(path: Path, kind: Input) -> int:
     """An open descriptor of ``path``, which fstat says is a regular file; closed on every refusal."""
-    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+    flags = os.O_RDONLY | _nonblocking_flag() | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(path, flags | getattr(os, "O_BINARY", 0))
     except FileNotFoundError:
@@ -115,6 +117,12 @@ def _open_regular(path: Path, kind: Input) -> int:
         os.close(fd)
         raise OperatorError(f"{path} is not a regular file ({_kind_of(mode)}); expected {_a(kind.what)}")
     return fd
+
+
+def _nonblocking_flag() -> int:
+    """``os.O_NONBLOCK``, or 0 on Windows (no such flag; no FIFO there can make an open wait)."""
+    flag: int = getattr(os, "O_NONBLOCK", 0)
+    return flag
 
 
 def _kind_of(mode: int) -> str:

@@ -21,6 +21,15 @@ flags there are what the kernel grants; AMX additionally needs this process's pe
 (``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``, which kernels before 5.16 refuse). The chosen
 variant's own ``ggml_backend_score`` must agree too; only granted variants are ever opened.
 
+On Windows the variants are ``ggml-cpu-<variant>.dll`` beside ``ggml.dll`` in the directory llama_cpp
+loads ``llama.dll`` from (``llama_cpp/lib``, or ``LLAMA_CPP_LIB_PATH``), and there the explicit load is
+required, not only safer: ggml's own search there looks only beside python.exe and in the current directory.
+What Windows grants comes from ``IsProcessorFeaturePresent`` (AVX2 and AVX-512F as the OS has enabled their
+register state); the features without state of their own (FMA, F16C, BMI2, VNNI, BF16, …) are left to each
+variant's own CPUID check (``ggml_backend_score``), and AMX is never granted (no AMX variant ships there).
+File modes mean nothing on Windows (every file reports 0o666): the ACL of the install folder under
+Program Files is what keeps the variants from being replaced, and only the folder check applies.
+
 Once a CPU backend is registered, ``llama_backend_init`` no longer searches (it does only when none is):
 so ``ensure_cpu_backend`` must run before the first ``Llama`` (or ``llama_backend_init``,
 ``llama_supports_gpu_offload``, ``llama_supports_rpc``) in the process.
@@ -35,13 +44,15 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import logging
 import os
 import platform
 import re
 import stat
+import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +72,7 @@ __all__ = [
     "ensure_cpu_backend",
     "select_variants",
     "variant_rank",
+    "windows_flags",
 ]
 
 log = logging.getLogger("phi.local_models")
@@ -130,6 +142,27 @@ _SCORE_BITS = {
 _AMX_FEATURES = frozenset({"AMX_TILE", "AMX_INT8"})
 _SUPPORTED = "x86-64 with AVX2, FMA, F16C and BMI2 (Intel Haswell, AMD Excavator and Zen, and newer)"
 _VARIANT_FILE = re.compile(r"libggml-cpu-([A-Za-z0-9_.]+)\.so")
+_VARIANT_FILE_WINDOWS = re.compile(r"ggml-cpu-([A-Za-z0-9_.]+)\.dll", re.IGNORECASE)
+
+# What Windows grants (IsProcessorFeaturePresent, winnt.h PF_*), as the /proc/cpuinfo flags the variants are
+# judged by. Both report the OS-enabled state (the XSAVE YMM, resp. ZMM and opmask, state), which is what
+# CPUID alone gets wrong; the VEX and EVEX extensions that need no state of their own ride on them.
+_PF_AVX2_INSTRUCTIONS_AVAILABLE = 40
+_PF_AVX512F_INSTRUCTIONS_AVAILABLE = 41
+_WINDOWS_STATELESS = ("sse4_2", "bmi2")
+"""No register state of their own: left to each variant's CPUID check (``ggml_backend_score``)."""
+_WINDOWS_GRANTS: tuple[tuple[int, tuple[str, ...]], ...] = (
+    (_PF_AVX2_INSTRUCTIONS_AVAILABLE, ("avx", "avx2", "f16c", "fma", "avx_vnni")),
+    (
+        _PF_AVX512F_INSTRUCTIONS_AVAILABLE,
+        (*CPUINFO_FLAGS["AVX512"], "avx512vbmi", "avx512_vnni", "avx512_bf16"),
+    ),
+)
+
+
+def _variant_file() -> re.Pattern[str]:
+    """The file name of a variant on this OS; its group is the variant."""
+    return _VARIANT_FILE_WINDOWS if sys.platform == "win32" else _VARIANT_FILE
 
 
 def variant_rank(variant: str) -> int:
@@ -232,6 +265,16 @@ def cpuinfo_flags(text: str) -> frozenset[str]:
     return frozenset.intersection(*per_cpu) if per_cpu else frozenset()
 
 
+def windows_flags(is_processor_feature_present: Callable[[int], int]) -> frozenset[str]:
+    """What Windows grants, as /proc/cpuinfo flags, from ``kernel32.IsProcessorFeaturePresent`` (passed
+    in): never an AMX flag."""
+    flags = set(_WINDOWS_STATELESS)
+    for feature, granted in _WINDOWS_GRANTS:
+        if is_processor_feature_present(feature):
+            flags.update(granted)
+    return frozenset(flags)
+
+
 def _cpu_model(text: str) -> str | None:
     for line in text.splitlines():
         if line.startswith("model name") and ":" in line:
@@ -282,46 +325,123 @@ class _Feature(ctypes.Structure):
 
 _GetFeatures = ctypes.CFUNCTYPE(ctypes.POINTER(_Feature), ctypes.c_void_p)
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_dladdr = _libc.dladdr
-_dladdr.argtypes = [ctypes.c_void_p, ctypes.POINTER(_DlInfo)]
-_dladdr.restype = ctypes.c_int
+
+@functools.cache
+def _libc() -> Any:
+    """This process's C library, bound on first use: ``CDLL(None)`` is POSIX only (a TypeError on
+    Windows), so nothing of it may run when the module is imported."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.dladdr.argtypes = [ctypes.c_void_p, ctypes.POINTER(_DlInfo)]
+    libc.dladdr.restype = ctypes.c_int
+    return libc
+
+
+_GET_MODULE_HANDLE_EX_FLAG_UNCHANGED_REFCOUNT = 0x2
+_GET_MODULE_HANDLE_EX_FLAG_FROM_ADDRESS = 0x4
+
+
+def _kernel32() -> Any:
+    """kernel32, as a handle of our own (the argtypes set on it touch no one else's function objects)."""
+    if sys.platform != "win32":
+        raise OSError("kernel32 exists on Windows only")
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+    kernel32.IsProcessorFeaturePresent.argtypes = [ctypes.c_uint32]
+    kernel32.IsProcessorFeaturePresent.restype = ctypes.c_int
+    kernel32.GetModuleHandleExW.argtypes = [ctypes.c_uint32, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)]
+    kernel32.GetModuleHandleExW.restype = ctypes.c_int
+    kernel32.GetModuleFileNameW.argtypes = [ctypes.c_void_p, ctypes.c_wchar_p, ctypes.c_uint32]
+    kernel32.GetModuleFileNameW.restype = ctypes.c_uint32
+    kernel32.GetModuleHandleW.argtypes = [ctypes.c_wchar_p]
+    kernel32.GetModuleHandleW.restype = ctypes.c_void_p
+    return kernel32
 
 
 def _library_of(address: int | None) -> Path | None:
     """The file of the loaded library that holds this address."""
+    if not address:
+        return None
+    if sys.platform == "win32":
+        return _module_of(address)
     info = _DlInfo()
-    if not address or not _dladdr(address, ctypes.byref(info)) or not info.dli_fname:
+    if not _libc().dladdr(address, ctypes.byref(info)) or not info.dli_fname:
         return None
     return Path(os.fsdecode(info.dli_fname)).resolve()
 
 
+def _module_of(address: int) -> Path | None:
+    """Windows' ``dladdr``: the DLL that holds the address (its reference count left as it is)."""
+    module = ctypes.c_void_p()
+    flags = _GET_MODULE_HANDLE_EX_FLAG_FROM_ADDRESS | _GET_MODULE_HANDLE_EX_FLAG_UNCHANGED_REFCOUNT
+    if not _kernel32().GetModuleHandleExW(flags, ctypes.c_void_p(address), ctypes.byref(module)):
+        return None
+    return _module_path(module.value)
+
+
+def _module_path(module: int | None) -> Path | None:
+    """The file of a loaded DLL (``GetModuleFileNameW``)."""
+    if not module:
+        return None
+    name = ctypes.create_unicode_buffer(32768)  # the longest path Windows has
+    length = _kernel32().GetModuleFileNameW(module, name, len(name))
+    if not 0 < length < len(name):
+        return None
+    return Path(name.value).resolve()
+
+
+def _loaded_dll(name: str, lib_dir: Path) -> Any:
+    """The DLL of that name already in the process (the one llama.dll was bound to when it was loaded),
+    refused unless it is llama_cpp's own: Windows looks for llama.dll's imports beside python.exe and in
+    the current directory before the PATH entry llama_cpp adds."""
+    module = _kernel32().GetModuleHandleW(name)
+    path = _module_path(module)
+    if path is None or path.parent != lib_dir:
+        raise errors.Unavailable(
+            f"llama.cpp's {name} was loaded from {path or 'nowhere known'}, not from {lib_dir}",
+            code="cpu_backend_failed",
+        )
+    return ctypes.CDLL(str(path), handle=module)  # the loaded module itself: nothing is loaded again
+
+
+def _llama_lib_dir() -> Path:
+    """The directory llama_cpp loaded ``llama.dll`` from (``llama_cpp/lib`` or ``LLAMA_CPP_LIB_PATH``):
+    ``ggml.dll`` and the variants sit beside it."""
+    return Path(llama_lib._base_path).resolve()
+
+
 class _Ggml:
     """The backend registry of the libggml that llama_cpp's libllama is linked to (symbols looked up
-    through libllama's own handle: the very instance ``Llama`` will use, whatever LD_LIBRARY_PATH says)."""
+    through libllama's own handle: the very instance ``Llama`` will use, whatever LD_LIBRARY_PATH says).
+    On Windows a DLL exports only its own symbols: there they come from the ggml.dll and ggml-base.dll
+    loaded for llama.dll, both checked to be in llama_cpp's library directory."""
 
     def __init__(self) -> None:
-        lib = llama_lib._lib  # llama-cpp-python's handle of libllama (pinned version: see pyproject)
+        if sys.platform == "win32":
+            lib_dir = _llama_lib_dir()
+            ggml, base = _loaded_dll("ggml.dll", lib_dir), _loaded_dll("ggml-base.dll", lib_dir)
+        else:
+            ggml = base = llama_lib._lib  # llama-cpp-python's handle of libllama (pinned: see pyproject)
 
-        def bind(name: str, restype: object, *argtypes: object) -> Any:
+        def bind(lib: Any, name: str, restype: object, *argtypes: object) -> Any:
             func = lib[name]  # [] makes a new function object: llama_cpp's own are left untouched
             func.restype = restype
             func.argtypes = list(argtypes)
             return func
 
-        self.reg_count = bind("ggml_backend_reg_count", ctypes.c_size_t)
-        self.reg_get = bind("ggml_backend_reg_get", ctypes.c_void_p, ctypes.c_size_t)
-        self.reg_name = bind("ggml_backend_reg_name", ctypes.c_char_p, ctypes.c_void_p)
-        self.reg_by_name = bind("ggml_backend_reg_by_name", ctypes.c_void_p, ctypes.c_char_p)
+        self.reg_count = bind(ggml, "ggml_backend_reg_count", ctypes.c_size_t)
+        self.reg_get = bind(ggml, "ggml_backend_reg_get", ctypes.c_void_p, ctypes.c_size_t)
+        self.reg_name = bind(base, "ggml_backend_reg_name", ctypes.c_char_p, ctypes.c_void_p)
+        self.reg_by_name = bind(ggml, "ggml_backend_reg_by_name", ctypes.c_void_p, ctypes.c_char_p)
         self.proc_address = bind(
-            "ggml_backend_reg_get_proc_address", ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p
+            base, "ggml_backend_reg_get_proc_address", ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p
         )
-        self.load = bind("ggml_backend_load", ctypes.c_void_p, ctypes.c_char_p)
-        address = ctypes.cast(self.load, ctypes.c_void_p).value
-        libggml = _library_of(address)
+        self.load = bind(ggml, "ggml_backend_load", ctypes.c_void_p, ctypes.c_char_p)
+        if sys.platform == "win32":
+            self.lib_dir = lib_dir
+            return
+        libggml = _library_of(ctypes.cast(self.load, ctypes.c_void_p).value)
         if libggml is None:
             raise errors.Unavailable("cannot locate llama.cpp's libggml", code="cpu_backend_failed")
-        self.libggml = libggml
+        self.lib_dir = libggml.parent
 
     def registered(self) -> list[str]:
         return [(self.reg_name(self.reg_get(i)) or b"?").decode() for i in range(self.reg_count())]
@@ -355,8 +475,11 @@ _XFEATURE_XTILEDATA = 18
 
 def _amx_granted() -> bool:
     """Ask the kernel for AMX tile data in this process (what ggml's AMX code does before its first tile
-    instruction); refused on kernels and VMs that do not enable XTILEDATA. Harmless when granted."""
-    result = _libc.syscall(
+    instruction); refused on kernels and VMs that do not enable XTILEDATA. Harmless when granted. Never on
+    Windows (no AMX variant ships there)."""
+    if sys.platform == "win32":
+        return False
+    result = _libc().syscall(
         ctypes.c_long(_SYS_ARCH_PRCTL),
         ctypes.c_long(_ARCH_REQ_XCOMP_PERM),
         ctypes.c_long(_XFEATURE_XTILEDATA),
@@ -370,11 +493,14 @@ def _amx_granted() -> bool:
 
 def _check_trusted(path: Path, lib_dir: Path) -> None:
     """A variant is loaded only from llama.cpp's own directory (a link out of it is refused), and only if
-    not every user could have replaced it."""
+    not every user could have replaced it. On Windows every file's mode says 0o666 whoever may write it:
+    there the install folder's ACL (Program Files) is the protection, and only the folder is checked."""
     if path.parent != lib_dir:
         raise errors.Unavailable(
             f"refusing the CPU backend {path}: it is not in {lib_dir}", code="cpu_backend_failed"
         )
+    if sys.platform == "win32":
+        return
     for where in (path, path.parent):
         mode = where.stat().st_mode
         if mode & stat.S_IWOTH and not (stat.S_ISDIR(mode) and mode & stat.S_ISVTX):
@@ -386,14 +512,53 @@ def _check_trusted(path: Path, lib_dir: Path) -> None:
 
 def _installed_variants(lib_dir: Path) -> dict[str, Path]:
     variants = {}
+    pattern = _variant_file()
     for entry in sorted(lib_dir.iterdir()):
-        match = _VARIANT_FILE.fullmatch(entry.name)
+        match = pattern.fullmatch(entry.name)
         if match and entry.is_file():
             variants[match.group(1)] = entry
     return variants
 
 
-def _already_registered(ggml: _Ggml, lib_dir: Path, cpu_text: str) -> CpuBackend | None:
+def _open_variant(path: Path) -> Any:
+    """The variant's library, for its own ``ggml_backend_score`` (no ``RTLD_LOCAL`` on Windows: there
+    ``winmode=0`` is llama_cpp's own way of loading, and ggml-base.dll is found already loaded)."""
+    if sys.platform == "win32":
+        return ctypes.CDLL(str(path), winmode=0)
+    return ctypes.CDLL(str(path), mode=os.RTLD_LOCAL)
+
+
+@dataclass(frozen=True)
+class _Machine:
+    """What the OS grants this process (as /proc/cpuinfo flags) and the CPU's name."""
+
+    flags: frozenset[str]
+    cpu: str | None
+
+
+def _this_machine() -> _Machine:
+    if sys.platform == "win32":
+        return _Machine(windows_flags(_kernel32().IsProcessorFeaturePresent), _windows_cpu_model())
+    text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    return _Machine(cpuinfo_flags(text), _cpu_model(text))
+
+
+def _windows_cpu_model() -> str | None:
+    if sys.platform != "win32":
+        return None
+    import winreg  # Windows only
+
+    try:
+        with winreg.OpenKey(
+            winreg.HKEY_LOCAL_MACHINE, r"HARDWARE\DESCRIPTION\System\CentralProcessor\0"
+        ) as key:
+            name, _ = winreg.QueryValueEx(key, "ProcessorNameString")
+    except OSError:
+        return None
+    return str(name).strip() or None
+
+
+def _already_registered(ggml: _Ggml, lib_dir: Path, machine: _Machine) -> CpuBackend | None:
     """The CPU backend registered before our first call: linked in (builtin), or a variant something else
     loaded — accepted only if it is one of ours and granted, since it runs from now on whatever we say."""
     reg = ggml.cpu_reg()
@@ -407,36 +572,33 @@ def _already_registered(ggml: _Ggml, lib_dir: Path, cpu_text: str) -> CpuBackend
             code="cpu_backend_failed",
         )
     features = ggml.features(reg)
-    match = _VARIANT_FILE.fullmatch(path.name)
+    match = _variant_file().fullmatch(path.name)
     if match is None:
-        return CpuBackend(
-            "builtin", path, features, "linked into llama.cpp's libraries", _cpu_model(cpu_text)
-        )
+        return CpuBackend("builtin", path, features, "linked into llama.cpp's libraries", machine.cpu)
     variant = match.group(1)
     known = variant in VARIANT_FEATURES
     amx = known and bool(_AMX_FEATURES & set(VARIANT_FEATURES[variant])) and _amx_granted()
-    missing = _missing(variant, cpuinfo_flags(cpu_text), amx) if known else []
+    missing = _missing(variant, machine.flags, amx) if known else []
     if not known or missing:
         raise errors.Unavailable(
             f"llama.cpp loaded the CPU backend {variant} on its own, which this machine does not grant "
             f"({'; '.join(missing) or 'unknown variant'}); ensure_cpu_backend() must run first",
             code="cpu_backend_failed",
         )
-    return CpuBackend(
-        variant, path, features, "loaded before ensure_cpu_backend; granted", _cpu_model(cpu_text)
-    )
+    return CpuBackend(variant, path, features, "loaded before ensure_cpu_backend; granted", machine.cpu)
 
 
 def _choose_and_load(ggml: _Ggml) -> CpuBackend:
-    lib_dir = ggml.libggml.parent
-    cpu_text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    found = _already_registered(ggml, lib_dir, cpu_text)
+    lib_dir = ggml.lib_dir
+    machine = _this_machine()
+    found = _already_registered(ggml, lib_dir, machine)
     if found is not None:
         return found
     installed = _installed_variants(lib_dir)
     if not installed:
+        files = "ggml-cpu-*.dll" if sys.platform == "win32" else "libggml-cpu-*.so"
         raise errors.Unavailable(
-            f"llama.cpp has no CPU backend: none is linked in and {lib_dir} holds no libggml-cpu-*.so "
+            f"llama.cpp has no CPU backend: none is linked in and {lib_dir} holds no {files} "
             "(rebuild the environment: ./dev)",
             code="cpu_unsupported",
         )
@@ -445,7 +607,7 @@ def _choose_and_load(ggml: _Ggml) -> CpuBackend:
             f"CPU backend variants are built for x86-64 only, not {platform.machine()}",
             code="cpu_unsupported",
         )
-    flags = cpuinfo_flags(cpu_text)
+    flags = machine.flags
     wants_amx = any(_AMX_FEATURES <= set(VARIANT_FEATURES.get(v, ())) for v in installed)
     amx = wants_amx and {"amx_tile", "amx_int8"} <= flags and _amx_granted()
     override = os.environ.get(OVERRIDE_ENV) or None
@@ -456,7 +618,7 @@ def _choose_and_load(ggml: _Ggml) -> CpuBackend:
         _check_trusted(path, lib_dir)
         # Its own CPUID check, opened only now that the kernel is known to grant what it was built for.
         try:
-            score = ctypes.CDLL(str(path), mode=os.RTLD_LOCAL)["ggml_backend_score"]
+            score = _open_variant(path)["ggml_backend_score"]
         except (OSError, AttributeError) as exc:
             refusals.append(f"{variant}: cannot be opened ({exc})")
             continue
@@ -469,7 +631,7 @@ def _choose_and_load(ggml: _Ggml) -> CpuBackend:
             refusals.append(f"{variant}: ggml_backend_load failed")
             continue
         reason = selection.reason if not refusals else f"{selection.reason}; {'; '.join(refusals)}"
-        return CpuBackend(variant, path, ggml.features(reg), reason, _cpu_model(cpu_text))
+        return CpuBackend(variant, path, ggml.features(reg), reason, machine.cpu)
     raise errors.Unavailable(
         f"no CPU backend could be loaded: {'; '.join(refusals)}; supported: {_SUPPORTED}",
         code="cpu_unsupported",

@@ -2,6 +2,8 @@
 
 Owns: the HTTP exchange over ``<home>/admin.sock`` (JSON calls, raw bundle uploads, the NDJSON audit stream)
 and turning every failure into an ``OperatorError`` that says what happened and what to run.
+On Windows there is no admin socket (no ``AF_UNIX`` in Python there; the gateway does not open one): every
+call is an ``OperatorError`` that says so.
 Never: opens the vault or the ledger (the console may import this module and nothing of the server side);
 retries an action by itself (a console that reconnects does so on purpose).
 """
@@ -20,6 +22,10 @@ from appliance.errors import OperatorError
 _CLIENT_TIMEOUT_S = 600.0  # loading a large model verifies its hash first: minutes for tens of GB
 _STREAM_SILENCE_S = 30.0
 """A stream sends a heartbeat every 2 s: this long without a line, the gateway is hung or gone."""
+NO_ADMIN_SOCKET = (
+    "the admin socket is not available on Windows: status, console, top, models load/unload and policy "
+    "reload need it; the gateway picks up a new policy within a second by itself"
+)
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -28,7 +34,10 @@ class _UnixConnection(http.client.HTTPConnection):
         self._path = str(path)
 
     def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        family = getattr(socket, "AF_UNIX", None)
+        if family is None:
+            raise OperatorError(NO_ADMIN_SOCKET)
+        sock = socket.socket(family, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:
             sock.connect(self._path)
