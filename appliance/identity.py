@@ -252,46 +252,56 @@ class TokenStore:
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
-    def import_rows(self, rows: builtins.list[dict[str, Any]]) -> builtins.list[tuple[str, str]]:
+    def import_rows(
+        self,
+        rows: builtins.list[dict[str, Any]],
+        record: Callable[[sqlite3.Connection, str, str], object] | None = None,
+    ) -> builtins.list[tuple[str, str]]:
         """Make this node's tokens match another node's export: new hashes are added, a token revoked
-        there is revoked here, its expiry follows; nothing is ever un-revoked. ``(caller, outcome)``."""
-        for row in rows:
-            _check_name("caller id", row.get("caller", ""))
-            _check_name("organization", row.get("org", ""))
-            _check_name("role", row.get("role", ""))
-            if not isinstance(row.get("token_sha256"), str) or not _HASH.fullmatch(row["token_sha256"]):
-                raise OperatorError(f"token of {row['caller']}: token_sha256 must be 64 lowercase hex")
-            for key in ("created_at", "expires_at", "revoked_at"):
-                if row.get(key) is not None and not _STAMP.fullmatch(str(row[key])):
-                    raise OperatorError(f"token of {row['caller']}: {key} is not an RFC 3339 UTC time")
+        there is revoked here, an active token's expiry follows; nothing is ever un-revoked, and a token
+        whose expiry has passed here stays expired. ``record(conn, caller, detail)`` runs in the same
+        transaction for every change (its ``admin`` record). Returns ``(caller, outcome)`` for each row."""
+        checked = [_import_row(row, number) for number, row in enumerate(rows, 1)]
+        now = format_ts(datetime.now(UTC))
 
         def write(conn: sqlite3.Connection) -> builtins.list[tuple[str, str]]:
             done = []
-            for row in rows:
+            for row in checked:
+                digest = row["token_sha256"]
                 found = conn.execute(
-                    "SELECT caller, revoked_at, expires_at FROM tokens WHERE token_sha256 = ?",
-                    (row["token_sha256"],),
+                    "SELECT caller, revoked_at, expires_at FROM tokens WHERE token_sha256 = ?", (digest,)
                 ).fetchone()
+                facts = f"org={row['org']} role={row['role']} sha256={digest[:16]}"
                 if found is None:
                     conn.execute(
                         "INSERT INTO tokens (caller, org, role, token_sha256, created_at, expires_at,"
                         " revoked_at, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        tuple(row.get(k) for k in _EXPORTED),
+                        tuple(row[k] for k in _EXPORTED),
                     )
-                    done.append((row["caller"], "imported" + (" (revoked)" if row.get("revoked_at") else "")))
+                    state = " revoked" if row["revoked_at"] else ""
+                    outcome, detail = f"imported{state}", f"action=add{state.replace(' ', '_')}"
+                    detail += f" expires_at={row['expires_at'] or 'none'}"
                 elif found[0] != row["caller"]:
                     done.append((row["caller"], f"skipped: that token belongs to {found[0]} here"))
-                elif row.get("revoked_at") and found[1] is None:
-                    conn.execute(_REVOKE + "token_sha256 = ?", (row["token_sha256"],))
-                    done.append((row["caller"], "revoked"))
-                elif found[1] is None and found[2] != row.get("expires_at"):
-                    conn.execute(
-                        "UPDATE tokens SET expires_at = ? WHERE token_sha256 = ?",
-                        (row.get("expires_at"), row["token_sha256"]),
-                    )
-                    done.append((row["caller"], f"expiry set to {row.get('expires_at') or 'none'}"))
-                else:
+                    continue
+                elif row["revoked_at"] and found[1] is None:
+                    conn.execute(_REVOKE + "token_sha256 = ?", (digest,))
+                    outcome, detail = "revoked", "action=revoke"
+                elif found[1] is not None or found[2] == row["expires_at"]:
                     done.append((row["caller"], "unchanged"))
+                    continue
+                elif found[2] is not None and found[2] <= now:
+                    done.append((row["caller"], "skipped: expired here, and an import never revives a token"))
+                    continue
+                else:
+                    conn.execute(
+                        "UPDATE tokens SET expires_at = ? WHERE token_sha256 = ?", (row["expires_at"], digest)
+                    )
+                    outcome = f"expiry set to {row['expires_at'] or 'none'}"
+                    detail = f"action=expiry expires_at={row['expires_at'] or 'none'}"
+                if record is not None:
+                    record(conn, row["caller"], f"token_import {detail} {facts}")
+                done.append((row["caller"], outcome))
             return done
 
         outcomes: builtins.list[tuple[str, str]] = self._db.write(write)
@@ -335,6 +345,36 @@ class TokenStore:
         expiry = math.inf if expires_at is None else datetime.fromisoformat(expires_at).timestamp()
         self._cache[digest] = (found, expiry, now)
         return found
+
+
+def _import_row(row: Any, number: int) -> dict[str, Any]:
+    """One row of a ``token export`` file, checked and normalised (times parsed and written again in the
+    vault's one shape), or an ``OperatorError`` naming the row."""
+    where = f"token row {number}"
+    if not isinstance(row, dict) or set(row) - set(_EXPORTED):
+        raise OperatorError(f"{where}: not a `token export` row (fields: {', '.join(_EXPORTED)})")
+    for key in ("caller", "org", "role"):
+        _check_name({"caller": "caller id", "org": "organization", "role": "role"}[key], row.get(key, ""))
+    if not isinstance(row.get("token_sha256"), str) or not _HASH.fullmatch(row["token_sha256"]):
+        raise OperatorError(f"{where} ({row['caller']}): token_sha256 must be 64 lowercase hex")
+    if row.get("note") is not None and not isinstance(row["note"], str):
+        raise OperatorError(f"{where} ({row['caller']}): note must be text")
+    clean = {**row, "note": row.get("note")}
+    for key in ("created_at", "expires_at", "revoked_at"):
+        value = row.get(key)
+        if value is None:
+            if key == "created_at":
+                raise OperatorError(f"{where} ({row['caller']}): created_at is missing")
+            clean[key] = None
+            continue
+        try:
+            moment = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        except ValueError:
+            moment = None
+        if moment is None or moment.tzinfo is None or not _STAMP.fullmatch(str(value)) or moment.year > 9000:
+            raise OperatorError(f"{where} ({row['caller']}): {key} is not an RFC 3339 UTC time")
+        clean[key] = format_ts(moment)
+    return clean
 
 
 @dataclass(frozen=True)

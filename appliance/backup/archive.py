@@ -44,6 +44,7 @@ VAULT = "vault.db"
 _SKIP = {"vault.db", "vault.db-wal", "vault.db-shm", "vault.db-journal", "admin.sock"}
 _READ = 1 << 20
 _SCRATCH = (".backup-", ".restore-")
+_REQUIRED = {"vault.db", "master.key", "appliance.key", "gateway.toml"}
 
 
 @dataclass
@@ -63,8 +64,16 @@ class RestoreSummary:
 
 
 def _members(home: Home, with_models: bool) -> Iterator[tuple[str, Path]]:
-    """(name in the backup, path) of every regular file to copy, folders in a stable order."""
-    for folder, dirs, names in os.walk(home.root):
+    """(name in the backup, path) of every regular file to copy, folders in a stable order. Symbolic
+    links are followed (the gateway reads keys and certificates through them, so a backup must hold
+    what they point at); anything else that is not a regular file is refused."""
+    seen: set[tuple[int, int]] = set()
+    for folder, dirs, names in os.walk(home.root, followlinks=True):
+        info = os.stat(folder)
+        if (info.st_dev, info.st_ino) in seen:  # a link back up the tree
+            dirs[:] = []
+            continue
+        seen.add((info.st_dev, info.st_ino))
         dirs[:] = sorted(d for d in dirs if not d.startswith(_SCRATCH))  # a backup's or restore's own
         base = Path(folder)
         for name in sorted(names):
@@ -74,9 +83,15 @@ def _members(home: Home, with_models: bool) -> Iterator[tuple[str, Path]]:
                 continue
             if rel.startswith("models/") and not with_models:
                 continue
-            info = path.lstat()
-            if stat.S_ISREG(info.st_mode):
-                yield rel, path
+            try:
+                mode = path.stat().st_mode
+            except OSError as exc:
+                raise OperatorError(
+                    f"cannot back up {path}: {exc.strerror or exc} (a dangling link?)"
+                ) from None
+            if not stat.S_ISREG(mode):
+                raise OperatorError(f"cannot back up {path}: not a regular file; move it out of the home")
+            yield rel, path
 
 
 def _snapshot(home: Home, into: Path) -> int:
@@ -84,7 +99,9 @@ def _snapshot(home: Home, into: Path) -> int:
     source = sqlite3.connect(f"file:{home.vault_path}?mode=ro", uri=True, timeout=30)
     target = sqlite3.connect(into)
     try:
-        source.backup(target, pages=4096)
+        # One step, under one read transaction: copied in steps, the copy restarts whenever the gateway
+        # writes between two of them, and a busy gateway writes on every request (it would never end).
+        source.backup(target, pages=-1)
         (records,) = target.execute("SELECT COUNT(*) FROM ledger").fetchone()
     except sqlite3.Error as exc:
         raise OperatorError(f"cannot copy the vault {home.vault_path}: {exc}") from None
@@ -96,7 +113,7 @@ def _snapshot(home: Home, into: Path) -> int:
 
 def _add(tar: tarfile.TarFile, name: str, path: Path, mode: int, listing: dict[str, Any]) -> int:
     """Add one file, hashing it as it is read; its size and hash go into the manifest."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0))
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))  # a link is followed (see _members)
     with os.fdopen(fd, "rb") as handle:
         info = os.fstat(handle.fileno())
         if not stat.S_ISREG(info.st_mode):
@@ -147,6 +164,9 @@ def make_backup(home: Home, out: IO[bytes], passphrase: bytes, *, with_models: b
             total += _add(tar, VAULT, snapshot, 0o600, listing)
             for name, path in _members(home, with_models):
                 total += _add(tar, name, path, 0o600, listing)
+            missing = sorted(_REQUIRED - set(listing))
+            if missing:
+                raise OperatorError(f"the home lacks {', '.join(missing)}: no backup was written")
             manifest = json.dumps({**about, "ledger_records": records, "files": listing}, indent=1).encode()
             info = tarfile.TarInfo(MANIFEST)
             info.size, info.mode = len(manifest), 0o600
@@ -230,9 +250,12 @@ def restore_backup(source: IO[bytes], passphrase: bytes, target: Path) -> Restor
     staging = Path(tempfile.mkdtemp(prefix=".restore-", dir=target))
     try:
         written = _extract(reader, staging)
+        reader.finish()  # the last chunk opened, nothing after it: the whole file was checked
         manifest = _check_manifest(staging, written)
+        missing = sorted(_REQUIRED - set(written))
+        if missing:
+            raise OperatorError(f"this backup lacks {', '.join(missing)}: nothing was restored into {target}")
         restored = Home(staging)
-        restored.require_initialized()
         with restored.open_vault() as vault:
             report = vault.ledger.verify()
             if not report.ok:

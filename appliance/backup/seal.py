@@ -125,7 +125,16 @@ class SealReader:
             self._prefix = bytes.fromhex(header["nonce_prefix"])
         except (KeyError, TypeError, ValueError):
             raise OperatorError("damaged backup: its header lacks the key parameters") from None
-        if len(self._prefix) != 7 or not (1 << 10 <= n <= 1 << 20) or r > 32 or p > 16:
+        # Only what a writer of this format would choose: a forged header must not make the key
+        # derivation take gigabytes or minutes before the passphrase is even checked.
+        if (
+            len(self._prefix) != 7
+            or len(salt) != 16
+            or not (1 << 14 <= n <= 1 << 18)
+            or n & (n - 1)
+            or not (1 <= r <= 16 and 1 <= p <= 4)
+            or 128 * n * r > 256 << 20
+        ):
             raise OperatorError("damaged backup: its key parameters are out of range")
         self._aead = AESGCM(_key(passphrase, salt, n, r, p))
         self._aad = hashlib.sha256(raw).digest()
@@ -155,6 +164,13 @@ class SealReader:
         if self._index == 0:
             raise OperatorError("wrong passphrase, or the backup is damaged (its first chunk does not open)")
         raise OperatorError(f"damaged backup: chunk {self._index} does not open (altered or reordered)")
+
+    def finish(self) -> None:
+        """Open every chunk left (tar stops reading at its end marker, which may lie before the last
+        chunk), so that a dropped last chunk or bytes after it fail the restore."""
+        while not self._done:
+            self._next()
+        self._plain = b""
 
     def read(self, size: int = -1) -> bytes:
         parts: list[bytes] = []

@@ -6,8 +6,10 @@ on the last line of standard output, at ``token issue``; lists or records a toke
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import sqlite3
 from pathlib import Path
 
 import click
@@ -16,6 +18,7 @@ from appliance import bundle_import, files
 from appliance.cli.options import home_option, open_home, record_admin
 from appliance.errors import OperatorError
 from appliance.identity import CllamaAgent, parse_expiry
+from appliance.os_user import this_os_user
 from appliance.policy.schema import Policy
 
 
@@ -187,22 +190,36 @@ def token_export(home: Path | None, out: Path) -> None:
 @token_group.command("import")
 @home_option
 @click.argument("export", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-def token_import(home: Path | None, export: Path) -> None:
+@click.option(
+    "--allow-unknown-role", is_flag=True, help="Import even if the policy in force lacks an org/role."
+)
+def token_import(home: Path | None, export: Path, allow_unknown_role: bool) -> None:
     """Make this node's tokens match EXPORT (from `token export` on another node): new tokens are added,
     revocations and expiries follow; run it again after every change on the node that issues tokens."""
+    raw = files.read_bytes(export, TOKEN_EXPORT)
+    source = hashlib.sha256(raw).hexdigest()[:16]
     rows = []
-    for number, line in enumerate(files.read_text(export, TOKEN_EXPORT).splitlines(), 1):
+    for number, line in enumerate(raw.decode("utf-8", "replace").splitlines(), 1):
         try:
-            row = json.loads(line)
+            rows.append(json.loads(line))
         except ValueError:
-            raise OperatorError(
-                f"{export} line {number}: not JSON (expected `token export` output)"
-            ) from None
-        if not isinstance(row, dict):
-            raise OperatorError(f"{export} line {number}: not a token (expected `token export` output)")
-        rows.append(row)
+            raise OperatorError(f"{export} line {number}: not JSON (expected `token export`)") from None
     with open_home(home).open_vault() as vault:
-        for caller, outcome in vault.tokens.import_rows(rows):
-            if outcome != "unchanged" and not outcome.startswith("skipped"):
-                record_admin(vault, f"token_import {outcome.split(' (')[0].split(' to ')[0]}", claw_id=caller)
+        if not allow_unknown_role:
+            policy = bundle_import.policy_in_force(vault)
+            for row in rows:
+                if isinstance(row, dict):
+                    _require_role(policy, str(row.get("org")), str(row.get("role")))
+        os_user = this_os_user()
+
+        def record(conn: sqlite3.Connection, caller: str, detail: str) -> None:
+            entry = {
+                "type": "admin",
+                "claw_id": caller,
+                "detail": f"{detail} from={source}",
+                "os_user": os_user,
+            }
+            vault.ledger.record_in(conn, entry)
+
+        for caller, outcome in vault.tokens.import_rows(rows, record):
             click.echo(f"{caller}: {outcome}")

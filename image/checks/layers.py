@@ -2,7 +2,10 @@
 
 Layers are read lowest first. A layer's whiteouts (``.wh.NAME`` deletes NAME, ``.wh..wh..opq`` empties the
 directory) apply to the layers below it only (OCI image spec, "Whiteouts"), so a file a build step left
-and a later step deleted does not count. Rules:
+and a later step deleted does not count. A hard link (tar LNKTYPE) is the same file as its target: it takes
+the target's findings when it is made, and a whiteout that deletes one name of a file moves that name's
+findings to the names of it that survive (a key hard-linked under a harmless name outlives the deletion of
+its first name). Rules:
   oci.no-compilers          gcc, g++, cc, c++, cpp, clang, ld, as, make, cmake, ninja (plain or
                             x86_64-linux-gnu- prefixed, -N suffixed) in a bin directory; cc1, collect2, lto1
                             under usr/lib/gcc or usr/libexec/gcc.
@@ -69,16 +72,38 @@ def _name_findings(path: str) -> list[tuple[str, str]]:
     return found
 
 
+def _deleted(path: str, whiteouts: list[tuple[str, bool]]) -> bool:
+    return any(
+        path.startswith(f"{target}/") or (path == target and not opaque) for target, opaque in whiteouts
+    )
+
+
+def _carried(found: list[tuple[str, str]], where: str) -> list[tuple[str, str]]:
+    """Findings of a file as another name of it holds them: ``why`` says where they came from, once."""
+    return [(rule, why if "hard link of " in why else f"{why}, hard link of {where}") for rule, why in found]
+
+
+def _merge(into: list[tuple[str, str]], found: list[tuple[str, str]]) -> None:
+    have = {(rule, why.split(", hard link of ")[0]) for rule, why in into}
+    for rule, why in found:
+        if (rule, why.split(", hard link of ")[0]) not in have:
+            into.append((rule, why))
+            have.add((rule, why.split(", hard link of ")[0]))
+
+
 class LayerScan:
     """Findings per path across the layers read so far, whiteouts applied."""
 
     def __init__(self) -> None:
         self.findings: dict[str, list[tuple[str, str]]] = {}
+        # path -> every name of that file (one shared set per hard-linked file; only linked files appear)
+        self.links: dict[str, set[str]] = {}
         self.dpkg_status: bytes | None = None
         self.layers = self.files = self.bytes = self.whiteouts = self.hidden = 0
 
     def add_layer(self, stream: IO[bytes]) -> None:
         seen: dict[str, list[tuple[str, str]]] = {}
+        made: list[tuple[str, str | None]] = []  # (path, hard link target or None), in archive order
         whiteouts: list[tuple[str, bool]] = []  # (path, opaque)
         status: bytes | None = None
         with tarfile.open(fileobj=stream, mode="r|") as layer:
@@ -92,6 +117,10 @@ class LayerScan:
                     whiteouts.append((f"{parent}/{base[4:]}" if parent else base[4:], False))
                     continue
                 found = [] if member.isdir() else _name_findings(path)
+                target = _normal(member.linkname) if member.islnk() else None
+                if target is not None:
+                    # The target is earlier in this layer or in a layer below (whose findings are current).
+                    _merge(found, _carried(seen.get(target, self.findings.get(target, [])), target))
                 if member.isreg():
                     self.files += 1
                     self.bytes += member.size
@@ -99,20 +128,39 @@ class LayerScan:
                     if path == _DPKG_STATUS:
                         status = data
                 seen[path] = found
+                made.append((path, target))
         self.layers += 1
         self.whiteouts += len(whiteouts)
+        doomed = {p for p in (*self.findings, *self.links) if _deleted(p, whiteouts)}
+        for p in sorted(doomed):
+            found = self.findings.pop(p, [])
+            survivors = sorted(self.links.get(p, set()) - doomed)
+            for other in survivors:  # the file lives on under its other names: so do its findings
+                _merge(self.findings.setdefault(other, []), _carried(found, p))
+            self.hidden += 0 if survivors else len(found)
+            self._unlink(p)
         for target, opaque in whiteouts:
-            doomed = [p for p in self.findings if p.startswith(f"{target}/") or (p == target and not opaque)]
-            for p in doomed:
-                self.hidden += len(self.findings.pop(p))
             if _DPKG_STATUS.startswith(f"{target}/") or (target == _DPKG_STATUS and not opaque):
                 self.dpkg_status = None
+        for path, target in made:
+            self._unlink(path)  # replaced: no longer a name of the file it was
+            if target is not None and (target in seen or not _deleted(target, whiteouts)):
+                names = self.links.setdefault(target, {target})
+                names.add(path)
+                self.links[path] = names
         for path, found in seen.items():
             self.findings.pop(path, None)
             if found:
                 self.findings[path] = found
         if status is not None:
             self.dpkg_status = status
+
+    def _unlink(self, path: str) -> None:
+        names = self.links.pop(path, None)
+        if names is not None:
+            names.discard(path)
+            if len(names) == 1:
+                self.links.pop(names.pop(), None)
 
     @staticmethod
     def _scan_content(f: IO[bytes] | None, path: str, found: list[tuple[str, str]]) -> bytes | None:

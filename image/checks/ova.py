@@ -6,11 +6,15 @@ Rules and their sources (DSP0243 1.1.0, "Open Virtualization Format Specificatio
   ova.names     5.3/7.1: files are referenced by relative hrefs next to the descriptor; an OVA made for
                 VMware holds plain names, no directories.
   ova.order     5.3: the descriptor first, then the manifest (VMware reads the .ovf, then the .mf, before
-                streaming the disks), then the files in References order.
+                streaming the disks), then the files in References order; a certificate, if any, last.
   ova.manifest  5.1: one ``SHA256(name)= hex`` line per file of the package (ESXi refuses the
                 ``SHA1 (name) = hex`` spacing); SHA1 is accepted and noted as weaker.
   ova.hash      5.1: each digest matches the member's bytes.
   ova.extra     7.1: every member other than the .ovf and .mf is a References/File.
+The one member the manifest and References leave out is the package's certificate (5.2, 5.3): at most one,
+named after the descriptor (``<ovf basename>.cert``), and the last member. Any other ``.cert`` is a file like
+any other: unlisted or unreferenced, it fails ova.manifest and ova.extra; ``<ovf basename>.cert`` anywhere
+but last fails ova.order.
 Owns ``check_ova``; the descriptor's own rules are in ``ovf``, the disk's in ``vmdk``.
 """
 
@@ -42,14 +46,15 @@ def check_ova(path: Path, report: Report) -> None:
     by_name = {m.name: m for m in files}
     if not _check_order(files, report):
         return
+    cert = _package_cert(files, report)
     descriptor = ovf.parse(b"".join(member_chunks(path, files[0])), report)
     if descriptor is None:
         return
-    _check_manifest(path, files, by_name, report)
+    _check_manifest(path, files, by_name, cert, report)
     referenced = ovf.check_references(descriptor, {n: m.size for n, m in by_name.items()}, report)
     _check_order_of_references(files, referenced, report)
     hrefs = set(referenced.values())
-    extra = [m.name for m in files[2:] if m.name not in hrefs and not m.name.endswith(".cert")]
+    extra = [m.name for m in files[2:] if m.name not in hrefs and m is not cert]
     report.check(
         not extra,
         "ova.extra",
@@ -109,6 +114,19 @@ def _check_order(files: list[Member], report: Report) -> bool:
     return True
 
 
+def _package_cert(files: list[Member], report: Report) -> Member | None:
+    """The package's certificate: ``<ovf basename>.cert`` as the last member (5.2, 5.3), or None."""
+    name = files[0].name.removesuffix(".ovf") + ".cert"
+    at = [i for i, m in enumerate(files) if m.name == name]
+    early = [i for i in at if i != len(files) - 1]
+    if early:
+        report.fail(
+            "ova.order",
+            f"certificate {name!r} is member {early[0] + 1} of {len(files)}: the certificate must be last",
+        )
+    return files[-1] if len(files) > 2 and files[-1].name == name else None
+
+
 def _check_order_of_references(files: list[Member], referenced: dict[str, str], report: Report) -> None:
     in_tar = [m.name for m in files[2:] if m.name in referenced.values()]
     in_refs = [href for href in referenced.values() if href in in_tar]
@@ -121,7 +139,9 @@ def _check_order_of_references(files: list[Member], referenced: dict[str, str], 
     )
 
 
-def _check_manifest(path: Path, files: list[Member], by_name: dict[str, Member], report: Report) -> None:
+def _check_manifest(
+    path: Path, files: list[Member], by_name: dict[str, Member], cert: Member | None, report: Report
+) -> None:
     text = b"".join(member_chunks(path, files[1])).decode("utf-8", "replace")
     listed: dict[str, list[tuple[str, str]]] = {}
     for number, line in enumerate(text.splitlines(), 1):
@@ -133,7 +153,7 @@ def _check_manifest(path: Path, files: list[Member], by_name: dict[str, Member],
             continue
         algorithm, name, digest = match.groups()
         listed.setdefault(name, []).append((algorithm, digest.lower()))
-    expected = [m.name for m in files if m is not files[1] and not m.name.endswith(".cert")]
+    expected = [m.name for m in files if m is not files[1] and m is not cert]
     missing = [n for n in expected if n not in listed]
     twice = [n for n, entries in listed.items() if len(entries) > 1]
     unknown = [n for n in listed if n not in by_name]

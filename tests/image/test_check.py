@@ -18,6 +18,7 @@ import sys
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -267,6 +268,47 @@ def test_a_bad_disk_fails_its_rule(disk: str, rule: str, tmp_path: Path, vmdks: 
     assert_fails(rule, "--ova", make_ova(tmp_path, vmdks[disk]))
 
 
+CERT = (
+    b"SHA256(phi-gateway-1.0.mf)= "
+    + b"ab" * 256
+    + b"\n-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+)
+
+
+def _without(name: str) -> Callable[[list[str]], list[str]]:
+    """The manifest as a signer writes it: no line for the certificate, which signs the manifest."""
+    return lambda lines: [ln for ln in lines if f"({name})" not in ln]
+
+
+def test_the_package_certificate_last_is_exempt(tmp_path: Path, vmdks: dict[str, bytes]) -> None:
+    """DSP0243 5.2/5.3: ``<ovf basename>.cert``, last, is in neither the manifest nor References."""
+    ova = make_ova(
+        tmp_path,
+        vmdks["streamOptimized"],
+        extra={"phi-gateway-1.0.cert": CERT},
+        mf=_without("phi-gateway-1.0.cert"),
+    )
+    out = assert_passes("--ova", ova)
+    assert "lists each of the 2 file(s) once" in out, out
+
+
+def test_a_cert_named_otherwise_is_a_file_like_any_other(tmp_path: Path, vmdks: dict[str, bytes]) -> None:
+    """Only the package's own certificate is exempt: an unlisted, unreferenced ``payload.cert`` is not."""
+    extra = {"payload.cert": b"#!/bin/sh\nanything at all\n"}
+    ova = make_ova(tmp_path, vmdks["streamOptimized"], extra=extra, mf=_without("payload.cert"))
+    out = assert_fails("ova.manifest", "--ova", ova)
+    assert re.search(r"^FAIL\s+ova\.manifest\s+not listed: \['payload\.cert'\]", out, re.M), out
+    assert re.search(r"^FAIL\s+ova\.extra\s+.*'payload\.cert'", out, re.M), out
+
+
+def test_the_package_certificate_not_last_fails(tmp_path: Path, vmdks: dict[str, bytes]) -> None:
+    extra = {"phi-gateway-1.0.cert": CERT, "notes.txt": b"named by nothing\n"}
+    ova = make_ova(tmp_path, vmdks["streamOptimized"], extra=extra, mf=_without("phi-gateway-1.0.cert"))
+    out = assert_fails("ova.order", "--ova", ova)
+    assert "certificate 'phi-gateway-1.0.cert' is member 4 of 5" in out, out
+    assert re.search(r"^FAIL\s+ova\.manifest\s+not listed: \['phi-gateway-1\.0\.cert'\]", out, re.M), out
+
+
 # ---- OCI: docker archive and OCI layout -----------------------------------------------------------------
 
 PEM = (
@@ -294,14 +336,23 @@ CONFIG = {
 }
 
 
-def layer_tar(files: dict[str, bytes | None]) -> bytes:
-    """A layer; a None value writes a directory."""
+class Link(NamedTuple):
+    """A hard link (tar LNKTYPE) to ``target``, a file earlier in the layer or in a layer below."""
+
+    target: str
+
+
+def layer_tar(files: dict[str, bytes | Link | None]) -> bytes:
+    """A layer; a None value writes a directory, a Link a hard link."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
         for name, data in files.items():
             info = tarfile.TarInfo(name)
             if data is None:
                 info.type, info.mode = tarfile.DIRTYPE, 0o755
+                archive.addfile(info)
+            elif isinstance(data, Link):
+                info.type, info.linkname, info.mode = tarfile.LNKTYPE, data.target, 0o644
                 archive.addfile(info)
             else:
                 info.size, info.mode = len(data), 0o644
@@ -310,7 +361,10 @@ def layer_tar(files: dict[str, bytes | None]) -> bytes:
 
 
 def make_docker_archive(
-    tmp: Path, upper: tuple[dict[str, bytes | None], ...] = (), config: dict | None = None, diff_id: str = ""
+    tmp: Path,
+    upper: tuple[dict[str, bytes | Link | None], ...] = (),
+    config: dict | None = None,
+    diff_id: str = "",
 ) -> Path:
     layers = [layer_tar(BASE), *(layer_tar(u) for u in upper)]
     digests = [hashlib.sha256(layer).hexdigest() for layer in layers]
@@ -355,6 +409,43 @@ WHITED_OUT = {
 def test_what_an_upper_layer_deletes_does_not_count(case: str, tmp_path: Path) -> None:
     out = assert_passes("--oci", make_docker_archive(tmp_path, WHITED_OUT[case]))
     assert "finding(s) deleted by them" in out and not re.search(r" 0 finding\(s\) deleted", out), out
+
+
+def test_a_hard_link_keeps_a_deleted_key(tmp_path: Path) -> None:
+    """A whiteout deletes a name, not the file: a hard link under a harmless name keeps the key."""
+    layers = (
+        {"opt/build/signing.key": PEM, "opt/phi-gateway/share/notes.txt": Link("opt/build/signing.key")},
+        {"opt/build/.wh.signing.key": b""},
+    )
+    out = assert_fails("oci.no-secrets", "--oci", make_docker_archive(tmp_path, layers))
+    assert (
+        "opt/phi-gateway/share/notes.txt (PEM private key block, hard link of opt/build/signing.key)" in out
+    )
+
+
+def test_a_hard_link_keeps_a_deleted_home_file(tmp_path: Path) -> None:
+    """The name is the finding (master.key): deleting that name moves it to the file's surviving name."""
+    layers = (
+        {
+            "opt/phi-gateway/share/blob": b"k" * 32,
+            "var/lib/phi-gateway/master.key": Link("opt/phi-gateway/share/blob"),
+        },
+        {"var/lib/phi-gateway/.wh.master.key": b""},
+    )
+    out = assert_fails("oci.no-secrets", "--oci", make_docker_archive(tmp_path, layers))
+    assert (
+        "opt/phi-gateway/share/blob (a gateway home file, hard link of var/lib/phi-gateway/master.key)" in out
+    )
+
+
+def test_a_key_deleted_with_its_hard_links_does_not_count(tmp_path: Path) -> None:
+    layers = (
+        {"opt/build/signing.key": PEM},
+        {"opt/phi-gateway/share/notes.txt": Link("opt/build/signing.key")},  # a link to a lower layer's file
+        {"opt/build/.wh.signing.key": b"", "opt/phi-gateway/share/.wh.notes.txt": b""},
+    )
+    out = assert_passes("--oci", make_docker_archive(tmp_path, layers))
+    assert "2 finding(s) deleted by them" in out, out
 
 
 TOKEN = b"[client]\ntoken = ops-bot:" + b"0123456789abcdef" * 3 + b"\n"

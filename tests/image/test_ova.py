@@ -6,6 +6,7 @@ Real tools only (systemd-analyze, nft, qemu-img: the image build's packages), ne
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
 import subprocess
@@ -82,8 +83,51 @@ def test_service_is_hardened() -> None:
     # the stop timeout outlasts the drain (server.limits.drain_timeout_s, 30 s by default)
     assert int(d["TimeoutStopSec"][0]) > 30
     first = directives(OVA_DIR / "phi-gateway-firstboot.service")
-    assert first["ConditionPathExists"] == ["!/var/lib/phi-gateway/vault.db"]
+    # The LAST thing first boot makes: a boot cut short after `init` runs it again (see below).
+    assert first["ConditionPathExists"] == ["!/var/lib/phi-gateway/tls/cert.pem"]
     assert first["Before"] == ["phi-gateway.service"] and "network-online.target" in first["After"]
+
+
+FIRSTBOOT = OVA_DIR / "rootfs/usr/local/lib/phi-gateway/firstboot"
+
+
+def firstboot(home: Path) -> subprocess.CompletedProcess[str]:
+    """The OVA's first-boot script for real, on ``home`` with this venv's phi-gateway."""
+    phi_gateway = Path(sys.executable).parent / "phi-gateway"
+    env = {**os.environ, "PHI_HOME": str(home), "PHI_GATEWAY_BIN": str(phi_gateway)}
+    return subprocess.run(["bash", str(FIRSTBOOT)], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_firstboot_cut_short_after_init_finishes_on_the_next_boot(tmp_path: Path) -> None:
+    """Power lost between `init` and `tls self-signed`: the home is there, tls/ is not. The unit's
+    condition (no tls/cert.pem) still holds, and the script skips `init` and makes the certificate."""
+    home = tmp_path / "home"
+    phi_gateway = Path(sys.executable).parent / "phi-gateway"
+    env = {**os.environ, "PHI_HOME": str(home)}
+    subprocess.run(
+        [str(phi_gateway), "init", "--site", "s1"], env=env, check=True, capture_output=True, timeout=120
+    )
+    assert (home / "vault.db").is_file() and not (home / "tls").exists()
+    key = (home / "master.key").read_bytes()
+    condition = directives(OVA_DIR / "phi-gateway-firstboot.service")["ConditionPathExists"]
+    assert condition == ["!/var/lib/phi-gateway/tls/cert.pem"]
+    assert not (home / "tls/cert.pem").exists()  # so systemd runs the unit on this boot
+
+    done = firstboot(home)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "created" not in done.stdout  # init was not run again
+    assert (home / "tls/cert.pem").is_file() and (home / "tls/key.pem").is_file()
+    assert (home / "master.key").read_bytes() == key
+    shown = subprocess.run(
+        [str(phi_gateway), "tls", "show"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+
+    # Finished: a further run (the condition off, or by hand) changes nothing.
+    cert = (home / "tls/cert.pem").read_bytes()
+    again = firstboot(home)
+    assert again.returncode == 0 and not again.stdout.strip(), again.stdout + again.stderr
+    assert (home / "tls/cert.pem").read_bytes() == cert
 
 
 def test_units_verify_clean(tmp_path: Path) -> None:

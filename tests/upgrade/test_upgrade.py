@@ -33,6 +33,14 @@ def _migrations(vault: Path) -> list[str]:
         conn.close()
 
 
+def _rows(vault: Path, upto: int) -> list[tuple[object, ...]]:
+    conn = sqlite3.connect(f"file:{vault}?mode=ro", uri=True)
+    try:
+        return conn.execute("SELECT * FROM ledger WHERE seq <= ? ORDER BY seq", (upto,)).fetchall()
+    finally:
+        conn.close()
+
+
 def _records(vault: Path) -> int:
     conn = sqlite3.connect(f"file:{vault}?mode=ro", uri=True)
     try:
@@ -51,6 +59,7 @@ def test_a_home_of_an_older_release_is_served_and_verifies(tmp_path: Path) -> No
     before = _migrations(home / "vault.db")
     old_records = _records(home / "vault.db")
     assert "ledger-0004-merkle-tiles" not in before and old_records > 5
+    old_rows = _rows(home / "vault.db", old_records)
 
     gateway = GatewayProcess(home, tmp_path)
     gateway.start()
@@ -69,6 +78,7 @@ def test_a_home_of_an_older_release_is_served_and_verifies(tmp_path: Path) -> No
     assert set(before) < set(after)
     assert {"ledger-0004-merkle-tiles", "ledger-0005-checkpoints", "ledger-0006-archive"} <= set(after)
     assert _records(home / "vault.db") > old_records
+    assert _rows(home / "vault.db", old_records) == old_rows  # the old records, hashes included, untouched
     verified = _ok(cli(home, "audit", "verify"))
     assert verified.startswith("ok") and "hash chain and Merkle tree intact" in verified
     assert "ward-app" in _ok(cli(home, "token", "list"))
