@@ -18,6 +18,7 @@ a link, or anything but a regular file or a folder.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -170,22 +171,12 @@ def make_backup(home: Home, out: IO[bytes], passphrase: bytes, *, with_models: b
             manifest = json.dumps({**about, "ledger_records": records, "files": listing}, indent=1).encode()
             info = tarfile.TarInfo(MANIFEST)
             info.size, info.mode = len(manifest), 0o600
-            tar.addfile(info, _BytesReader(manifest))
+            tar.addfile(info, io.BytesIO(manifest))
         sealed.close()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     skipped = [] if with_models else sorted(p.name for p in home.models_dir.glob("*") if p.is_file())
     return BackupSummary(files=len(listing), bytes=total, ledger_records=records, models_skipped=skipped)
-
-
-class _BytesReader:
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-
-    def read(self, size: int = -1) -> bytes:
-        size = len(self._data) if size < 0 else size
-        chunk, self._data = self._data[:size], self._data[size:]
-        return chunk
 
 
 def _safe_name(name: str) -> PurePosixPath:

@@ -8,7 +8,6 @@ other users of the machine), or writes a backup file other users can read.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from appliance.backup.archive import make_backup, restore_backup
 from appliance.cli.options import home_option, open_home, record_admin
 from appliance.errors import OperatorError
 from appliance.home import resolve_home
+from appliance.ledger import operations
 
 MIN_PASSPHRASE = 12
 PASSPHRASE_FILE = files.Input("passphrase file", 4 << 10)
@@ -70,7 +70,7 @@ def backup_cmd(home: Path | None, out: Path, passphrase_file: Path | None, with_
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
-    digest = _sha256(out)
+    digest = operations.file_sha256(out)
     with target.open_vault() as vault:
         record_admin(vault, f"backup sha256={digest} records={summary.ledger_records} files={summary.files}")
     click.echo(
@@ -79,14 +79,6 @@ def backup_cmd(home: Path | None, out: Path, passphrase_file: Path | None, with_
     )
     if summary.models_skipped:
         click.echo(f"model files not included (copy them separately): {', '.join(summary.models_skipped)}")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @click.command("restore")
