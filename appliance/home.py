@@ -128,12 +128,13 @@ class Home:
                 f"invalid site {site!r} or node {node!r}: 1-64 letters, digits, '.', '_' or '-', starting "
                 "with a letter or digit"
             ) from None
-        if self.settings_path.exists() and (existing := load_settings(self.root).site) != site:
+        existing = load_settings(self.root) if self.settings_path.exists() else None
+        if existing is not None and existing.site != site:
             raise OperatorError(
-                f"{self.settings_path} already names site {existing!r}; run init with --site {existing} "
-                "or remove that file"
+                f"{self.settings_path} already names site {existing.site!r}; run init with --site "
+                f"{existing.site} or remove that file"
             )
-        if node is not None and self.settings_path.exists() and load_settings(self.root).audit.node != node:
+        if node is not None and existing is not None and existing.audit.node != node:
             raise OperatorError(
                 f"{self.settings_path} exists and does not name node {node!r}; set [audit] node there "
                 "or remove that file"

@@ -46,6 +46,7 @@ _SECRET_BYTES = 24
 _HASH = re.compile(r"[0-9a-f]{64}")
 _STAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z")
 _EXPORTED = ("caller", "org", "role", "token_sha256", "created_at", "expires_at", "revoked_at", "note")
+"""The columns ``token export`` writes and ``token import`` reads, in this order."""
 
 Also = Callable[[sqlite3.Connection, int], object]
 """Runs inside an operator change's transaction with the rows it changed (its ``admin`` record)."""
@@ -247,7 +248,7 @@ class TokenStore:
         sql = (
             "SELECT caller, org, role, token_sha256, created_at, expires_at, revoked_at, note FROM tokens"
             " ORDER BY id"
-        )
+        )  # the columns of _EXPORTED, in its order
         cur = self._db.reader().execute(sql)
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
@@ -353,8 +354,8 @@ def _import_row(row: Any, number: int) -> dict[str, Any]:
     where = f"token row {number}"
     if not isinstance(row, dict) or set(row) - set(_EXPORTED):
         raise OperatorError(f"{where}: not a `token export` row (fields: {', '.join(_EXPORTED)})")
-    for key in ("caller", "org", "role"):
-        _check_name({"caller": "caller id", "org": "organization", "role": "role"}[key], row.get(key, ""))
+    for key, kind in (("caller", "caller id"), ("org", "organization"), ("role", "role")):
+        _check_name(kind, row.get(key, ""))
     if not isinstance(row.get("token_sha256"), str) or not _HASH.fullmatch(row["token_sha256"]):
         raise OperatorError(f"{where} ({row['caller']}): token_sha256 must be 64 lowercase hex")
     if row.get("note") is not None and not isinstance(row["note"], str):
@@ -371,7 +372,12 @@ def _import_row(row: Any, number: int) -> dict[str, Any]:
             moment = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
         except ValueError:
             moment = None
-        if moment is None or moment.tzinfo is None or not _STAMP.fullmatch(str(value)) or moment.year > 9000:
+        if (
+            moment is None
+            or moment.tzinfo is None
+            or not _STAMP.fullmatch(str(value))
+            or moment >= _LATEST_EXPIRY
+        ):
             raise OperatorError(f"{where} ({row['caller']}): {key} is not an RFC 3339 UTC time")
         clean[key] = format_ts(moment)
     return clean
