@@ -340,8 +340,10 @@ _GET_MODULE_HANDLE_EX_FLAG_UNCHANGED_REFCOUNT = 0x2
 _GET_MODULE_HANDLE_EX_FLAG_FROM_ADDRESS = 0x4
 
 
+@functools.cache
 def _kernel32() -> Any:
-    """kernel32, as a handle of our own (the argtypes set on it touch no one else's function objects)."""
+    """kernel32, as a handle of our own (the argtypes set on it touch no one else's function objects),
+    bound once like ``_libc``."""
     if sys.platform != "win32":
         raise OSError("kernel32 exists on Windows only")
     kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
